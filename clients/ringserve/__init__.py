@@ -1,0 +1,1 @@
+"""ringserve client SDK (needs only grpcio and protobuf)."""
