@@ -1,0 +1,51 @@
+"""The dense KV cache: one slab per layer, indexed by absolute position.
+
+Invariant the engine relies on: cache index s holds the key/value of the token at absolute position s.
+Nothing records a length; attention masks by comparing cache indices with query positions, so
+entries past a row's real tokens (bucket padding, a previous request) are never read before being
+overwritten.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from model.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    """k, v: [L, B, S, K, H] in the model dtype (or the dtype given to `init`)."""
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+        if batch <= 0 or max_len <= 0:
+            raise ValueError(f'KVCache.init needs batch > 0 and max_len > 0, got {batch} and {max_len}.')
+        shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+        dtype = config.jnp_dtype if dtype is None else jnp.dtype(dtype)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, layer: int, positions: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
+        """Write k, v: [B, T, K, H] of `layer` at cache index positions[b, t] of each row b.
+
+        Positions >= max_len are dropped (JAX scatter semantics), so bucket padding past the end is
+        harmless. Two equal positions in one row leave an unspecified winner: callers must not do that.
+        """
+        rows = jnp.arange(positions.shape[0])[:, None]  # [B, 1]
+        return KVCache(
+            k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype), mode='drop'),
+            v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype), mode='drop'),
+        )

@@ -1,0 +1,151 @@
+"""Building blocks: RMSNorm, RoPE, embedder, attention and MLP modules, the decoder block.
+
+Parameters are stored in the config dtype; norms, RoPE rotation, attention softmax and logits are
+computed in float32 and cast back. Weight layouts (einsum letters as in docs/design.md):
+q_proj [N, D, H], k_proj / v_proj [K, D, H], o_proj [N, H, D], gate / up [D, F], down [F, D],
+embedding table [V, D].
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import attention
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
+    return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (HF Llama convention). x: [B, T, N, H]; positions: i32[B, T]; inv_freq: f32[H/2].
+
+    The one place angles are formed: long-context precision work (e.g. splitting positions) goes here.
+    """
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [B, T, N, H/2] each
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * (offset + scale); offset 1.0 gives Gemma's (1 + w), whose scale starts at 0."""
+
+    def __init__(self, dim: int, *, eps: float, offset: float, dtype):
+        self.eps = eps
+        self.offset = offset
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nnx.Module):
+    """Token table [V, D], used for lookup and (when tied) for the output projection."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        # std D**-0.25: tied logits then have std ~D**0.25, peaked but not one-hot for a random model.
+        self.table = _normal(rngs, (config.vocab_size, config.d_model), config.d_model**-0.25, config.jnp_dtype)
+        self.scale = math.sqrt(config.d_model) if config.embed_scale else None
+
+    def encode(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.table[...], tokens, axis=0)  # [B, T, D]
+        if self.scale is not None:
+            # Rounded to the activation dtype first, as Gemma's reference does.
+            x = x * jnp.asarray(self.scale, jnp.float32).astype(x.dtype)
+        return x
+
+
+def unembed(x: jax.Array, table: jax.Array, softcap: float | None) -> jax.Array:
+    """f32[B, T, V] logits from x: [B, T, D] and table: [V, D], optionally soft-capped."""
+    logits = jnp.einsum('BTD,VD->BTV', x, table, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logits
+
+
+class Attention(nnx.Module):
+    """Projections + RoPE + cache write + `attention.attend`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h, dtype = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.jnp_dtype
+        self.scale = config.attn_scale
+        self.q_proj = _normal(rngs, (n, d, h), d**-0.5, dtype)
+        self.k_proj = _normal(rngs, (k, d, h), d**-0.5, dtype)
+        self.v_proj = _normal(rngs, (k, d, h), d**-0.5, dtype)
+        self.o_proj = _normal(rngs, (n, h, d), (n * h) ** -0.5, dtype)
+        if config.qkv_bias:
+            self.q_bias = nnx.Param(jnp.zeros((n, h), dtype))
+            self.k_bias = nnx.Param(jnp.zeros((k, h), dtype))
+            self.v_bias = nnx.Param(jnp.zeros((k, h), dtype))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # i32[B, T]
+        inv_freq: jax.Array,  # f32[H/2]
+        mask: jax.Array,  # bool[B or 1, T, S]
+        cache: KVCache | None,
+        layer: int,
+    ) -> tuple[jax.Array, KVCache | None]:
+        q = jnp.einsum('BTD,NDH->BTNH', x, self.q_proj[...])
+        k = jnp.einsum('BTD,KDH->BTKH', x, self.k_proj[...])
+        v = jnp.einsum('BTD,KDH->BTKH', x, self.v_proj[...])
+        if self.q_bias is not None:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        q = apply_rope(q, positions, inv_freq)  # [B, T, N, H]
+        k = apply_rope(k, positions, inv_freq)  # [B, T, K, H]
+        if cache is not None:
+            cache = cache.write(layer, positions, k, v)
+            k, v = cache.k[layer], cache.v[layer]  # [B, S, K, H]
+        out = attention.attend(q, k, v, mask, self.scale)  # [B, T, N, H]
+        return jnp.einsum('BTNH,NHD->BTD', out, self.o_proj[...]), cache
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(x @ gate) * (x @ up)); SwiGLU with silu, GeGLU with gelu_tanh."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, dtype = config.d_model, config.mlp_dim, config.jnp_dtype
+        self.activation = config.mlp_activation
+        self.gate = _normal(rngs, (d, f), d**-0.5, dtype)
+        self.up = _normal(rngs, (d, f), d**-0.5, dtype)
+        self.down = _normal(rngs, (f, d), f**-0.5, dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = jnp.einsum('BTD,DF->BTF', x, self.gate[...])
+        up = jnp.einsum('BTD,DF->BTF', x, self.up[...])
+        if self.activation == 'silu':
+            gate = jax.nn.silu(gate)
+        else:
+            gate = jax.nn.gelu(gate, approximate=True)
+        return jnp.einsum('BTF,FD->BTD', gate * up, self.down[...])
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        norm = dict(eps=config.norm_eps, offset=config.norm_offset, dtype=config.jnp_dtype)
+        self.attn_norm = RMSNorm(config.d_model, **norm)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.d_model, **norm)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, mask, cache, layer):
+        h, cache = self.attn(self.attn_norm(x), positions, inv_freq, mask, cache, layer)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, cache

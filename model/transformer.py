@@ -1,0 +1,57 @@
+"""The decoder-only transformer: embed, L blocks, final norm, logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import attention
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+from model.layers import Block, Embedder, RMSNorm, _normal, unembed
+
+# flax >= 0.12 wants lists of submodules wrapped so it can see their state; 0.11 takes a plain list.
+_ModuleList = getattr(nnx, 'List', list)
+
+
+class Transformer(nnx.Module):
+    """Llama / Qwen2 / Gemma style decoder.
+
+    `__call__(tokens, positions, cache)`:
+    - without a cache, plain causal attention over the T tokens (positions only feed RoPE);
+    - with a cache, row b's new K/V go to cache index positions[b, t] and the query at position p
+      attends cache indices s <= p (see model/kv_cache.py for the invariant).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embedder = Embedder(config, rngs=rngs)
+        self.layers = _ModuleList([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, offset=config.norm_offset,
+                                  dtype=config.jnp_dtype)
+        if config.tie_embeddings:
+            self.unembed = None
+        else:
+            self.unembed = _normal(rngs, (config.vocab_size, config.d_model), config.d_model**-0.5,
+                                   config.jnp_dtype)  # [V, D]
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # i32[B, T]
+        positions: jax.Array,  # i32[B, T]
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
+        inv_freq = jnp.asarray(cfg.rope_inv_freq())  # f32[H/2], a trace-time constant
+        if cache is None:
+            mask = attention.causal_mask(tokens.shape[1])  # [1, T, T]
+        else:
+            mask = attention.cache_mask(positions, cache.max_len)  # [B, T, S]
+        x = self.embedder.encode(tokens)  # [B, T, D]
+        for i, block in enumerate(self.layers):
+            x, cache = block(x, positions, inv_freq, mask, cache, i)
+        x = self.final_norm(x)
+        table = self.embedder.table if self.unembed is None else self.unembed
+        logits = unembed(x, table[...], cfg.logit_softcap)  # f32[B, T, V]
+        return logits, cache
