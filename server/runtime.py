@@ -1,0 +1,105 @@
+"""Loads a model and tokenizer and builds the engine loop: everything a servicer needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Callable
+
+from model import checkpoint, presets
+from model.config import ModelConfig
+from model.engine import Engine
+from model.sampling import SamplingParams
+from preprocess import prompt as prompt_lib
+from preprocess.tokenizer import Tokenizer
+from server.engine_loop import EngineLoop
+from server.validation import Limits
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    model: str = "default"  # "default" or a checkpoint directory
+    tokenizer: str | None = None  # sentencepiece .model; default: <model>/tokenizer.model
+    dtype: str | None = None  # override the checkpoint's dtype
+    max_slots: int = 8  # concurrent decoding requests
+    max_len: int | None = None  # context cap; default: the model's max_context
+    max_waiting: int = 256
+    default_max_output_tokens: int = 512
+    prefill_chunk: int = 512
+    warmup: bool = True
+
+    def __post_init__(self):
+        if self.max_slots < 1:
+            raise ValueError(f"max_slots={self.max_slots}: need at least 1 decode slot")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len={self.max_len}: need room for a prompt and one token")
+
+
+@dataclasses.dataclass
+class Runtime:
+    config: ModelConfig
+    tokenizer: Tokenizer
+    engine: Engine
+    engine_loop: EngineLoop
+    limits: Limits
+    model_name: str
+    param_count: int
+
+
+def resolve_model_dir(model: str) -> pathlib.Path:
+    if model == "default":
+        return presets.ensure_default_checkpoint(presets.default_checkpoint_dir())
+    path = pathlib.Path(model).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"--model {model}: not a directory (give a checkpoint directory or "
+                         "'default')")
+    return path
+
+
+def load_tokenizer(model_dir: pathlib.Path, override: str | None) -> Tokenizer:
+    path = pathlib.Path(override) if override else model_dir / "tokenizer.model"
+    if not path.is_file():
+        raise ValueError(f"no tokenizer at {path}: put a sentencepiece tokenizer.model in the "
+                         "checkpoint directory or pass --tokenizer")
+    return Tokenizer(str(path))
+
+
+def warm_up(engine: Engine, prefill_chunk: int) -> None:
+    """Compiles every prefill bucket and the decode step before the first request arrives."""
+    greedy = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    length = 16
+    while length <= min(prefill_chunk, engine.max_len - 1):
+        engine.prefill(0, [0] * length, greedy)
+        length *= 2
+    engine.decode()
+    engine.free(0)
+
+
+def build(options: RuntimeOptions,
+          on_failure: Callable[[BaseException], None] | None = None) -> Runtime:
+    started = time.monotonic()
+    model_dir = resolve_model_dir(options.model)
+    config, model = checkpoint.load(model_dir, dtype=options.dtype)
+    tokenizer = load_tokenizer(model_dir, options.tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
+                         f"is {config.vocab_size}: they do not belong together")
+    max_len = min(options.max_len or config.max_context, config.max_context)
+    engine = Engine(config, model, max_slots=options.max_slots, max_len=max_len,
+                    prefill_chunk=options.prefill_chunk)
+    if options.warmup:
+        warm_up(engine, options.prefill_chunk)
+    loop = EngineLoop(engine, tokenizer, prompt_lib.stop_token_ids(tokenizer),
+                      max_slots=options.max_slots, max_waiting=options.max_waiting,
+                      on_failure=on_failure)
+    log.info("loaded %s from %s in %.1fs (%d compilations)", config.name, model_dir,
+             time.monotonic() - started, engine.compile_count)
+    return Runtime(
+        config=config, tokenizer=tokenizer, engine=engine, engine_loop=loop,
+        limits=Limits(context_length=max_len,
+                      default_max_output_tokens=options.default_max_output_tokens),
+        model_name=config.name, param_count=engine.param_count)

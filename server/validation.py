@@ -1,0 +1,156 @@
+"""Turns API requests into validated, tokenised work items (ids and numbers only).
+
+Every check names the offending field and the limit it broke, so a client can fix its request
+from the message alone. Nothing here touches the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+import uuid
+
+from model.sampling import SamplingParams
+from preprocess import prompt as prompt_lib
+from preprocess.tokenizer import Tokenizer
+from ringserve.v1 import inference_pb2 as pb
+from server.errors import InvalidArgument
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 256
+MAX_REQUEST_ID_CHARS = 256
+ROLES = ("user", "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What the served model and server accept."""
+
+    context_length: int  # prompt + output tokens, at most
+    default_max_output_tokens: int  # used when the request leaves max_output_tokens unset
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """A validated Generate call, as the engine loop sees it."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...]
+
+
+def _contents(contents, field: str) -> list[tuple[str, str]]:
+    """Checks `contents` and returns it as (role, text) pairs, one per turn."""
+    turns = []
+    for i, content in enumerate(contents):
+        role = content.role or "user"
+        if role not in ROLES:
+            raise InvalidArgument(
+                f"{field}[{i}].role: {content.role!r} is not a role; use 'user' or 'model'")
+        if not content.parts:
+            raise InvalidArgument(f"{field}[{i}].parts: empty; a Content needs at least one Part")
+        texts = []
+        for j, part in enumerate(content.parts):
+            kind = part.WhichOneof("data")
+            if kind is None:
+                raise InvalidArgument(f"{field}[{i}].parts[{j}]: no data set (set text)")
+            if kind != "text":
+                raise InvalidArgument(f"{field}[{i}].parts[{j}]: {kind} parts are not supported")
+            if not part.text:
+                raise InvalidArgument(f"{field}[{i}].parts[{j}].text: empty")
+            texts.append(part.text)
+        turns.append((role, "".join(texts)))
+    return turns
+
+
+def _system(request) -> str | None:
+    if not request.HasField("system_instruction"):
+        return None
+    turns = _contents([request.system_instruction], "system_instruction")
+    return turns[0][1]
+
+
+def render_prompt(request, tokenizer: Tokenizer) -> list[int]:
+    """The prompt token ids of a Generate or CountTokens request (chat template applied)."""
+    if not request.contents:
+        raise InvalidArgument("contents: empty; a request needs at least one Content")
+    turns = _contents(request.contents, "contents")
+    return prompt_lib.render(turns, _system(request), tokenizer)
+
+
+def _seed(config: pb.GenerationConfig) -> int:
+    if not config.HasField("seed"):
+        return secrets.randbits(31)
+    # Fold the 64-bit seed into the 31 bits the PRNG key takes, keeping high bits significant.
+    seed = config.seed & 0xFFFFFFFFFFFFFFFF
+    return (seed ^ (seed >> 31) ^ (seed >> 62)) & 0x7FFFFFFF
+
+
+def _sampling(config: pb.GenerationConfig) -> SamplingParams:
+    temperature = config.temperature if config.HasField("temperature") else 1.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument(
+            f"generation_config.temperature: {temperature} is invalid; use a finite value >= 0 "
+            "(0 means greedy)")
+    top_p = config.top_p if config.HasField("top_p") else 1.0
+    if not (0.0 < top_p <= 1.0):
+        raise InvalidArgument(f"generation_config.top_p: {top_p} is outside (0, 1]")
+    top_k = config.top_k if config.HasField("top_k") else 0
+    if top_k < 0:
+        raise InvalidArgument(f"generation_config.top_k: {top_k} is negative; use 0 for no limit")
+    return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                          seed=_seed(config))
+
+
+def _stop_sequences(config: pb.GenerationConfig) -> tuple[str, ...]:
+    stops = tuple(config.stop_sequences)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument(
+            f"generation_config.stop_sequences: {len(stops)} given, at most {MAX_STOP_SEQUENCES}")
+    for i, stop in enumerate(stops):
+        if not stop:
+            raise InvalidArgument(f"generation_config.stop_sequences[{i}]: empty")
+        if len(stop) > MAX_STOP_SEQUENCE_CHARS:
+            raise InvalidArgument(
+                f"generation_config.stop_sequences[{i}]: {len(stop)} characters, "
+                f"at most {MAX_STOP_SEQUENCE_CHARS}")
+    return stops
+
+
+def validate_generate(request: pb.GenerateRequest, tokenizer: Tokenizer,
+                      limits: Limits) -> GenerationRequest:
+    """Validates and tokenises a Generate call; raises InvalidArgument naming the field."""
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(
+            f"request_id: {len(request.request_id)} characters, at most {MAX_REQUEST_ID_CHARS}")
+    config = request.generation_config
+    params = _sampling(config)
+    stops = _stop_sequences(config)
+    if config.HasField("max_output_tokens") and config.max_output_tokens <= 0:
+        raise InvalidArgument(
+            f"generation_config.max_output_tokens: {config.max_output_tokens}; must be at least 1")
+    prompt_ids = render_prompt(request, tokenizer)
+    room = limits.context_length - len(prompt_ids)
+    if room < 1:
+        raise InvalidArgument(
+            f"contents: the prompt is {len(prompt_ids)} tokens; the model's context is "
+            f"{limits.context_length} tokens, which leaves no room for output")
+    if config.HasField("max_output_tokens"):
+        max_new = config.max_output_tokens
+        if max_new > room:
+            raise InvalidArgument(
+                f"generation_config.max_output_tokens: {max_new} plus the {len(prompt_ids)}-token "
+                f"prompt exceeds the model's context of {limits.context_length} tokens "
+                f"(at most {room} for this prompt)")
+    else:
+        max_new = min(limits.default_max_output_tokens, room)
+    return GenerationRequest(
+        request_id=request.request_id or uuid.uuid4().hex,
+        prompt_ids=tuple(prompt_ids),
+        params=params,
+        max_new_tokens=max_new,
+        stop_sequences=stops,
+    )

@@ -1,0 +1,19 @@
+import os
+import sys
+
+import pytest
+
+# Tests import the tree as it is (server/, model/, preprocess/ and tests' helpers).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from serving import ServerProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def server_target():
+    """The real server on the default model (random weights), on a free port."""
+    server = ServerProcess("--model", "default", "--max-batch", "4", "--grace-period", "2")
+    yield server.target
+    server.terminate()

@@ -1,0 +1,62 @@
+"""Starts the real server as a subprocess on a free port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+READY = re.compile(r"ringserve: serving \S+ on (\S+):(\d+)")
+
+
+class ServerProcess:
+    """`ringserve serve` in a child process; `target` is "127.0.0.1:PORT" once ready."""
+
+    def __init__(self, *args: str, startup_timeout: float = 300.0):
+        cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", "0", *args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.target = ""
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(startup_timeout) or not self.target:
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines[-40:]))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = READY.search(line)
+            if match and not self.target:
+                self.target = f"{match.group(1)}:{match.group(2)}"
+                self._ready.set()
+        self._ready.set()  # the process ended: wake the waiter either way
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def wait_exit(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.proc.poll()
