@@ -82,11 +82,8 @@ def render_prompt(request, tokenizer: Tokenizer) -> list[int]:
 
 
 def _seed(config: pb.GenerationConfig) -> int:
-    if not config.HasField("seed"):
-        return secrets.randbits(31)
-    # Fold the 64-bit seed into the 31 bits the PRNG key takes, keeping high bits significant.
-    seed = config.seed & 0xFFFFFFFFFFFFFFFF
-    return (seed ^ (seed >> 31) ^ (seed >> 62)) & 0x7FFFFFFF
+    # Unseeded requests get a fresh random seed; SamplingParams takes any int64.
+    return config.seed if config.HasField("seed") else secrets.randbits(63)
 
 
 def _sampling(config: pb.GenerationConfig) -> SamplingParams:
