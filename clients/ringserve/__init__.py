@@ -22,11 +22,11 @@ from ringserve.errors import (
     Unimplemented,
     from_rpc_error,
 )
-from ringserve.types import Chunk, ModelInfo, Result, Usage
+from ringserve.types import Chunk, ModelInfo, Result, ServerStats, Usage
 
 __all__ = [
     "AsyncClient", "Cancelled", "Chunk", "Client", "DeadlineExceeded", "FailedPrecondition",
     "Internal", "InvalidArgument", "ModelInfo", "NotFound", "PermissionDenied",
-    "ResourceExhausted", "Result", "RingserveError", "Unauthenticated", "Unavailable",
-    "Unimplemented", "Usage", "from_rpc_error",
+    "ResourceExhausted", "Result", "RingserveError", "ServerStats", "Unauthenticated",
+    "Unavailable", "Unimplemented", "Usage", "from_rpc_error",
 ]

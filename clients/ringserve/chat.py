@@ -1,0 +1,193 @@
+"""`ringserve chat`: an interactive streaming chat in the terminal.
+
+The whole conversation is sent on every turn (as user / model contents); answers print as their
+tokens arrive, followed by a dim status line (time to first token, tokens per second).
+
+Keys: Ctrl-C during an answer stops it (the call is cancelled on the server; the partial answer
+stays in the conversation, marked as stopped) and returns to the prompt. Ctrl-C or Ctrl-D at an
+empty prompt quits. Commands: /reset forgets the conversation, /exit quits, /help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import TextIO
+
+from ringserve.client import Client
+from ringserve.errors import RingserveError, Unavailable
+
+HELP = "/reset forgets the conversation · /exit quits · Ctrl-C stops an answer"
+
+
+@dataclasses.dataclass
+class Message:
+    role: str  # "user" | "model"
+    text: str
+    stopped: bool = False  # a model answer cut short by Ctrl-C
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    system: str | None = None
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+
+
+class Chat:
+    """One conversation with a server, printed to `out`."""
+
+    def __init__(self, client: Client, settings: Settings, out: TextIO = sys.stdout,
+                 color: bool = False):
+        self.client = client
+        self.settings = settings
+        self.out = out
+        self.color = color
+        self.history: list[Message] = []
+
+    def _dim(self, text: str) -> str:
+        return f"\x1b[2m{text}\x1b[0m" if self.color else text
+
+    def _print(self, text: str = "", end: str = "\n") -> None:
+        self.out.write(text + end)
+        self.out.flush()
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def ask(self, question: str) -> None:
+        """Streams the answer to `question`, keeping both in the history. Ctrl-C stops it."""
+        self.history.append(Message("user", question))
+        stream = self.client.generate(
+            [(m.role, m.text) for m in self.history], system_instruction=self.settings.system,
+            temperature=self.settings.temperature,
+            max_output_tokens=self.settings.max_output_tokens)
+        parts: list[str] = []
+        n_tokens, reason, usage, ttft = 0, None, None, None
+        start = time.monotonic()
+        first = end = None
+        stopped = False
+        try:
+            for chunk in stream:
+                if chunk.token_ids and first is None:
+                    first = time.monotonic()
+                n_tokens += len(chunk.token_ids)
+                ttft = chunk.time_to_first_token or ttft
+                reason, usage = chunk.finish_reason or reason, chunk.usage or usage
+                if chunk.text:
+                    parts.append(chunk.text)
+                    self._print(chunk.text, end="")
+        except KeyboardInterrupt:
+            stopped = True
+        except RingserveError as e:
+            self.history.pop()
+            self._print()
+            self._print(f"error: {_describe(e)}")
+            return
+        finally:
+            stream.close()  # cancels the call if it is still running
+            end = time.monotonic()
+
+        answer = "".join(parts)
+        if answer:
+            self.history.append(Message("model", answer, stopped=stopped))
+        else:
+            self.history.pop()  # nothing came back: forget the question too
+        if usage is not None:
+            n_tokens = usage.candidates_token_count
+        if ttft is None and first is not None:
+            ttft = first - start
+        self._print()
+        self._print(self._dim(_status(n_tokens, ttft, first, end, start, reason, stopped)))
+
+    def loop(self, read=input) -> int:
+        """Reads questions until /exit, Ctrl-D, or Ctrl-C at an empty prompt. Returns 0."""
+        while True:
+            try:
+                line = read("> ")
+            except EOFError:
+                self._print()
+                return 0
+            except KeyboardInterrupt:
+                if _line_buffer():  # Ctrl-C with text typed: drop the line, ask again
+                    self._print()
+                    continue
+                self._print()
+                return 0
+            question = line.strip()
+            if not question:
+                continue
+            if question in ("/exit", "/quit"):
+                return 0
+            if question == "/reset":
+                self.reset()
+                self._print(self._dim("(conversation cleared)"))
+                continue
+            if question == "/help":
+                self._print(self._dim(HELP))
+                continue
+            self.ask(question)
+
+
+def _status(n_tokens: int, ttft: float | None, first: float | None, end: float, start: float,
+            reason: str | None, stopped: bool) -> str:
+    items = ["stopped"] if stopped else []
+    if ttft is not None:
+        items.append(f"ttft {ttft:.2f} s")
+    # Decode speed: tokens after the first, over the time after the first arrived.
+    if first is not None and n_tokens > 1 and end > first:
+        rate = (n_tokens - 1) / (end - first)
+    else:
+        rate = n_tokens / (end - start) if end > start else 0.0
+    items.append(f"{rate:.1f} tok/s")
+    items.append(f"{n_tokens} tokens")
+    if reason and not stopped:
+        items.append(reason)
+    return "[" + " · ".join(items) + "]"
+
+
+def _describe(error: RingserveError) -> str:
+    if isinstance(error, Unavailable):
+        return f"server unavailable ({error.details})"
+    return f"{error.code.name}: {error.details}"
+
+
+def _line_buffer() -> str:
+    try:
+        import readline
+    except ImportError:
+        return ""
+    return readline.get_line_buffer()
+
+
+def _use_color(stream: TextIO) -> bool:
+    return (stream.isatty() and "NO_COLOR" not in os.environ
+            and os.environ.get("TERM", "") != "dumb")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", help="system instruction for the whole conversation")
+    parser.add_argument("--temperature", type=float, help="0 is greedy (server default: 1.0)")
+    parser.add_argument("--max-output-tokens", type=int, help="cap on each answer's tokens")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `chat` subcommand (args: target, timeout, system, temperature, max_output_tokens)."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    settings = Settings(args.system, args.temperature, args.max_output_tokens)
+    with Client(args.target, timeout=args.timeout) as client:
+        try:
+            info = client.model_info(timeout=10)
+        except RingserveError as e:
+            print(f"ringserve chat: cannot reach a server at {args.target}: {_describe(e)}",
+                  file=sys.stderr)
+            return 1
+        chat = Chat(client, settings, color=_use_color(sys.stdout))
+        chat._print(chat._dim(f"ringserve chat · {info.name} at {args.target} · {HELP}"))
+        return chat.loop()

@@ -1,0 +1,288 @@
+"""The SDK's plain-Python values, and their conversion to and from the v1 protos.
+
+Both clients (`client.Client`, `aio.AsyncClient`) build requests and read responses through the
+functions here, so the two stay identical in what they accept and return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Union
+
+from ringserve.v1 import inference_pb2 as pb
+
+# What `contents` may hold, turn by turn: a bare string is one user turn.
+Turn = Union[str, tuple[str, str], Mapping, pb.Content]
+Contents = Union[str, Sequence[Turn]]
+ROLES = ("user", "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """Token counts of one Generate call (the server's usage_metadata)."""
+
+    prompt_token_count: int
+    candidates_token_count: int
+    cached_content_token_count: int
+    total_token_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One streamed Generate response.
+
+    `finish_reason` ("STOP", "MAX_TOKENS", "STOP_SEQUENCE", "CANCELLED") and `usage` are set on the
+    last chunk only; `time_to_first_token` (seconds, measured by the server) on the first chunk
+    that carries a token and again on the last.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    usage: Usage | None
+    time_to_first_token: float | None
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """A whole Generate call, collected (`generate_text`)."""
+
+    text: str
+    finish_reason: str | None
+    usage: Usage | None
+    time_to_first_token: float | None
+    token_ids: tuple[int, ...]
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """The served model (GetModelInfo)."""
+
+    name: str
+    input_token_limit: int
+    output_token_limit: int
+    vocab_size: int
+    supported_modalities: list[str]
+    parameter_count: int
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerStats:
+    """Live counters of the serving engine (GetStats)."""
+
+    running_requests: int  # holding a decode slot
+    waiting_requests: int  # accepted, not yet holding a slot
+    decode_slots: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    finished_requests: dict[str, int]  # by finish reason name, since the server started
+
+
+# ---- requests ----------------------------------------------------------------------------------
+
+def to_content(turn: Turn, *, default_role: str = "user") -> pb.Content:
+    """One turn as a `Content`.
+
+    Accepts a string (a `default_role` turn), a `(role, text)` pair, a dict shaped like the proto
+    (`{"role": "model", "parts": [{"text": "..."}]}`, or the shorthand `{"role": ..., "text": ...}`)
+    or a `Content` message.
+    """
+    if isinstance(turn, pb.Content):
+        return turn
+    if isinstance(turn, str):
+        return pb.Content(role=default_role, parts=[pb.Part(text=turn)])
+    if isinstance(turn, tuple) and len(turn) == 2 and all(isinstance(x, str) for x in turn):
+        role, text = turn
+        return pb.Content(role=role, parts=[pb.Part(text=text)])
+    if isinstance(turn, Mapping):
+        extra = set(turn) - {"role", "parts", "text"}
+        if extra or ("parts" in turn) == ("text" in turn):
+            raise TypeError(
+                "a content dict takes 'role' and either 'parts' or 'text', "
+                f"got keys {sorted(turn)}")
+        if "text" in turn:
+            parts = [pb.Part(text=turn["text"])]
+        else:
+            parts = [_to_part(p) for p in turn["parts"]]
+        return pb.Content(role=turn.get("role", default_role), parts=parts)
+    raise TypeError(
+        f"cannot use {type(turn).__name__} as a turn; pass a str, a (role, text) tuple, "
+        "a dict or a ringserve.v1.inference_pb2.Content")
+
+
+def _to_part(part) -> pb.Part:
+    if isinstance(part, pb.Part):
+        return part
+    if isinstance(part, str):
+        return pb.Part(text=part)
+    if isinstance(part, Mapping) and set(part) == {"text"}:
+        return pb.Part(text=part["text"])
+    raise TypeError(f"cannot use {part!r} as a part; pass a str or {{'text': str}}")
+
+
+def to_contents(contents: Contents) -> list[pb.Content]:
+    """`contents` as a list of `Content`: a string is one user turn; a sequence is turn by turn."""
+    if isinstance(contents, (str, pb.Content, Mapping)) or (
+            isinstance(contents, tuple) and len(contents) == 2 and contents[0] in ROLES
+            and isinstance(contents[1], str)):
+        # A single turn passed bare.
+        return [to_content(contents)]
+    if not isinstance(contents, Iterable):
+        raise TypeError(
+            f"contents must be a str or a sequence of turns, not {type(contents).__name__}")
+    return [to_content(turn) for turn in contents]
+
+
+def _system_content(system_instruction: str | Turn | None) -> pb.Content | None:
+    if system_instruction is None:
+        return None
+    return to_content(system_instruction, default_role="")
+
+
+def generate_request(
+    contents: Contents,
+    *,
+    system_instruction: str | Turn | None = None,
+    max_output_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_sequences: Sequence[str] | None = None,
+    request_id: str | None = None,
+) -> pb.GenerateRequest:
+    """A GenerateRequest; options left as None stay unset so the server applies its defaults."""
+    if isinstance(stop_sequences, str):
+        stop_sequences = [stop_sequences]
+    config = pb.GenerationConfig(
+        max_output_tokens=max_output_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed, stop_sequences=stop_sequences or [])
+    return pb.GenerateRequest(
+        request_id=request_id or "", contents=to_contents(contents),
+        system_instruction=_system_content(system_instruction), generation_config=config)
+
+
+def count_tokens_request(contents: Contents,
+                         system_instruction: str | Turn | None = None) -> pb.CountTokensRequest:
+    return pb.CountTokensRequest(contents=to_contents(contents),
+                                 system_instruction=_system_content(system_instruction))
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+def to_chunk(response: pb.GenerateResponse) -> Chunk:
+    usage = None
+    if response.HasField("usage_metadata"):
+        u = response.usage_metadata
+        usage = Usage(u.prompt_token_count, u.candidates_token_count,
+                      u.cached_content_token_count, u.total_token_count)
+    ttft = None
+    if response.HasField("time_to_first_token"):
+        ttft = response.time_to_first_token.ToNanoseconds() / 1e9
+    reason = None
+    if response.finish_reason != pb.GenerateResponse.FINISH_REASON_UNSPECIFIED:
+        reason = pb.GenerateResponse.FinishReason.Name(response.finish_reason)
+    return Chunk(text=response.text, token_ids=tuple(response.token_ids), finish_reason=reason,
+                 usage=usage, time_to_first_token=ttft, request_id=response.request_id)
+
+
+class ResultBuilder:
+    """Folds chunks into a `Result` (shared by the sync and async `generate_text`)."""
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self._ids: list[int] = []
+        self._last: Chunk | None = None
+        self._ttft: float | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self._texts.append(chunk.text)
+        self._ids.extend(chunk.token_ids)
+        if chunk.time_to_first_token is not None:
+            self._ttft = chunk.time_to_first_token
+        self._last = chunk
+
+    def result(self) -> Result:
+        last = self._last
+        return Result(text="".join(self._texts),
+                      finish_reason=last.finish_reason if last else None,
+                      usage=last.usage if last else None, time_to_first_token=self._ttft,
+                      token_ids=tuple(self._ids), request_id=last.request_id if last else "")
+
+
+def to_model_info(info: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=info.name, input_token_limit=info.input_token_limit,
+        output_token_limit=info.output_token_limit, vocab_size=info.vocab_size,
+        supported_modalities=[pb.Modality.Name(m) for m in info.supported_modalities],
+        parameter_count=info.parameter_count, dtype=info.dtype)
+
+
+def to_server_stats(stats: pb.ServerStats) -> ServerStats:
+    return ServerStats(
+        running_requests=stats.running_requests, waiting_requests=stats.waiting_requests,
+        decode_slots=stats.decode_slots, prompt_tokens_total=stats.prompt_tokens_total,
+        generated_tokens_total=stats.generated_tokens_total,
+        finished_requests=dict(stats.finished_requests))
+
+
+# ---- grpc.health.v1, without grpcio-health-checking ----------------------------------------------
+# HealthCheckRequest {string service = 1;}  HealthCheckResponse {ServingStatus status = 1;}
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+_HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint in health response")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def health_request(service: str) -> bytes:
+    name = service.encode()
+    return b"\x0a" + _varint(len(name)) + name if name else b""
+
+
+def health_status(data: bytes) -> str:
+    """The ServingStatus name in a serialized HealthCheckResponse (skips unknown fields)."""
+    status, pos = 0, 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(data, pos)
+            if field == 1:
+                status = value
+        elif wire_type == 2:
+            length, pos = _read_varint(data, pos)
+            pos += length
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unexpected wire type {wire_type} in health response")
+    return _HEALTH_STATUS.get(status, f"UNKNOWN_STATUS_{status}")
