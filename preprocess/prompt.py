@@ -1,0 +1,73 @@
+"""The chat template: (role, text) turns -> prompt token ids, Gemma style.
+
+    <s><start_of_turn>user\n{system}\n\n{text}<end_of_turn>\n<start_of_turn>model\n
+
+Ids are built by concatenating special ids with encoded text segments, never by encoding the marker
+strings, so a user who types "<start_of_turn>" gets plain text, not a turn. Each stretch of text
+between two markers ("user\n{text}", "\n", "model\n") is encoded whole, as tokenizers that split on
+special tokens do with the full template string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from preprocess.tokenizer import Tokenizer
+
+USER = "user"
+MODEL = "model"
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
+
+
+def render(
+    contents: Sequence[tuple[str, str]],
+    system_instruction: str | None,
+    tokenizer: Tokenizer,
+) -> list[int]:
+    """Prompt ids for `contents`, (role, text) pairs with role 'user', 'model' or '' (user).
+
+    The system instruction is prepended to the first user turn, then a blank line (Gemma has no
+    system role); with no user turn first, it becomes a user turn of its own. A final 'model' turn
+    is left open, so the answer continues it; otherwise a new model turn is opened. Tokenizers
+    without turn pieces (a plain Llama tokenizer.model) get bos + the texts joined by newlines.
+    """
+    turns = _turns(contents, system_instruction)
+    start = tokenizer.token_id(START_OF_TURN)
+    end = tokenizer.token_id(END_OF_TURN)
+    ids = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+    if start is None or end is None:
+        return ids + tokenizer.encode("\n".join(text for _, text in turns))
+    for i, (role, text) in enumerate(turns):
+        ids += [start, *tokenizer.encode(f"{role}\n{text}")]
+        if i == len(turns) - 1 and role == MODEL:
+            return ids  # pre-filled answer: the model goes on from here
+        ids += [end, *tokenizer.encode("\n")]
+    return ids + [start, *tokenizer.encode(f"{MODEL}\n")]
+
+
+def stop_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """Ids that end an answer: eos, and <end_of_turn> where the tokenizer has it."""
+    ids = {tokenizer.eos_id, tokenizer.token_id(END_OF_TURN)}
+    return frozenset(i for i in ids if i is not None and i >= 0)
+
+
+def _turns(
+    contents: Sequence[tuple[str, str]], system_instruction: str | None
+) -> list[tuple[str, str]]:
+    if not contents:
+        raise ValueError("contents is empty: a prompt needs at least one (role, text) turn")
+    turns = []
+    for index, (role, text) in enumerate(contents):
+        role = role or USER
+        if role not in (USER, MODEL):
+            raise ValueError(
+                f"contents[{index}] has unknown role {role!r}: use 'user', 'model' or '' (user)"
+            )
+        turns.append((role, text))
+    if system_instruction:
+        if turns[0][0] == USER:
+            turns[0] = (USER, f"{system_instruction}\n\n{turns[0][1]}")
+        else:
+            turns.insert(0, (USER, system_instruction))
+    return turns

@@ -1,0 +1,113 @@
+"""Text <-> token ids through a sentencepiece model: ringserve's own or a checkpoint's.
+
+Plain text never yields a special id. In ringserve's model the turn and media markers are control
+pieces, which sentencepiece never matches in text; some checkpoints (Gemma) declare them as
+user-defined pieces, which it would match, so `encode` breaks those strings up. Only prompt.py puts
+special ids into a prompt, and `decode` drops them, so markers never leak into generated text.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+# Pieces after <pad> <s> </s> <unk> (ids 0-3) in ringserve.model, at ids 4, 5, ... in this order.
+# Appending is safe; reordering or removing changes ids and needs a retrained model.
+SPECIAL_PIECES = (
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<image>",
+    "<audio>",
+    "<video>",
+    "<|media_start|>",
+    "<|media_end|>",
+    "<reserved_0>",
+    "<reserved_1>",
+    "<reserved_2>",
+    "<reserved_3>",
+    "<reserved_4>",
+)
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "ringserve.model"
+
+
+class Tokenizer:
+    """A sentencepiece model. Ids it lacks (Llama's has no pad) read -1, as in sentencepiece."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():  # a Hugging Face checkpoint directory
+            path = path / "tokenizer.model"
+        self.path = path
+        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size: int = self._sp.vocab_size()
+        self.bos_id: int = self._sp.bos_id()
+        self.eos_id: int = self._sp.eos_id()
+        self.pad_id: int = self._sp.pad_id()
+        self.unk_id: int = self._sp.unk_id()
+        controls: list[int] = []
+        # Byte-fallback piece id -> the byte it stands for ("<0xE2>" -> 0xE2), for the detokenizer.
+        self.byte_values: dict[int, int] = {}
+        for i in range(self.vocab_size):
+            if self._sp.is_control(i):
+                controls.append(i)
+            elif self._sp.is_byte(i):
+                self.byte_values[i] = int(self._sp.id_to_piece(i)[3:5], 16)
+        named = {p: i for p in SPECIAL_PIECES if (i := self.token_id(p)) is not None}
+        self.special_ids: frozenset[int] = frozenset(controls) | frozenset(named.values())
+        # Markers sentencepiece would match inside text (user-defined rather than control pieces).
+        self._forgeable = frozenset(p for p, i in named.items() if not self._sp.is_control(i))
+        self._forgeable_re = re.compile("|".join(map(re.escape, sorted(self._forgeable))))
+
+    @classmethod
+    def default(cls) -> Tokenizer:
+        """The committed preprocess/assets/ringserve.model (loaded once, shared)."""
+        return _default()
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` as is: no bos or eos, never a special id."""
+        if not self._forgeable or not self._forgeable_re.search(text):
+            return self._sp.encode(text)
+        ids: list[int] = []
+        start = 0
+        for match in self._forgeable_re.finditer(text):
+            marker = match.group()
+            # "<" and "start_of_turn>" apart: neither half can match the marker any more.
+            for part in (text[start : match.start()], marker[:1], marker[1:]):
+                if part:
+                    ids += self._sp.encode(part)
+            start = match.end()
+        if start < len(text):
+            ids += self._sp.encode(text[start:])
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, special ids dropped (they stand for structure, not text)."""
+        kept: list[int] = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+            if i not in self.special_ids:
+                kept.append(i)
+        return self._sp.decode(kept)
+
+    def token_id(self, piece: str) -> int | None:
+        """The id of `piece`, or None if the model has no such piece."""
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """Piece strings, for debugging and tests."""
+        return [self._sp.id_to_piece(i) for i in ids]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+@functools.cache
+def _default() -> Tokenizer:
+    return Tokenizer(DEFAULT_MODEL)
