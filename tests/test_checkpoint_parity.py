@@ -10,9 +10,12 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from flax import nnx
+
 from _model_helpers import jitted, tiny_config, tiny_model
-from model import checkpoint
+from model import checkpoint, presets
 from model.kv_cache import KVCache
+from model.transformer import Transformer
 
 torch.set_num_threads(2)
 
@@ -160,3 +163,30 @@ def test_unsupported_model_type_and_missing_tensor_are_named(tmp_path):
 
     with pytest.raises(ValueError, match='not a checkpoint directory'):
         checkpoint.load(tmp_path / 'nowhere')
+
+
+def test_default_checkpoint_is_built_once_and_reloads(tmp_path, monkeypatch):
+    monkeypatch.setenv('RINGSERVE_HOME', str(tmp_path))
+    target = tmp_path / 'models' / 'default'
+    assert presets.default_checkpoint_dir() == target
+    assert presets.ensure_default_checkpoint(target) == target
+    weights = target / checkpoint.WEIGHTS_FILE
+    stamp = weights.stat().st_mtime_ns
+
+    config, loaded = checkpoint.load(target)
+    assert config == presets.default_config()
+    fresh = Transformer(config, rngs=nnx.Rngs(presets.DEFAULT_SEED))
+    tokens = _tokens((1, 6), seed=12)
+    positions = np.arange(6, dtype=np.int32)[None]
+    np.testing.assert_array_equal(np.asarray(jitted(loaded)(tokens, positions)[0]),
+                                  np.asarray(jitted(fresh)(tokens, positions)[0]))
+
+    assert presets.ensure_default_checkpoint() == target  # from RINGSERVE_HOME
+    assert weights.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in tmp_path.joinpath('models').iterdir()) == ['default']  # no staging left
+
+    if presets.DEFAULT_TOKENIZER.is_file():
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(target / presets.TOKENIZER_FILE))
+        assert (sp.vocab_size(), sp.bos_id(), sp.eos_id()) == (config.vocab_size, config.bos_id, config.eos_ids[0])

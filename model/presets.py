@@ -1,0 +1,79 @@
+"""Named model configurations and the seeded default checkpoint the server starts with."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from flax import nnx
+
+from model import checkpoint
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The default tokenizer (8192 pieces); its vocabulary size must equal default_config().vocab_size.
+DEFAULT_TOKENIZER = REPO_ROOT / 'preprocess' / 'assets' / 'ringserve.model'
+TOKENIZER_FILE = 'tokenizer.model'
+DEFAULT_SEED = 0
+
+
+def default_config() -> ModelConfig:
+    """A small Llama-style model (about 5M parameters) that runs anywhere, randomly initialised."""
+    return ModelConfig(
+        name='ringserve-default',
+        vocab_size=8192,
+        d_model=256,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=64,
+        mlp_dim=768,
+        mlp_activation='silu',
+        norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        tie_embeddings=True,
+        logit_softcap=None,
+        embed_scale=False,
+        norm_offset=0.0,
+        qkv_bias=False,
+        max_context=8192,
+        dtype='float32',
+        bos_id=1,
+        eos_ids=(2,),
+    )
+
+
+def default_checkpoint_dir() -> Path:
+    """$RINGSERVE_HOME/models/default if RINGSERVE_HOME is set, else <repo>/build/models/default."""
+    home = os.environ.get('RINGSERVE_HOME')
+    return Path(home) / 'models' / 'default' if home else REPO_ROOT / 'build' / 'models' / 'default'
+
+
+def ensure_default_checkpoint(directory: str | Path | None = None) -> Path:
+    """Make `directory` (default: default_checkpoint_dir()) hold the default checkpoint; return it.
+
+    Nothing is rewritten when a checkpoint is already there. A new one is the default config
+    initialised with nnx.Rngs(DEFAULT_SEED), so every machine builds the same weights. Files are
+    written beside the target and moved in, config last, so a reader never sees half a checkpoint.
+    """
+    directory = Path(directory) if directory is not None else default_checkpoint_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    has_checkpoint = (directory / checkpoint.CONFIG_FILE).is_file() and (directory / checkpoint.WEIGHTS_FILE).is_file()
+    has_tokenizer = (directory / TOKENIZER_FILE).is_file() or not DEFAULT_TOKENIZER.is_file()
+    if has_checkpoint and has_tokenizer:
+        return directory
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f'.{directory.name}-') as staging:
+        staging = Path(staging)
+        if not has_tokenizer:
+            shutil.copyfile(DEFAULT_TOKENIZER, staging / TOKENIZER_FILE)
+            os.replace(staging / TOKENIZER_FILE, directory / TOKENIZER_FILE)
+        if not has_checkpoint:
+            config = default_config()
+            checkpoint.save(staging, config, Transformer(config, rngs=nnx.Rngs(DEFAULT_SEED)))
+            os.replace(staging / checkpoint.WEIGHTS_FILE, directory / checkpoint.WEIGHTS_FILE)
+            os.replace(staging / checkpoint.CONFIG_FILE, directory / checkpoint.CONFIG_FILE)
+    return directory
