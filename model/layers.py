@@ -19,7 +19,7 @@ from model.config import ModelConfig
 from model.kv_cache import KVCache
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
     return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
 
 
@@ -55,7 +55,7 @@ class Embedder(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         # std D**-0.25: tied logits then have std ~D**0.25, peaked but not one-hot for a random model.
-        self.table = _normal(rngs, (config.vocab_size, config.d_model), config.d_model**-0.25, config.jnp_dtype)
+        self.table = normal_param(rngs, (config.vocab_size, config.d_model), config.d_model**-0.25, config.jnp_dtype)
         self.scale = math.sqrt(config.d_model) if config.embed_scale else None
 
     def encode(self, tokens: jax.Array) -> jax.Array:
@@ -80,10 +80,10 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h, dtype = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.jnp_dtype
         self.scale = config.attn_scale
-        self.q_proj = _normal(rngs, (n, d, h), d**-0.5, dtype)
-        self.k_proj = _normal(rngs, (k, d, h), d**-0.5, dtype)
-        self.v_proj = _normal(rngs, (k, d, h), d**-0.5, dtype)
-        self.o_proj = _normal(rngs, (n, h, d), (n * h) ** -0.5, dtype)
+        self.q_proj = normal_param(rngs, (n, d, h), d**-0.5, dtype)
+        self.k_proj = normal_param(rngs, (k, d, h), d**-0.5, dtype)
+        self.v_proj = normal_param(rngs, (k, d, h), d**-0.5, dtype)
+        self.o_proj = normal_param(rngs, (n, h, d), (n * h) ** -0.5, dtype)
         if config.qkv_bias:
             self.q_bias = nnx.Param(jnp.zeros((n, h), dtype))
             self.k_bias = nnx.Param(jnp.zeros((k, h), dtype))
@@ -120,9 +120,9 @@ class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, f, dtype = config.d_model, config.mlp_dim, config.jnp_dtype
         self.activation = config.mlp_activation
-        self.gate = _normal(rngs, (d, f), d**-0.5, dtype)
-        self.up = _normal(rngs, (d, f), d**-0.5, dtype)
-        self.down = _normal(rngs, (f, d), f**-0.5, dtype)
+        self.gate = normal_param(rngs, (d, f), d**-0.5, dtype)
+        self.up = normal_param(rngs, (d, f), d**-0.5, dtype)
+        self.down = normal_param(rngs, (f, d), f**-0.5, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate = jnp.einsum('BTD,DF->BTF', x, self.gate[...])

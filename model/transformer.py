@@ -9,7 +9,7 @@ from flax import nnx
 from model import attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.layers import Block, Embedder, RMSNorm, _normal, unembed
+from model.layers import Block, Embedder, RMSNorm, normal_param, unembed
 
 # flax >= 0.12 wants lists of submodules wrapped so it can see their state; 0.11 takes a plain list.
 _ModuleList = getattr(nnx, 'List', list)
@@ -33,7 +33,7 @@ class Transformer(nnx.Module):
         if config.tie_embeddings:
             self.unembed = None
         else:
-            self.unembed = _normal(rngs, (config.vocab_size, config.d_model), config.d_model**-0.5,
+            self.unembed = normal_param(rngs, (config.vocab_size, config.d_model), config.d_model**-0.5,
                                    config.jnp_dtype)  # [V, D]
 
     def __call__(
