@@ -11,7 +11,6 @@ from typing import Callable
 from model import checkpoint, presets
 from model.config import ModelConfig
 from model.engine import Engine
-from model.sampling import SamplingParams
 from preprocess import prompt as prompt_lib
 from preprocess.tokenizer import Tokenizer
 from server.engine_loop import EngineLoop
@@ -68,17 +67,6 @@ def load_tokenizer(model_dir: pathlib.Path, override: str | None) -> Tokenizer:
     return Tokenizer(str(path))
 
 
-def warm_up(engine: Engine, prefill_chunk: int) -> None:
-    """Compiles every prefill bucket and the decode step before the first request arrives."""
-    greedy = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, seed=0)
-    length = 16
-    while length <= min(prefill_chunk, engine.max_len - 1):
-        engine.prefill(0, [0] * length, greedy)
-        length *= 2
-    engine.decode()
-    engine.free(0)
-
-
 def build(options: RuntimeOptions,
           on_failure: Callable[[BaseException], None] | None = None) -> Runtime:
     started = time.monotonic()
@@ -92,7 +80,7 @@ def build(options: RuntimeOptions,
     engine = Engine(config, model, max_slots=options.max_slots, max_len=max_len,
                     prefill_chunk=options.prefill_chunk)
     if options.warmup:
-        warm_up(engine, options.prefill_chunk)
+        engine.warmup()
     loop = EngineLoop(engine, tokenizer, prompt_lib.stop_token_ids(tokenizer),
                       max_slots=options.max_slots, max_waiting=options.max_waiting,
                       on_failure=on_failure)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,10 +64,12 @@ def test_generate_streams_json(server_target):
         while pos < len(out) and out[pos].isspace():
             pos += 1
     assert len(messages) >= 2
-    assert all(m["requestId"] == "curl-1" for m in messages)
+    # grpcurl prints proto field names (request_id); accept JSON names (requestId) too.
+    field = lambda m, name: m.get(name, m.get(re.sub(r"_(\w)", lambda g: g[1].upper(), name)))
+    assert all(field(m, "request_id") == "curl-1" for m in messages)
     last = messages[-1]
-    assert last["finishReason"] in ("MAX_TOKENS", "STOP")
-    assert int(last["usageMetadata"]["promptTokenCount"]) > 0
+    assert field(last, "finish_reason") in ("MAX_TOKENS", "STOP")
+    assert int(field(field(last, "usage_metadata"), "prompt_token_count")) > 0
 
 
 def test_invalid_argument_via_grpcurl(server_target):
