@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.generate --out FILE` (text generation vs transformers)."""
