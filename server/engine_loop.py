@@ -204,9 +204,10 @@ class EngineLoop:
         except BaseException as error:  # noqa: BLE001 - any failure must end every stream
             log.exception("engine thread failed; failing all requests")
             self._failed = error
-            self._fail_all(EngineFailure(f"the inference engine failed: {error!r}"))
+            # Report first, so anyone woken by a failed stream already sees NOT_SERVING.
             if self._on_failure is not None:
                 self._on_failure(error)
+            self._fail_all(EngineFailure(f"the inference engine failed: {error!r}"))
             return
         self._fail_all(None)
 
