@@ -68,7 +68,7 @@ class Chat:
         parts: list[str] = []
         n_tokens, reason, usage, ttft = 0, None, None, None
         start = time.monotonic()
-        first = end = None
+        first = None
         stopped = False
         try:
             for chunk in stream:
@@ -100,8 +100,13 @@ class Chat:
             n_tokens = usage.candidates_token_count
         if ttft is None and first is not None:
             ttft = first - start
+        # Decode speed: the tokens after the first, over the time after the first arrived.
+        if first is not None and n_tokens > 1 and end > first:
+            rate = (n_tokens - 1) / (end - first)
+        else:
+            rate = n_tokens / max(end - start, 1e-9)
         self._print()
-        self._print(self._dim(_status(n_tokens, ttft, first, end, start, reason, stopped)))
+        self._print(self._dim(_status(n_tokens, ttft, rate, reason, stopped)))
 
     def loop(self, read=input) -> int:
         """Reads questions until /exit, Ctrl-D, or Ctrl-C at an empty prompt. Returns 0."""
@@ -132,18 +137,13 @@ class Chat:
             self.ask(question)
 
 
-def _status(n_tokens: int, ttft: float | None, first: float | None, end: float, start: float,
-            reason: str | None, stopped: bool) -> str:
+def _status(n_tokens: int, ttft: float | None, rate: float, reason: str | None,
+            stopped: bool) -> str:
+    """The line under an answer: "[stopped · ttft 0.05 s · 212.4 tok/s · 64 tokens · REASON]"."""
     items = ["stopped"] if stopped else []
     if ttft is not None:
         items.append(f"ttft {ttft:.2f} s")
-    # Decode speed: tokens after the first, over the time after the first arrived.
-    if first is not None and n_tokens > 1 and end > first:
-        rate = (n_tokens - 1) / (end - first)
-    else:
-        rate = n_tokens / (end - start) if end > start else 0.0
-    items.append(f"{rate:.1f} tok/s")
-    items.append(f"{n_tokens} tokens")
+    items += [f"{rate:.1f} tok/s", f"{n_tokens} tokens"]
     if reason and not stopped:
         items.append(reason)
     return "[" + " · ".join(items) + "]"

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ringserve import chat
+from ringserve import chat, types
 from ringserve.client import Client
 from ringserve.errors import RingserveError
 
@@ -63,19 +63,20 @@ def _generate(args: argparse.Namespace) -> int:
             prompt, system_instruction=args.system, max_output_tokens=args.max_output_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             stop_sequences=args.stop_sequences)
-        last = None
+        builder = types.ResultBuilder()
         try:
             for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
-                last = chunk
+                builder.add(chunk)
         finally:
             stream.close()
         sys.stdout.write("\n")
-        if args.stats and last is not None:
-            stats = {"finish_reason": last.finish_reason,
-                     "time_to_first_token": last.time_to_first_token,
-                     **(dataclasses.asdict(last.usage) if last.usage else {})}
+        if args.stats:
+            result = builder.result()
+            stats = {"finish_reason": result.finish_reason,
+                     "time_to_first_token": result.time_to_first_token,
+                     **(dataclasses.asdict(result.usage) if result.usage else {})}
             print(json.dumps(stats), file=sys.stderr)
     return 0
 
