@@ -155,7 +155,9 @@ class Scheduler:
             if seq is None or seq.status is not Status.RUNNING:
                 continue  # finished or cancelled while the step ran
             seq.num_computed = w.start + w.count
-            self.kv.commit(seq.request_id, seq.token_ids[:seq.num_computed])
+            if seq.num_computed // self.kv.block_size > w.start // self.kv.block_size:
+                # A block filled up: register it for prefix reuse (partial blocks never are).
+                self.kv.commit(seq.request_id, seq.token_ids[:seq.num_computed])
             if w.samples:
                 seq.output_ids.append(sampled[w.request_id])
 
