@@ -49,3 +49,10 @@ class KVCache:
             k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype), mode='drop'),
             v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype), mode='drop'),
         )
+
+    def read(self, layer: int, span: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """k, v: [B, span, K, H] of `layer` (all S when span is None), index = absolute position.
+
+        The paged cache (model/kv_pages.py) has the same method, so the model takes either.
+        """
+        return self.k[layer, :, :span], self.v[layer, :, :span]

@@ -109,7 +109,7 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)  # [B, T, K, H]
         if cache is not None:
             cache = cache.write(layer, positions, k, v)
-            k, v = cache.k[layer], cache.v[layer]  # [B, S, K, H]
+            k, v = cache.read(layer)  # [B, S, K, H]
         out = attention.attend(q, k, v, mask, self.scale)  # [B, T, N, H]
         return jnp.einsum('BTNH,NHD->BTD', out, self.o_proj[...]), cache
 

@@ -46,6 +46,29 @@ def render(
     return ids + [start, *tokenizer.encode(f"{MODEL}\n")]
 
 
+def render_prefix(
+    contents: Sequence[tuple[str, str]],
+    system_instruction: str | None,
+    tokenizer: Tokenizer,
+) -> list[int]:
+    """Ids of `contents` as the closed start of a longer conversation (every turn ended).
+
+    For any further turns, `render(contents + more, system_instruction)` begins with exactly these
+    ids, which is what lets a named cache hold them. Needs a tokenizer with turn pieces: without
+    them the fallback template encodes the whole text at once, so no prefix is stable.
+    """
+    turns = _turns(contents, system_instruction)
+    start = tokenizer.token_id(START_OF_TURN)
+    end = tokenizer.token_id(END_OF_TURN)
+    if start is None or end is None:
+        raise ValueError("this tokenizer has no turn pieces, so a conversation has no stable "
+                         "token prefix to cache")
+    ids = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+    for role, text in turns:
+        ids += [start, *tokenizer.encode(f"{role}\n{text}"), end, *tokenizer.encode("\n")]
+    return ids
+
+
 def stop_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
     """Ids that end an answer: eos, and <end_of_turn> where the tokenizer has it."""
     ids = {tokenizer.eos_id, tokenizer.token_id(END_OF_TURN)}

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from ringserve.v1 import inference_pb2 as pb
 from ringserve.v1 import inference_pb2_grpc as pb_grpc
 from server import runtime as runtime_lib
+from server.metrics import Metrics
 from server.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
-                grace_period: float = 10.0) -> None:
+                grace_period: float = 10.0, metrics_port: int | None = None) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight streams for `grace_period` seconds."""
     loop = asyncio.get_running_loop()
     health_servicer = health.aio.HealthServicer()
@@ -33,15 +34,19 @@ async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
         loop.call_soon_threadsafe(
             lambda: loop.create_task(_set_health(health_servicer, serving=False)))
 
-    rt = await asyncio.to_thread(runtime_lib.build, options, on_engine_failure)
+    rt = await asyncio.to_thread(runtime_lib.build, options, on_engine_failure, Metrics())
     rt.engine_loop.start()
+    if metrics_port is not None:
+        bound_metrics = rt.metrics.start_http_server(metrics_port, host)
+        print(f"ringserve: metrics on http://{host}:{bound_metrics}/metrics", flush=True)
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ])
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(rt), server)
+    servicer = InferenceServicer(rt)
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -54,6 +59,7 @@ async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
     # Tests and scripts wait for this exact line; it names the port actually bound (for --port 0).
     print(f"ringserve: serving {rt.model_name} on {host}:{bound}", flush=True)
 
+    expiry = asyncio.create_task(servicer.caches.expire_forever())
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -61,8 +67,10 @@ async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
 
     log.info("shutting down: no new calls; in-flight streams have %.1fs", grace_period)
     await _set_health(health_servicer, serving=False)
+    expiry.cancel()
     await server.stop(grace_period)
     await asyncio.to_thread(rt.engine_loop.stop)
+    rt.metrics.close()
     print("ringserve: stopped", flush=True)
 
 

@@ -28,6 +28,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--default-max-output-tokens", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="largest prefill step in tokens (a power of two)")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="token budget of one step (default: prefill chunk + max batch)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0,
+                   help="memory of the KV page pool, allocated at start-up")
+    p.add_argument("--page-len", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV of equal prompt prefixes")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port (0 picks one; printed)")
     p.add_argument("--grace-period", type=float, default=10.0,
                    help="seconds in-flight streams get to finish on SIGTERM")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
@@ -44,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
             max_slots=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
             default_max_output_tokens=args.default_max_output_tokens,
-            prefill_chunk=args.prefill_chunk, warmup=not args.no_warmup)
-        asyncio.run(app.serve(options, args.host, args.port, args.grace_period))
+            prefill_chunk=args.prefill_chunk, token_budget=args.max_num_batched_tokens,
+            kv_cache_gib=args.kv_cache_gib, page_len=args.page_len,
+            prefix_caching=not args.no_prefix_caching, warmup=not args.no_warmup)
+        asyncio.run(app.serve(options, args.host, args.port, args.grace_period,
+                              args.metrics_port))
     except (ValueError, OSError) as error:
         print(f"ringserve serve: {error}", file=sys.stderr)
         return 2

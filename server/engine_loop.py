@@ -2,24 +2,28 @@
 
 Design note
 1. Threads. The grpc.aio event loop (one thread) runs the servicer: validation, tokenising (in a
-   worker thread), streaming responses. One engine thread owns the `Engine` (parameters, KV cache,
-   jitted steps); nothing else calls it. They meet at two places: `submit()` puts a validated
-   request on a thread-safe inbox, and each request's `Stream` holds an asyncio.Queue that the
-   engine thread feeds with `loop.call_soon_threadsafe`.
-2. One step. Move the inbox to the waiting line; fill free decode slots from it (prefill, which
-   samples the first token); run one batched decode step for every active slot; turn each slot's
-   new token into text (incremental detokenising, stop sequences held back until decided) and
-   deliver one event per request. A request finishes on its stop token, a stop sequence,
-   max_new_tokens, or cancellation; its slot is freed in the same step.
+   worker thread), streaming responses. One engine thread owns the `PagedEngine` (parameters, page
+   pool, jitted steps), the `Scheduler` and the `KVCacheManager`; nothing else calls them. They
+   meet at two places: `submit()` puts a validated request on a thread-safe inbox, and each
+   request's `Stream` holds an asyncio.Queue that the engine thread feeds with
+   `loop.call_soon_threadsafe`.
+2. One step. Move the inbox into the scheduler; drop cancelled requests; ask the scheduler for a
+   plan (each request's share of the token budget: a prefill chunk or one decode token, with its
+   block table); run the prefill chunks one by one and all decode rows in one batched call; hand
+   the sampled tokens back to the scheduler; turn each kept token into text (incremental
+   detokenising, stop sequences held back until decided) and deliver one event per request. A
+   request finishes on its stop token, a stop sequence, max_new_tokens or cancellation; its blocks
+   and slot are freed in the same step. Requests preempted for memory are recomputed later and
+   stream on where they stopped (sampling keys depend only on seed and position).
 3. Cancellation. A client cancel, disconnect, deadline or server shutdown reaches the servicer as
    asyncio cancellation; it sets the stream's `cancelled` flag (an Event, safe across threads).
    The engine thread checks the flags before every step, so a cancelled stream stops within one
-   step and its slot is reused at once.
+   step and its pages are reusable at once.
 4. Failure. If a step raises, every request in flight or waiting fails with INTERNAL, the
    `on_failure` callback marks the server NOT_SERVING, and the thread ends: the process never goes
    on serving half-alive.
-5. Debugging. `stats()` is a consistent snapshot (running, waiting, slots, token and finish
-   counters), served by the GetStats RPC; log lines carry request ids.
+5. Debugging. `stats()` is a consistent snapshot (running, waiting, slots, tokens, finishes, KV
+   pages and prefix-cache hits), served by the GetStats RPC; log lines carry request ids.
 """
 
 from __future__ import annotations
@@ -27,16 +31,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
 import time
 from typing import Callable
 
-from model.engine import Engine
+from model.paged_engine import PagedEngine
 from preprocess.detokenize import IncrementalDetokenizer
 from preprocess.tokenizer import Tokenizer
 from server.errors import EngineFailure, RequestError, ResourceExhausted, Unavailable
+from server.kv_manager import KVCacheManager, KVStats
+from server.metrics import Metrics
+from server.scheduler import Scheduler, SeqState
 from server.validation import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,8 @@ class Event:
     first_token_time: float | None = None  # set on the event carrying the first token
     finish_reason: str | None = None  # set on the last event
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    pinned_tokens: int = 0  # for a cache-creating request: tokens whose pages are now pinned
     generated_tokens: int = 0
     error: RequestError | None = None  # the request failed; no more events follow
 
@@ -100,15 +110,17 @@ class Stream:
 
 
 class _Active:
-    """Engine-thread state of a request holding a decode slot."""
+    """Engine-thread state of one request, from submission to finish."""
 
-    def __init__(self, stream: Stream, slot: int, tokenizer: Tokenizer):
+    def __init__(self, stream: Stream, seq: SeqState, tokenizer: Tokenizer):
         self.stream = stream
-        self.slot = slot
+        self.seq = seq
         self.detok = IncrementalDetokenizer(tokenizer)
         self.generated = 0
         self.held = ""  # text not yet sent: it may be the start of a stop sequence
         self.first_token_time: float | None = None
+        self.last_token_time = 0.0
+        self.admitted = False  # has held a slot (prompt counted in the stats)
 
     @property
     def request(self) -> GenerationRequest:
@@ -133,27 +145,35 @@ class Stats:
     slots: int = 0
     generated_tokens: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    preemptions: int = 0
     finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    kv: KVStats | None = None
     serving: bool = True
 
 
 class EngineLoop:
-    """Runs `engine` on its own thread; see the design note above."""
+    """Runs `engine` on its own thread under `scheduler`; see the design note above."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, stop_token_ids: frozenset[int], *,
-                 max_slots: int, max_waiting: int = 256,
+    def __init__(self, engine: PagedEngine, kv: KVCacheManager, tokenizer: Tokenizer,
+                 stop_token_ids: frozenset[int], *, max_slots: int, token_budget: int,
+                 max_waiting: int = 256, metrics: Metrics | None = None,
                  on_failure: Callable[[BaseException], None] | None = None):
         self._engine = engine
+        self._kv = kv
+        self._scheduler = Scheduler(kv, max_running=max_slots, token_budget=token_budget,
+                                    max_chunk=engine.prefill_chunk)
         self._tokenizer = tokenizer
         self._stop_ids = stop_token_ids
         self._max_waiting = max_waiting
         self._on_failure = on_failure
+        self._metrics = metrics or Metrics()
         self._inbox: queue.SimpleQueue[Stream] = queue.SimpleQueue()
-        self._waiting: collections.deque[Stream] = collections.deque()
-        self._free_slots = list(range(max_slots))
-        self._active: dict[int, _Active] = {}
-        self._stats = Stats(slots=max_slots)
-        self._lock = threading.Lock()  # guards _stats and the waiting count seen by submit()
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._active: dict[str, _Active] = {}  # by internal id (client request ids may repeat)
+        self._ids = itertools.count()
+        self._stats = Stats(slots=max_slots, kv=kv.stats())
+        self._lock = threading.Lock()  # guards _stats and _pending, read by other threads
         self._pending = 0  # submitted, not yet holding a slot or finished
         self._stopping = threading.Event()
         self._failed: BaseException | None = None
@@ -169,6 +189,13 @@ class EngineLoop:
         if self._failed is not None or self._stopping.is_set():
             raise Unavailable("the server is shutting down or its engine has stopped; retry "
                               "against another replica")
+        tokens = len(request.prompt_ids) + request.max_new_tokens
+        room = self.pool_tokens_free_of_pins()
+        if tokens > room:
+            raise ResourceExhausted(
+                f"the request needs {tokens} tokens of KV cache; the pool holds {room} tokens "
+                f"({room // self._kv.block_size} pages of {self._kv.block_size}) besides named "
+                "caches: lower max_output_tokens, shorten the prompt or delete caches")
         with self._lock:
             if self._pending >= self._max_waiting:
                 raise ResourceExhausted(
@@ -178,6 +205,39 @@ class EngineLoop:
         stream = Stream(request, asyncio.get_running_loop(), received_at)
         self._inbox.put(stream)
         return stream
+
+    def call(self, fn: Callable[[KVCacheManager], object]) -> asyncio.Future:
+        """Runs `fn(kv_manager)` on the engine thread between steps; awaits its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result, error = fn(self._kv), None
+            except Exception as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, error = None, e
+
+            def settle() -> None:
+                if future.done():
+                    return
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+            loop.call_soon_threadsafe(settle)
+
+        self._calls.put(run)
+        return future
+
+    def pool_tokens_free_of_pins(self) -> int:
+        """Tokens the pool can hold for one request, pages pinned by named caches excluded."""
+        with self._lock:
+            pinned = self._stats.kv.pinned
+        return (self._kv.num_blocks - 1 - pinned) * self._kv.block_size
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
 
     def stats(self) -> Stats:
         with self._lock:
@@ -197,10 +257,11 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._admit()
+                self._drain_inbox(block=not self._scheduler.has_work())
+                self._run_calls()
                 self._reap_cancelled()
-                if self._active:
-                    self._decode_step()
+                if self._scheduler.has_work():
+                    self._step()
         except BaseException as error:  # noqa: BLE001 - any failure must end every stream
             log.exception("engine thread failed; failing all requests")
             self._failed = error
@@ -211,46 +272,84 @@ class EngineLoop:
             return
         self._fail_all(None)
 
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                self._calls.get_nowait()()
+            except queue.Empty:
+                with self._lock:
+                    self._stats.kv = self._kv.stats()
+                return
+
     def _drain_inbox(self, block: bool) -> None:
         try:
             stream = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
-        self._waiting.append(stream)
         while True:
+            self._add(stream)
             try:
-                self._waiting.append(self._inbox.get_nowait())
+                stream = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _admit(self) -> None:
-        self._drain_inbox(block=not self._active and not self._waiting)
-        while self._waiting and self._free_slots:
-            stream = self._waiting.popleft()
-            if stream.cancelled:
-                self._finish_unstarted(stream)
-                continue
-            slot = self._free_slots.pop()
-            active = _Active(stream, slot, self._tokenizer)
-            self._active[slot] = active
-            with self._lock:
-                self._pending -= 1
-                self._stats.running = len(self._active)
-                self._stats.prompt_tokens += len(stream.request.prompt_ids)
-            token = self._engine.prefill(slot, stream.request.prompt_ids, stream.request.params)
-            self._on_token(active, int(token))
+    def _add(self, stream: Stream) -> None:
+        request = stream.request
+        seq = SeqState(request_id=f"{next(self._ids)}", prompt_ids=request.prompt_ids,
+                       max_new_tokens=request.max_new_tokens)
+        self._active[seq.request_id] = _Active(stream, seq, self._tokenizer)
+        self._scheduler.add(seq)
 
     def _reap_cancelled(self) -> None:
         for active in [a for a in self._active.values() if a.stream.cancelled]:
             self._finish(active, CANCELLED)
-        for stream in [s for s in self._waiting if s.cancelled]:
-            self._waiting.remove(stream)
-            self._finish_unstarted(stream)
 
-    def _decode_step(self) -> None:
-        tokens = self._engine.decode()
-        for slot, active in list(self._active.items()):
-            self._on_token(active, int(tokens[slot]))
+    def _step(self) -> None:
+        plan = self._scheduler.schedule()
+        if not plan.work:
+            # Every waiting request needs blocks that pinned caches hold: wait for a change.
+            self._drain_inbox(block=True)
+            return
+        decodes, sampled = [], {}
+        for work in plan.work:
+            active = self._active[work.request_id]
+            if not active.admitted:
+                self._on_admit(active)
+            self._engine.set_params(work.slot, active.request.params)
+            if work.is_decode:
+                decodes.append(work)
+                continue
+            tokens = active.seq.token_ids[work.start:work.start + work.count]
+            token = self._engine.prefill(work.slot, tokens, work.start, work.block_table)
+            if work.samples:
+                sampled[work.request_id] = token
+        if decodes:
+            tokens = self._engine.decode(
+                [w.slot for w in decodes],
+                [self._active[w.request_id].seq.token_ids[w.start] for w in decodes],
+                [w.start for w in decodes], [w.block_table for w in decodes])
+            sampled.update((w.request_id, t) for w, t in zip(decodes, tokens))
+        self._scheduler.update(plan, sampled)
+        with self._lock:
+            self._stats.preemptions += len(plan.preempted)
+            self._stats.running = len(self._scheduler.running)
+            self._stats.kv = kv = self._kv.stats()
+            waiting = self._pending
+        if plan.preempted:
+            self._metrics.observe_preemptions(len(plan.preempted))
+        self._metrics.set_snapshot(self._stats.running, waiting, kv.total - 1, kv.used, kv.cached,
+                                   kv.pinned)
+        for request_id, token in sampled.items():
+            self._on_token(self._active[request_id], token)
+
+    def _on_admit(self, active: _Active) -> None:
+        active.admitted = True
+        self._metrics.observe_queue_wait(time.monotonic() - active.stream.received_at)
+        self._metrics.observe_prefix(active.seq.num_cached, len(active.seq.prompt_ids))
+        with self._lock:
+            self._pending -= 1
+            self._stats.prompt_tokens += len(active.seq.prompt_ids)
+            self._stats.cached_prompt_tokens += active.seq.num_cached
 
     def _on_token(self, active: _Active, token: int) -> None:
         """Turns one sampled token into an event, finishing the request when it is done."""
@@ -258,6 +357,13 @@ class EngineLoop:
         first = None
         if active.first_token_time is None:
             active.first_token_time = first = now
+            self._metrics.observe_first_token(now - active.stream.received_at)
+        else:
+            self._metrics.observe_token_gap(now - active.last_token_time)
+        active.last_token_time = now
+        if active.request.pin_as is not None:
+            self._pin(active, first)
+            return
         if token in self._stop_ids:
             self._finish(active, STOP, first_token_time=first)
             return
@@ -282,31 +388,49 @@ class EngineLoop:
             return
         active.stream.deliver(Event(text=text, token_ids=(token,), first_token_time=first))
 
+    def _pin(self, active: _Active, first: float | None) -> None:
+        """A cache-creating request has computed its prompt: pin its full pages, then finish."""
+        try:
+            blocks = self._kv.pin(active.request.pin_as, active.seq.prompt_ids)
+        except (ValueError, RuntimeError) as error:  # duplicate id, or prefix caching off
+            blocks, reason = None, str(error)
+        else:
+            reason = "its pages were evicted before they could be pinned"
+        if blocks is None:
+            self._finish(active, STOP, error=EngineFailure(
+                f"could not pin cache {active.request.pin_as}: {reason}"))
+            return
+        self._finish(active, STOP, first_token_time=first,
+                     pinned_tokens=len(blocks) * self._kv.block_size)
+
     def _finish(self, active: _Active, reason: str, *, text: str = "",
                 token_ids: tuple[int, ...] = (), first_token_time: float | None = None,
-                flush: bool = True) -> None:
+                flush: bool = True, pinned_tokens: int = 0,
+                error: RequestError | None = None) -> None:
         if flush:
             text += active.held + active.detok.flush()
             active.held = ""
-        del self._active[active.slot]
-        self._engine.free(active.slot)
-        self._free_slots.append(active.slot)
+        del self._active[active.seq.request_id]
+        self._scheduler.finish(active.seq.request_id)  # frees its blocks and slot
         with self._lock:
-            self._stats.running = len(self._active)
+            if not active.admitted:
+                self._pending -= 1
+            self._stats.running = len(self._scheduler.running)
             self._stats.finished[reason] += 1
+            self._stats.kv = self._kv.stats()
+        self._metrics.observe_finish("ERROR" if error else reason,
+                                     time.monotonic() - active.stream.received_at,
+                                     len(active.seq.prompt_ids), active.generated)
+        if error is not None:
+            active.stream.deliver(Event(error=error))
+            return
         active.stream.deliver(Event(
             text=text, token_ids=token_ids, first_token_time=first_token_time,
             finish_reason=reason, prompt_tokens=len(active.request.prompt_ids),
-            generated_tokens=active.generated))
+            cached_tokens=active.seq.num_cached, generated_tokens=active.generated,
+            pinned_tokens=pinned_tokens))
         log.debug("request %s finished: %s after %d tokens", active.request.request_id, reason,
                   active.generated)
-
-    def _finish_unstarted(self, stream: Stream) -> None:
-        with self._lock:
-            self._pending -= 1
-            self._stats.finished[CANCELLED] += 1
-        stream.deliver(Event(finish_reason=CANCELLED,
-                             prompt_tokens=len(stream.request.prompt_ids)))
 
     def _fail_all(self, error: RequestError | None) -> None:
         """Ends every request: with `error`, or as CANCELLED on a clean stop."""
@@ -315,11 +439,7 @@ class EngineLoop:
             if error is None:
                 self._finish(active, CANCELLED)
             else:
+                self._metrics.observe_finish("ERROR", time.monotonic() - active.stream.received_at,
+                                             len(active.seq.prompt_ids), active.generated)
                 active.stream.deliver(Event(error=error))
         self._active.clear()
-        for stream in self._waiting:
-            if error is None:
-                self._finish_unstarted(stream)
-            else:
-                stream.deliver(Event(error=error))
-        self._waiting.clear()

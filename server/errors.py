@@ -24,6 +24,14 @@ class InvalidArgument(RequestError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class NotFound(RequestError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(RequestError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class ResourceExhausted(RequestError):
     """The server is full; the client may retry later."""
 

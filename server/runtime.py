@@ -10,10 +10,13 @@ from typing import Callable
 
 from model import checkpoint, presets
 from model.config import ModelConfig
-from model.engine import Engine
+from model.kv_pages import pages_for_budget
+from model.paged_engine import PagedEngine
 from preprocess import prompt as prompt_lib
 from preprocess.tokenizer import Tokenizer
 from server.engine_loop import EngineLoop
+from server.kv_manager import KVCacheManager
+from server.metrics import Metrics
 from server.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,11 @@ class RuntimeOptions:
     max_len: int | None = None  # context cap; default: the model's max_context
     max_waiting: int = 256
     default_max_output_tokens: int = 512
-    prefill_chunk: int = 512
+    prefill_chunk: int = 512  # largest prefill step in tokens
+    token_budget: int | None = None  # tokens per step; default: prefill_chunk + max_slots
+    kv_cache_gib: float = 1.0  # the page pool, allocated once at start-up
+    page_len: int = 16  # tokens per KV page
+    prefix_caching: bool = True
     warmup: bool = True
 
     def __post_init__(self):
@@ -42,11 +49,13 @@ class RuntimeOptions:
 class Runtime:
     config: ModelConfig
     tokenizer: Tokenizer
-    engine: Engine
+    engine: PagedEngine
     engine_loop: EngineLoop
     limits: Limits
     model_name: str
     param_count: int
+    prefix_caching: bool
+    metrics: Metrics
 
 
 def resolve_model_dir(model: str) -> pathlib.Path:
@@ -68,7 +77,8 @@ def load_tokenizer(model_dir: pathlib.Path, override: str | None) -> Tokenizer:
 
 
 def build(options: RuntimeOptions,
-          on_failure: Callable[[BaseException], None] | None = None) -> Runtime:
+          on_failure: Callable[[BaseException], None] | None = None,
+          metrics: Metrics | None = None) -> Runtime:
     started = time.monotonic()
     model_dir = resolve_model_dir(options.model)
     config, model = checkpoint.load(model_dir, dtype=options.dtype)
@@ -77,17 +87,24 @@ def build(options: RuntimeOptions,
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
                          f"is {config.vocab_size}: they do not belong together")
     max_len = min(options.max_len or config.max_context, config.max_context)
-    engine = Engine(config, model, max_slots=options.max_slots, max_len=max_len,
-                    prefill_chunk=options.prefill_chunk)
+    num_pages = pages_for_budget(config, options.page_len, int(options.kv_cache_gib * 2**30))
+    engine = PagedEngine(config, model, max_slots=options.max_slots, num_pages=num_pages,
+                         page_len=options.page_len, max_len=max_len,
+                         prefill_chunk=options.prefill_chunk)
     if options.warmup:
         engine.warmup()
-    loop = EngineLoop(engine, tokenizer, prompt_lib.stop_token_ids(tokenizer),
-                      max_slots=options.max_slots, max_waiting=options.max_waiting,
-                      on_failure=on_failure)
-    log.info("loaded %s from %s in %.1fs (%d compilations)", config.name, model_dir,
-             time.monotonic() - started, engine.compile_count)
+    kv = KVCacheManager(num_pages, options.page_len,
+                        enable_prefix_caching=options.prefix_caching)
+    loop = EngineLoop(engine, kv, tokenizer, prompt_lib.stop_token_ids(tokenizer),
+                      max_slots=options.max_slots,
+                      token_budget=options.token_budget or engine.prefill_chunk + options.max_slots,
+                      max_waiting=options.max_waiting, metrics=metrics, on_failure=on_failure)
+    log.info("loaded %s from %s in %.1fs (%d compilations); KV pool: %d pages of %d tokens",
+             config.name, model_dir, time.monotonic() - started, engine.compile_count,
+             num_pages - 1, options.page_len)
     return Runtime(
         config=config, tokenizer=tokenizer, engine=engine, engine_loop=loop,
         limits=Limits(context_length=max_len,
                       default_max_output_tokens=options.default_max_output_tokens),
-        model_name=config.name, param_count=engine.param_count)
+        model_name=config.name, param_count=engine.param_count,
+        prefix_caching=options.prefix_caching, metrics=loop.metrics)

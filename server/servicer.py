@@ -1,41 +1,97 @@
-"""The `ringserve.v1.Inference` service: validation in, events out. No arrays cross this file."""
+"""The `ringserve.v1.Inference` service: validation in, events out. No arrays cross this file.
+
+Handlers raise `RequestError`s; the `_rpc` wrapper is the one place that turns them into gRPC
+statuses and counts every call's outcome for the metrics.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import time
 
 import grpc
 
+from model.sampling import SamplingParams
+from preprocess import prompt as prompt_lib
 from ringserve.v1 import inference_pb2 as pb
 from ringserve.v1 import inference_pb2_grpc as pb_grpc
-from server.errors import RequestError, abort
+from server import caches as caches_lib
+from server.errors import FailedPrecondition, InvalidArgument, RequestError, abort
 from server.runtime import Runtime
-from server.validation import render_prompt, validate_generate
+from server.validation import GenerationRequest, conversation, render_prompt, validate_generate
 
 _FINISH = {name: pb.GenerateResponse.FinishReason.Value(name)
            for name in ("STOP", "MAX_TOKENS", "STOP_SEQUENCE", "CANCELLED")}
 
 
+def _rpc(handler):
+    """Maps RequestError to its status and records each call's status code (unary or stream)."""
+    name = handler.__name__
+
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def stream(self, request, context):
+            code = "OK"
+            try:
+                async for response in handler(self, request, context):
+                    yield response
+            except RequestError as error:
+                code = error.code.name
+                await abort(context, error)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                self._rt.metrics.observe_rpc(name, code)
+        return stream
+
+    @functools.wraps(handler)
+    async def unary(self, request, context):
+        code = "OK"
+        try:
+            return await handler(self, request, context)
+        except RequestError as error:
+            code = error.code.name
+            await abort(context, error)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self._rt.metrics.observe_rpc(name, code)
+    return unary
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, runtime: Runtime):
         self._rt = runtime
+        self.caches = caches_lib.CacheRegistry(unpin=self._unpin)
 
+    def _unpin(self, name: str):
+        def unpin(kv):
+            try:
+                kv.unpin(name)
+            except KeyError:  # never pinned (creation cancelled before its pages were computed)
+                pass
+        return self._rt.engine_loop.call(unpin)
+
+    async def _cache(self, request) -> caches_lib.CacheEntry | None:
+        return await self.caches.get(request.cached_content) if request.cached_content else None
+
+    @_rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         received = time.monotonic()
-        try:
-            # Tokenising a long prompt is CPU work: keep it off the event loop.
-            work = await asyncio.to_thread(validate_generate, request, self._rt.tokenizer,
-                                           self._rt.limits)
-            stream = self._rt.engine_loop.submit(work, received)
-        except RequestError as error:
-            await abort(context, error)
-            return
+        # Tokenising a long prompt is CPU work: keep it off the event loop.
+        cache = await self._cache(request)
+        work = await asyncio.to_thread(validate_generate, request, self._rt.tokenizer,
+                                       self._rt.limits, cache)
+        stream = self._rt.engine_loop.submit(work, received)
         ttft = None
         try:
             async for event in stream:
                 if event.error is not None:
-                    await abort(context, event.error)
+                    raise event.error
                 if event.first_token_time is not None:
                     ttft = event.first_token_time - received
                 final = event.finish_reason is not None
@@ -50,21 +106,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     response.usage_metadata.CopyFrom(pb.UsageMetadata(
                         prompt_token_count=event.prompt_tokens,
                         candidates_token_count=event.generated_tokens,
-                        cached_content_token_count=0,
+                        cached_content_token_count=event.cached_tokens,
                         total_token_count=event.prompt_tokens + event.generated_tokens))
                 yield response
         finally:
             # Client cancel, disconnect, deadline and shutdown all land here: free the slot now.
             stream.cancel()
 
+    @_rpc
     async def CountTokens(self, request: pb.CountTokensRequest, context):
-        try:
-            ids = await asyncio.to_thread(render_prompt, request, self._rt.tokenizer)
-        except RequestError as error:
-            await abort(context, error)
-            return
-        return pb.CountTokensResponse(total_tokens=len(ids))
+        cache = await self._cache(request)
+        ids = await asyncio.to_thread(render_prompt, request, self._rt.tokenizer, cache)
+        return pb.CountTokensResponse(
+            total_tokens=len(ids),
+            cached_content_token_count=len(cache.token_ids) if cache else 0)
 
+
+    @_rpc
     async def GetModelInfo(self, request, context):
         rt = self._rt
         return pb.ModelInfo(
@@ -77,8 +135,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             dtype=rt.config.dtype,
         )
 
+    @_rpc
     async def GetStats(self, request, context):
         stats = self._rt.engine_loop.stats()
+        kv = stats.kv
         return pb.ServerStats(
             running_requests=stats.running,
             waiting_requests=stats.waiting,
@@ -86,4 +146,76 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             prompt_tokens_total=stats.prompt_tokens,
             generated_tokens_total=stats.generated_tokens,
             finished_requests=dict(stats.finished),
+            kv_pages_total=kv.total - 1,
+            kv_pages_used=kv.used,
+            kv_pages_cached=kv.cached,
+            kv_pages_pinned=kv.pinned,
+            kv_page_tokens=kv.block_size,
+            prefix_cache_hit_rate=kv.hit_rate,
+            cached_prompt_tokens_total=stats.cached_prompt_tokens,
+            preemptions_total=stats.preemptions,
         )
+
+    # ---- named caches -------------------------------------------------------------------------
+
+    @_rpc
+    async def CreateCache(self, request: pb.CreateCacheRequest, context):
+        rt = self._rt
+        if not rt.prefix_caching:
+            raise FailedPrecondition("named caches need prefix caching, which this server "
+                                     "runs without (--no-prefix-caching)")
+        turns, system = conversation(request)
+        try:
+            ids = await asyncio.to_thread(prompt_lib.render_prefix, turns, system,
+                                          rt.tokenizer)
+        except ValueError as error:
+            raise FailedPrecondition(f"named caches: {error}") from None
+        if len(ids) >= rt.limits.context_length:
+            raise InvalidArgument(
+                f"contents: {len(ids)} tokens; the model's context is "
+                f"{rt.limits.context_length} tokens, leaving no room for a question")
+        expire_time = caches_lib.expiry(
+            request.ttl if request.HasField("ttl") else None,
+            request.expire_time if request.HasField("expire_time") else None)
+        name = caches_lib.new_name()
+        work = GenerationRequest(request_id=name, prompt_ids=tuple(ids),
+                                 params=SamplingParams(temperature=0.0), max_new_tokens=1,
+                                 stop_sequences=(), pin_as=name)
+        stream = rt.engine_loop.submit(work, time.monotonic())
+        entry = None
+        try:
+            async for event in stream:
+                if event.error is not None:
+                    raise event.error
+                if event.finish_reason is not None:
+                    # No await between the pin and this: a cancel cannot strand the pages.
+                    entry = caches_lib.CacheRegistry.entry(
+                        name, request.display_name, turns, system, ids, event.pinned_tokens,
+                        expire_time)
+                    self.caches.add(entry)
+        finally:
+            if entry is None:
+                stream.cancel()
+                self._unpin(name)  # in case the pages were pinned as the call went away
+        return entry.to_proto()
+
+    @_rpc
+    async def GetCache(self, request: pb.GetCacheRequest, context):
+        return (await self.caches.get(request.name)).to_proto()
+
+    @_rpc
+    async def ListCaches(self, request, context):
+        return pb.ListCachesResponse(cached_contents=[e.to_proto() for e in self.caches.list()])
+
+    @_rpc
+    async def UpdateCache(self, request: pb.UpdateCacheRequest, context):
+        entry = await self.caches.get(request.name)
+        self.caches.touch(entry, caches_lib.expiry(
+            request.ttl if request.HasField("ttl") else None,
+            request.expire_time if request.HasField("expire_time") else None, default=None))
+        return entry.to_proto()
+
+    @_rpc
+    async def DeleteCache(self, request: pb.DeleteCacheRequest, context):
+        await self.caches.delete(request.name)
+        return pb.DeleteCacheResponse()

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import secrets
 import uuid
+from typing import Protocol
 
 from model.sampling import SamplingParams
 from preprocess import prompt as prompt_lib
@@ -31,6 +32,15 @@ class Limits:
     default_max_output_tokens: int  # used when the request leaves max_output_tokens unset
 
 
+class CachedPrefix(Protocol):
+    """What a named cache contributes to a prompt (see server/caches.py)."""
+
+    name: str
+    turns: tuple[tuple[str, str], ...]
+    system: str | None
+    token_ids: tuple[int, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     """A validated Generate call, as the engine loop sees it."""
@@ -40,6 +50,7 @@ class GenerationRequest:
     params: SamplingParams
     max_new_tokens: int
     stop_sequences: tuple[str, ...]
+    pin_as: str | None = None  # compute the prompt only and pin its pages as this named cache
 
 
 def _contents(contents, field: str) -> list[tuple[str, str]]:
@@ -73,12 +84,28 @@ def _system(request) -> str | None:
     return turns[0][1]
 
 
-def render_prompt(request, tokenizer: Tokenizer) -> list[int]:
-    """The prompt token ids of a Generate or CountTokens request (chat template applied)."""
+def conversation(request) -> tuple[list[tuple[str, str]], str | None]:
+    """The (role, text) turns and system instruction of a request, checked."""
     if not request.contents:
         raise InvalidArgument("contents: empty; a request needs at least one Content")
-    turns = _contents(request.contents, "contents")
-    return prompt_lib.render(turns, _system(request), tokenizer)
+    return _contents(request.contents, "contents"), _system(request)
+
+
+def render_prompt(request, tokenizer: Tokenizer, cache: CachedPrefix | None = None) -> list[int]:
+    """The prompt token ids of a Generate or CountTokens request (chat template applied).
+
+    With a named cache, its turns and system instruction come first.
+    """
+    turns, system = conversation(request)
+    if cache is not None:
+        if system is not None:
+            raise InvalidArgument(
+                "system_instruction: not allowed with cached_content (the cache holds its own)")
+        turns, system = [*cache.turns, *turns], cache.system
+    ids = prompt_lib.render(turns, system, tokenizer)
+    if cache is not None and tuple(ids[:len(cache.token_ids)]) != cache.token_ids:
+        raise InvalidArgument(f"cached_content: {cache.name} is not a prefix of this prompt")
+    return ids
 
 
 def _seed(config: pb.GenerationConfig) -> int:
@@ -117,8 +144,8 @@ def _stop_sequences(config: pb.GenerationConfig) -> tuple[str, ...]:
     return stops
 
 
-def validate_generate(request: pb.GenerateRequest, tokenizer: Tokenizer,
-                      limits: Limits) -> GenerationRequest:
+def validate_generate(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limits,
+                      cache: CachedPrefix | None = None) -> GenerationRequest:
     """Validates and tokenises a Generate call; raises InvalidArgument naming the field."""
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument(
@@ -129,7 +156,7 @@ def validate_generate(request: pb.GenerateRequest, tokenizer: Tokenizer,
     if config.HasField("max_output_tokens") and config.max_output_tokens <= 0:
         raise InvalidArgument(
             f"generation_config.max_output_tokens: {config.max_output_tokens}; must be at least 1")
-    prompt_ids = render_prompt(request, tokenizer)
+    prompt_ids = render_prompt(request, tokenizer, cache)
     room = limits.context_length - len(prompt_ids)
     if room < 1:
         raise InvalidArgument(

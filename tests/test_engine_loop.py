@@ -6,11 +6,12 @@ import time
 import pytest
 
 from _model_helpers import tiny_config, tiny_model
-from model.engine import Engine
+from model.paged_engine import PagedEngine
 from model.sampling import SamplingParams
 from preprocess.tokenizer import Tokenizer
 from server.engine_loop import EngineLoop
 from server.errors import EngineFailure, ResourceExhausted, Unavailable
+from server.kv_manager import KVCacheManager
 from server.validation import GenerationRequest
 
 
@@ -20,16 +21,23 @@ def work(i, max_new=6):
                              stop_sequences=())
 
 
-class FailingEngine(Engine):
+class FailingEngine(PagedEngine):
     """A real engine whose device 'fails' on the nth decode step."""
 
     fail_at = 3
 
-    def decode(self):
+    def decode(self, *args):
         self.decodes = getattr(self, "decodes", 0) + 1
         if self.decodes >= self.fail_at:
             raise RuntimeError("device lost")
-        return super().decode()
+        return super().decode(*args)
+
+
+def make_loop(config, net, *, slots, engine_cls=PagedEngine, pages=32, **kwargs):
+    engine = engine_cls(config, net, max_slots=slots, num_pages=pages, page_len=4, max_len=32,
+                        prefill_chunk=16)
+    return EngineLoop(engine, KVCacheManager(pages, 4), Tokenizer.default(), frozenset(),
+                      max_slots=slots, token_budget=16 + slots, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +54,7 @@ def test_requests_finish_and_slots_come_back(model):
     config, net = model
 
     async def main():
-        loop = EngineLoop(Engine(config, net, max_slots=2, max_len=32, prefill_chunk=16),
-                          Tokenizer.default(), frozenset(), max_slots=2)
+        loop = make_loop(config, net, slots=2)
         loop.start()
         streams = [loop.submit(work(i), time.monotonic()) for i in range(5)]
         results = await asyncio.gather(*(collect(s) for s in streams))
@@ -69,8 +76,7 @@ def test_full_queue_is_resource_exhausted(model):
 
     async def main():
         # The thread is not started, so nothing leaves the queue.
-        loop = EngineLoop(Engine(config, net, max_slots=1, max_len=32, prefill_chunk=16),
-                          Tokenizer.default(), frozenset(), max_slots=1, max_waiting=2)
+        loop = make_loop(config, net, slots=1, max_waiting=2)
         loop.submit(work(0), time.monotonic())
         loop.submit(work(1), time.monotonic())
         with pytest.raises(ResourceExhausted, match="limit 2"):
@@ -84,9 +90,8 @@ def test_engine_failure_fails_every_request_and_stops_serving(model):
     failures = []
 
     async def main():
-        engine = FailingEngine(config, net, max_slots=2, max_len=32, prefill_chunk=16)
-        loop = EngineLoop(engine, Tokenizer.default(), frozenset(), max_slots=2,
-                          on_failure=failures.append)
+        loop = make_loop(config, net, slots=2, engine_cls=FailingEngine,
+                         on_failure=failures.append)
         loop.start()
         streams = [loop.submit(work(i, max_new=20), time.monotonic()) for i in range(3)]
         results = await asyncio.gather(*(collect(s) for s in streams))

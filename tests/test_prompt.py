@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from preprocess.prompt import render, stop_token_ids
+from preprocess.prompt import render, render_prefix, stop_token_ids
 from preprocess.tokenizer import Tokenizer
 
 BOS, START, END = 1, 4, 5  # <s>, <start_of_turn>, <end_of_turn> in ringserve.model
@@ -89,3 +89,13 @@ def test_fallback_without_turn_pieces(llama):
 def test_stop_token_ids(tok, llama):
     assert stop_token_ids(tok) == {2, END}
     assert stop_token_ids(llama) == {2}
+
+
+def test_render_prefix_is_a_prefix_of_every_continuation():
+    tokenizer = Tokenizer.default()
+    cached = [("user", "A long document."), ("model", "Noted.")]
+    prefix = render_prefix(cached, "Be terse.", tokenizer)
+    for more in ([("user", "Question?")], [("user", "Q1"), ("model", "A1"), ("user", "Q2")],
+                 [("model", "Continue")]):
+        full = render(cached + more, "Be terse.", tokenizer)
+        assert full[:len(prefix)] == prefix and len(full) > len(prefix)

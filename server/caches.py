@@ -1,0 +1,132 @@
+"""Named context caches (Gemini's cachedContents): names, expiry and the pages they pin.
+
+A cache is created by running its contents through the engine as a prompt-only request whose full
+KV pages are then pinned (server/engine_loop.py, `pin_as`); requests naming the cache render its
+turns first, so the ordinary prefix lookup finds the pinned pages. This module keeps the registry
+(event-loop side) and turns deletion and expiry into unpins on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import uuid
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from ringserve.v1 import inference_pb2 as pb
+from server.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = datetime.timedelta(hours=1)  # Gemini's default
+NAME_PREFIX = "cachedContents/"
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+@dataclasses.dataclass
+class CacheEntry:
+    name: str
+    display_name: str
+    turns: tuple[tuple[str, str], ...]
+    system: str | None
+    token_ids: tuple[int, ...]
+    pinned_tokens: int
+    create_time: datetime.datetime
+    update_time: datetime.datetime
+    expire_time: datetime.datetime
+
+    def to_proto(self) -> pb.CachedContent:
+        message = pb.CachedContent(name=self.name, display_name=self.display_name,
+                                   total_token_count=len(self.token_ids),
+                                   pinned_token_count=self.pinned_tokens)
+        message.create_time.FromDatetime(self.create_time)
+        message.update_time.FromDatetime(self.update_time)
+        message.expire_time.FromDatetime(self.expire_time)
+        return message
+
+
+def new_name() -> str:
+    return NAME_PREFIX + uuid.uuid4().hex[:16]
+
+
+def expiry(ttl: duration_pb2.Duration | None, expire_time: timestamp_pb2.Timestamp | None,
+           default: datetime.timedelta | None = DEFAULT_TTL) -> datetime.datetime:
+    """The expiry a Create/UpdateCache asks for (expire_time wins over ttl)."""
+    now = _now()
+    if expire_time is not None:
+        when = expire_time.ToDatetime(datetime.timezone.utc)
+        if when <= now:
+            raise InvalidArgument(f"expire_time: {when.isoformat()} is not in the future")
+        return when
+    if ttl is not None:
+        delta = ttl.ToTimedelta()
+        if delta <= datetime.timedelta(0):
+            raise InvalidArgument(f"ttl: {delta.total_seconds()}s; must be positive")
+        return now + delta
+    if default is None:
+        raise InvalidArgument("ttl or expire_time: set one to change the expiry")
+    return now + default
+
+
+class CacheRegistry:
+    """Live caches by name. Event-loop side only; unpinning goes through `unpin`."""
+
+    def __init__(self, unpin):
+        self._entries: dict[str, CacheEntry] = {}
+        self._unpin = unpin  # async (name) -> None, runs on the engine thread
+
+    def add(self, entry: CacheEntry) -> None:
+        self._entries[entry.name] = entry
+
+    async def get(self, name: str) -> CacheEntry:
+        """The live cache called `name`; NOT_FOUND if unknown or expired (then freed now)."""
+        entry = self._entries.get(name)
+        if entry is not None and entry.expire_time <= _now():
+            await self.delete(name)
+            entry = None
+        if entry is None:
+            raise NotFound(f"cached_content: no live cache named {name!r} (never created, "
+                           "deleted, or expired)")
+        return entry
+
+    def list(self) -> list[CacheEntry]:
+        now = _now()
+        return sorted((e for e in self._entries.values() if e.expire_time > now),
+                      key=lambda e: e.create_time)
+
+    async def delete(self, name: str) -> None:
+        if self._entries.pop(name, None) is None:
+            raise NotFound(f"name: no live cache named {name!r}")
+        await self._unpin(name)
+
+    async def expire(self) -> int:
+        """Frees every cache past its expiry; returns how many."""
+        now = _now()
+        expired = [name for name, e in self._entries.items() if e.expire_time <= now]
+        for name in expired:
+            await self.delete(name)
+            log.info("cache %s expired; its pages are free", name)
+        return len(expired)
+
+    async def expire_forever(self, period: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(period)
+            await self.expire()
+
+    def touch(self, entry: CacheEntry, expire_time: datetime.datetime) -> None:
+        entry.expire_time = expire_time
+        entry.update_time = _now()
+
+    @staticmethod
+    def entry(name: str, display_name: str, turns, system, token_ids, pinned_tokens,
+              expire_time: datetime.datetime) -> CacheEntry:
+        now = _now()
+        return CacheEntry(name=name, display_name=display_name, turns=tuple(turns), system=system,
+                          token_ids=tuple(token_ids), pinned_tokens=pinned_tokens,
+                          create_time=now, update_time=now, expire_time=expire_time)

@@ -1,0 +1,130 @@
+"""PagedEngine against plain full forward passes (no cache at all) on a tiny model."""
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from _model_helpers import tiny_config, tiny_model
+from model.paged_engine import PagedEngine
+
+G = 4  # page length
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = tiny_config(max_context=64)
+    return config, tiny_model(config, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """Greedy continuation by full forward passes: independent of any cache or engine."""
+    config, net = model
+    graphdef, state = nnx.split(net)
+    width = config.max_context  # fixed width: causal attention hides the padding after the ids
+
+    @jax.jit
+    def next_token(ids, n):
+        logits, _ = nnx.merge(graphdef, state)(ids, jnp.arange(width)[None], None)
+        return jnp.argmax(logits[0, n - 1])
+
+    def run(prompt, n):
+        ids = list(prompt)
+        for _ in range(n):
+            ids.append(int(next_token(jnp.array([ids + [0] * (width - len(ids))]), len(ids))))
+        return ids[len(prompt):]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    config, net = model
+    return PagedEngine(config, net, max_slots=4, num_pages=60, page_len=G, prefill_chunk=32)
+
+
+class Pages:
+    """Hands out page ids in a shuffled order, so tables are never contiguous."""
+
+    def __init__(self, num_pages, seed=0):
+        self.free = list(range(1, num_pages))
+        random.Random(seed).shuffle(self.free)
+
+    def table_for(self, table, length):
+        while len(table) * G < length:
+            table.append(self.free.pop())
+        return table
+
+
+def generate(engine, pages, slot, prompt, n, chunk, table=None, start=0):
+    table = table if table is not None else []
+    token = None
+    for s in range(start, len(prompt), chunk):
+        piece = prompt[s:s + chunk]
+        pages.table_for(table, s + len(piece))
+        token = engine.prefill(slot, piece, s, table)
+    out, pos = [token], len(prompt)
+    while len(out) < n:
+        pages.table_for(table, pos + 1)
+        out.append(engine.decode([slot], [out[-1]], [pos], [table])[0])
+        pos += 1
+    return out, table
+
+
+@pytest.mark.parametrize("length", [1, 3, 4, 9, 23])
+def test_greedy_equals_full_forward(model, engine, reference, length):
+    config, _ = model
+    prompt = [(7 * i + 3) % config.vocab_size for i in range(length)]
+    out, _ = generate(engine, Pages(60), 0, prompt, 10, chunk=8)  # chunks of 8: 23 takes three
+    assert out == reference(prompt, 10)
+
+
+def test_batched_decode_equals_solo(model, engine, reference):
+    config, _ = model
+    pages = Pages(60, seed=1)
+    prompts = [[(5 * i + k) % config.vocab_size for i in range(n)] for k, n in
+               enumerate((2, 11, 17))]
+    tables, last, pos = [], [], []
+    for slot, prompt in enumerate(prompts):
+        table = pages.table_for([], len(prompt))
+        last.append([engine.prefill(slot, prompt, 0, table)])
+        tables.append(table)
+        pos.append(len(prompt))
+    for _ in range(8):
+        for i in range(3):
+            pages.table_for(tables[i], pos[i] + 1)
+        tokens = engine.decode([0, 1, 2], [t[-1] for t in last], pos, tables)
+        for i, t in enumerate(tokens):
+            last[i].append(t)
+            pos[i] += 1
+    for prompt, out in zip(prompts, last):
+        assert out == reference(prompt, 9)
+
+
+def test_shared_prefix_pages_give_the_same_tokens(model, engine, reference):
+    config, _ = model
+    pages = Pages(60, seed=2)
+    shared = [(3 * i + 1) % config.vocab_size for i in range(12)]  # 3 full pages
+    _, table_a = generate(engine, pages, 0, shared + [5, 6], 4, chunk=16)
+    # B reuses A's three full pages and computes only from position 12 on.
+    prompt_b = shared + [9, 9, 9]
+    out_b, _ = generate(engine, pages, 1, prompt_b, 6, chunk=16, table=table_a[:3], start=12)
+    assert out_b == reference(prompt_b, 6)
+
+
+def test_no_compilation_after_warmup(model):
+    config, net = model
+    engine = PagedEngine(config, net, max_slots=3, num_pages=60, page_len=G, prefill_chunk=16)
+    engine.warmup()
+    compiled = engine.compile_count
+    assert compiled == len(engine.buckets) + len(engine.widths)
+    pages = Pages(60, seed=4)
+    rng = np.random.default_rng(0)
+    for slot, length in enumerate([1, 5, 16, 17, 30]):
+        prompt = rng.integers(0, config.vocab_size, length).tolist()
+        generate(engine, pages, slot % 3, prompt, 5, chunk=16)
+    assert engine.compile_count == compiled
