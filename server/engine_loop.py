@@ -147,6 +147,8 @@ class Stats:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     preemptions: int = 0
+    slots_allocated: int = 0  # token slots in pages held by running requests
+    slots_live: int = 0  # of those, slots holding computed tokens
     finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     kv: KVStats | None = None
     serving: bool = True
@@ -273,13 +275,15 @@ class EngineLoop:
         self._fail_all(None)
 
     def _run_calls(self) -> None:
+        ran = False
         while True:
             try:
                 self._calls.get_nowait()()
             except queue.Empty:
-                with self._lock:
-                    self._stats.kv = self._kv.stats()
+                if ran:  # a call may have unpinned pages
+                    self._refresh_stats()
                 return
+            ran = True
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -330,17 +334,26 @@ class EngineLoop:
                 [w.start for w in decodes], [w.block_table for w in decodes])
             sampled.update((w.request_id, t) for w, t in zip(decodes, tokens))
         self._scheduler.update(plan, sampled)
-        with self._lock:
-            self._stats.preemptions += len(plan.preempted)
-            self._stats.running = len(self._scheduler.running)
-            self._stats.kv = kv = self._kv.stats()
-            waiting = self._pending
         if plan.preempted:
+            with self._lock:
+                self._stats.preemptions += len(plan.preempted)
             self._metrics.observe_preemptions(len(plan.preempted))
-        self._metrics.set_snapshot(self._stats.running, waiting, kv.total - 1, kv.used, kv.cached,
-                                   kv.pinned)
+        self._refresh_stats()
         for request_id, token in sampled.items():
             self._on_token(self._active[request_id], token)
+
+    def _refresh_stats(self) -> None:
+        running = self._scheduler.running
+        pages = sum(len(self._kv.block_table(s.request_id)) for s in running)
+        kv = self._kv.stats()
+        with self._lock:
+            self._stats.running = len(running)
+            self._stats.slots_allocated = pages * self._kv.block_size
+            self._stats.slots_live = sum(s.num_computed for s in running)
+            self._stats.kv = kv
+            waiting = self._pending
+        self._metrics.set_snapshot(len(running), waiting, kv.total - 1, kv.used, kv.cached,
+                                   kv.pinned)
 
     def _on_admit(self, active: _Active) -> None:
         active.admitted = True
@@ -415,9 +428,8 @@ class EngineLoop:
         with self._lock:
             if not active.admitted:
                 self._pending -= 1
-            self._stats.running = len(self._scheduler.running)
             self._stats.finished[reason] += 1
-            self._stats.kv = self._kv.stats()
+        self._refresh_stats()
         self._metrics.observe_finish("ERROR" if error else reason,
                                      time.monotonic() - active.stream.received_at,
                                      len(active.seq.prompt_ids), active.generated)

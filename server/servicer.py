@@ -154,6 +154,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             prefix_cache_hit_rate=kv.hit_rate,
             cached_prompt_tokens_total=stats.cached_prompt_tokens,
             preemptions_total=stats.preemptions,
+            kv_token_slots_allocated=stats.slots_allocated,
+            kv_token_slots_live=stats.slots_live,
         )
 
     # ---- named caches -------------------------------------------------------------------------
