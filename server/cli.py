@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
                    help="token budget of one step (default: prefill chunk + max batch)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0,
                    help="memory of the KV page pool, allocated at start-up")
+    p.add_argument("--kv-cache-fraction", type=float,
+                   help="size the KV pool as this share of the free device memory (GPU/TPU), "
+                        "instead of --kv-cache-gib")
     p.add_argument("--page-len", type=int, default=16, help="tokens per KV page")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV of equal prompt prefixes")
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             max_slots=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
             default_max_output_tokens=args.default_max_output_tokens,
             prefill_chunk=args.prefill_chunk, token_budget=args.max_num_batched_tokens,
-            kv_cache_gib=args.kv_cache_gib, page_len=args.page_len,
+            kv_cache_gib=args.kv_cache_gib, kv_cache_fraction=args.kv_cache_fraction,
+            page_len=args.page_len,
             prefix_caching=not args.no_prefix_caching, warmup=not args.no_warmup)
         asyncio.run(app.serve(options, args.host, args.port, args.grace_period,
                               args.metrics_port))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+
+import jax
 import logging
 import pathlib
 import time
@@ -34,6 +36,7 @@ class RuntimeOptions:
     prefill_chunk: int = 512  # largest prefill step in tokens
     token_budget: int | None = None  # tokens per step; default: prefill_chunk + max_slots
     kv_cache_gib: float = 1.0  # the page pool, allocated once at start-up
+    kv_cache_fraction: float | None = None  # instead: this share of the device's free memory
     page_len: int = 16  # tokens per KV page
     prefix_caching: bool = True
     warmup: bool = True
@@ -76,6 +79,21 @@ def load_tokenizer(model_dir: pathlib.Path, override: str | None) -> Tokenizer:
     return Tokenizer(str(path))
 
 
+def kv_budget_bytes(options: RuntimeOptions) -> int:
+    """The page pool's size: a fixed budget, or a share of the free device memory after the
+    weights are loaded (accelerators report it; the CPU does not)."""
+    if options.kv_cache_fraction is None:
+        return int(options.kv_cache_gib * 2**30)
+    if not 0 < options.kv_cache_fraction < 1:
+        raise ValueError(f"--kv-cache-fraction {options.kv_cache_fraction}: use a value in (0, 1)")
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        raise ValueError(f"--kv-cache-fraction: {jax.devices()[0].platform} does not report its "
+                         "memory; give --kv-cache-gib instead")
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return int(free * options.kv_cache_fraction)
+
+
 def build(options: RuntimeOptions,
           on_failure: Callable[[BaseException], None] | None = None,
           metrics: Metrics | None = None) -> Runtime:
@@ -87,7 +105,7 @@ def build(options: RuntimeOptions,
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
                          f"is {config.vocab_size}: they do not belong together")
     max_len = min(options.max_len or config.max_context, config.max_context)
-    num_pages = pages_for_budget(config, options.page_len, int(options.kv_cache_gib * 2**30))
+    num_pages = pages_for_budget(config, options.page_len, kv_budget_bytes(options))
     engine = PagedEngine(config, model, max_slots=options.max_slots, num_pages=num_pages,
                          page_len=options.page_len, max_len=max_len,
                          prefill_chunk=options.prefill_chunk)
