@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-
-import jax
 import logging
 import pathlib
 import time
 from typing import Callable
+
+import jax
 
 from model import checkpoint, presets
 from model.config import ModelConfig
