@@ -22,11 +22,19 @@ from ringserve.errors import (
     Unimplemented,
     from_rpc_error,
 )
-from ringserve.types import Chunk, ModelInfo, Result, ServerStats, Usage
+from ringserve.types import (
+    CachedContent,
+    Chunk,
+    ModelInfo,
+    Result,
+    ServerStats,
+    TokenCount,
+    Usage,
+)
 
 __all__ = [
-    "AsyncClient", "Cancelled", "Chunk", "Client", "DeadlineExceeded", "FailedPrecondition",
-    "Internal", "InvalidArgument", "ModelInfo", "NotFound", "PermissionDenied",
-    "ResourceExhausted", "Result", "RingserveError", "ServerStats", "Unauthenticated",
-    "Unavailable", "Unimplemented", "Usage", "from_rpc_error",
+    "AsyncClient", "CachedContent", "Cancelled", "Chunk", "Client", "DeadlineExceeded",
+    "FailedPrecondition", "Internal", "InvalidArgument", "ModelInfo", "NotFound",
+    "PermissionDenied", "ResourceExhausted", "Result", "RingserveError", "ServerStats",
+    "TokenCount", "Unauthenticated", "Unavailable", "Unimplemented", "Usage", "from_rpc_error",
 ]

@@ -1,4 +1,5 @@
-"""The `ringserve` command: chat, generate, count-tokens, info, and serve (with the server package).
+"""The `ringserve` command: chat, generate, count-tokens, info, cache, and serve (with the server
+package).
 
 Each subcommand is one `Command` in `COMMANDS`: a help line, a function that adds its flags and a
 function that runs it and returns the exit status. Add a subcommand by adding an entry.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -52,6 +54,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", dest="stop_sequences", metavar="TEXT",
                         help="stop before this text (repeatable)")
+    parser.add_argument("--cached-content", metavar="NAME",
+                        help="a named cache (`ringserve cache create`) to put before the prompt")
     parser.add_argument("--stats", action="store_true",
                         help="print finish reason, token counts and timing to stderr")
 
@@ -62,7 +66,7 @@ def _generate(args: argparse.Namespace) -> int:
         stream = client.generate(
             prompt, system_instruction=args.system, max_output_tokens=args.max_output_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            stop_sequences=args.stop_sequences)
+            stop_sequences=args.stop_sequences, cached_content=args.cached_content)
         builder = types.ResultBuilder()
         try:
             for chunk in stream:
@@ -84,11 +88,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _add_count_tokens_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="the user turn ('-' or missing: read stdin)")
     parser.add_argument("--system", help="system instruction")
+    parser.add_argument("--cached-content", metavar="NAME",
+                        help="count with this named cache first (its tokens included)")
 
 
 def _count_tokens(args: argparse.Namespace) -> int:
     with Client(args.target, timeout=args.timeout) as client:
-        print(client.count_tokens(_prompt(args.prompt), system_instruction=args.system))
+        print(client.count_tokens(_prompt(args.prompt), system_instruction=args.system,
+                                  cached_content=args.cached_content))
     return 0
 
 
@@ -107,6 +114,112 @@ def _info(args: argparse.Namespace) -> int:
             if isinstance(value, list):
                 value = ", ".join(value)
             print(f"{key}: {value}")
+    return 0
+
+
+# ---- cache: named context caches -------------------------------------------------------------
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl(text: str) -> float:
+    """Seconds, optionally with a unit: 90, 1.5, 30s, 10m, 2h, 1d."""
+    unit = _TTL_UNITS.get(text[-1:].lower())
+    try:
+        seconds = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give seconds, or a number with s, m, h or d") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive and finite")
+    return seconds
+
+
+def _cache_dict(cache: types.CachedContent) -> dict:
+    out = dataclasses.asdict(cache)
+    for key in ("create_time", "update_time", "expire_time"):
+        if out[key] is not None:
+            out[key] = out[key].isoformat()
+    return out
+
+
+def _print_cache(cache: types.CachedContent, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_cache_dict(cache)))
+    else:
+        for key, value in _cache_dict(cache).items():
+            print(f"{key}: {value}")
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    # --target / --timeout also after the action (`cache list --target ...`); SUPPRESS keeps a
+    # value given before the action.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=argparse.SUPPRESS,
+                        help="server HOST:PORT (default: $RINGSERVE_TARGET or 127.0.0.1:50051)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                        help="deadline per call, in seconds")
+    actions = parser.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+
+    create = actions.add_parser("create", parents=[common], help="cache a text (one user turn)",
+                                description="Compute a text's KV once and pin it under a name; "
+                                "prints the name and token counts.")
+    source = create.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", metavar="PATH", help="the text to cache ('-': stdin)")
+    source.add_argument("--text", help="the text to cache")
+    create.add_argument("--system", help="system instruction, cached with the text")
+    create.add_argument("--ttl", type=_ttl, metavar="SECONDS",
+                        help="time to live: seconds, or 10m, 2h, 1d (server default: 1 h)")
+    create.add_argument("--display-name", default="")
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+
+    listing = actions.add_parser("list", parents=[common], help="list the live caches")
+    listing.add_argument("--json", action="store_true", help="print one JSON list")
+
+    get = actions.add_parser("get", parents=[common], help="describe one cache")
+    get.add_argument("name")
+    get.add_argument("--json", action="store_true", help="print one JSON object")
+
+    update = actions.add_parser("update", parents=[common], help="change a cache's expiry")
+    update.add_argument("name")
+    update.add_argument("--ttl", type=_ttl, metavar="SECONDS", required=True,
+                        help="new time to live from now: seconds, or 10m, 2h, 1d")
+    update.add_argument("--json", action="store_true", help="print one JSON object")
+
+    delete = actions.add_parser("delete", parents=[common], help="delete a cache, freeing it")
+    delete.add_argument("name")
+
+
+def _cache(args: argparse.Namespace) -> int:
+    with Client(args.target, timeout=args.timeout) as client:
+        if args.cache_command == "create":
+            if args.file is not None:
+                if args.file == "-":
+                    text = sys.stdin.read()
+                else:
+                    with open(args.file, encoding="utf-8") as f:
+                        text = f.read()
+            else:
+                text = args.text
+            cache = client.create_cache(text, system_instruction=args.system, ttl=args.ttl,
+                                        display_name=args.display_name)
+            _print_cache(cache, args.json)
+        elif args.cache_command == "list":
+            caches = client.list_caches()
+            if args.json:
+                print(json.dumps([_cache_dict(c) for c in caches]))
+            else:
+                for c in caches:
+                    expires = c.expire_time.isoformat() if c.expire_time else "-"
+                    print(f"{c.name}\t{c.total_token_count} tokens\t"
+                          f"{c.pinned_token_count} pinned\texpires {expires}\t{c.display_name}")
+        elif args.cache_command == "get":
+            _print_cache(client.get_cache(args.name), args.json)
+        elif args.cache_command == "update":
+            _print_cache(client.update_cache(args.name, ttl=args.ttl), args.json)
+        elif args.cache_command == "delete":
+            client.delete_cache(args.name)
+            print(f"deleted {args.name}")
     return 0
 
 
@@ -131,6 +244,8 @@ COMMANDS: dict[str, Command] = {
     "count-tokens": Command("count a prompt's tokens (chat template included)", _count_tokens,
                             _add_count_tokens_arguments),
     "info": Command("describe the served model and its health", _info, _add_info_arguments),
+    "cache": Command("named context caches: create, list, get, update, delete", _cache,
+                     _add_cache_arguments),
     "serve": Command("run the server (needs the server package; see `ringserve serve --help`)",
                      _serve, passthrough=True, remote=False),
 }
@@ -160,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command].run(args)
     except RingserveError as e:
         print(f"ringserve {args.command}: {e.code.name}: {e.details}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. `cache create --file` naming a missing file
+        print(f"ringserve {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

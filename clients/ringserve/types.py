@@ -7,8 +7,11 @@ functions here, so the two stay identical in what they accept and return.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
+
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from ringserve.v1 import inference_pb2 as pb
 
@@ -72,7 +75,10 @@ class ModelInfo:
 
 @dataclasses.dataclass(frozen=True)
 class ServerStats:
-    """Live counters of the serving engine (GetStats)."""
+    """Live counters of the serving engine (GetStats).
+
+    The KV fields describe the paged KV cache; an older server that lacks them reports 0.
+    """
 
     running_requests: int  # holding a decode slot
     waiting_requests: int  # accepted, not yet holding a slot
@@ -80,6 +86,48 @@ class ServerStats:
     prompt_tokens_total: int
     generated_tokens_total: int
     finished_requests: dict[str, int]  # by finish reason name, since the server started
+    kv_pages_total: int = 0  # pages in the pool (the null page excluded)
+    kv_pages_used: int = 0  # held by requests or pinned by named caches
+    kv_pages_cached: int = 0  # holding reusable prefix content (free or not)
+    kv_pages_pinned: int = 0  # pinned by named caches
+    kv_page_tokens: int = 0  # tokens per page
+    prefix_cache_hit_rate: float = 0.0  # share of looked-up prompt tokens found cached
+    cached_prompt_tokens_total: int = 0  # prompt tokens served from the prefix cache
+    preemptions_total: int = 0  # running requests sent back to wait because pages ran out
+    kv_token_slots_allocated: int = 0  # token slots in the pages running requests hold
+    kv_token_slots_live: int = 0  # of those, slots holding a computed token
+
+    @property
+    def kv_paging_waste(self) -> float:
+        """Share of allocated KV token slots not (yet) holding a token: 1 - live / allocated."""
+        if not self.kv_token_slots_allocated:
+            return 0.0
+        return 1.0 - self.kv_token_slots_live / self.kv_token_slots_allocated
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedContent:
+    """A named context cache (CreateCache, GetCache, ...). Times are aware UTC datetimes.
+
+    Pass it (or its `name`) as `cached_content=` to `generate`, `generate_text` or
+    `count_tokens`: its contents and system instruction come first, then the request's contents.
+    """
+
+    name: str  # "cachedContents/{id}", chosen by the server
+    display_name: str
+    create_time: datetime.datetime | None
+    update_time: datetime.datetime | None
+    expire_time: datetime.datetime | None
+    total_token_count: int  # tokens of the cached prefix (chat template included)
+    pinned_token_count: int  # of those, tokens held in pinned KV pages (whole pages)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCount:
+    """CountTokens in full (`count_tokens_detail`)."""
+
+    total_tokens: int  # prompt tokens, chat template included
+    cached_content_token_count: int  # of total_tokens, those the named cache holds
 
 
 # ---- requests ----------------------------------------------------------------------------------
@@ -154,6 +202,7 @@ def generate_request(
     seed: int | None = None,
     stop_sequences: Sequence[str] | None = None,
     request_id: str | None = None,
+    cached_content: str | CachedContent | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; options left as None stay unset so the server applies its defaults."""
     if isinstance(stop_sequences, str):
@@ -163,13 +212,96 @@ def generate_request(
         seed=seed, stop_sequences=stop_sequences or [])
     return pb.GenerateRequest(
         request_id=request_id or "", contents=to_contents(contents),
-        system_instruction=_system_content(system_instruction), generation_config=config)
+        system_instruction=_system_content(system_instruction), generation_config=config,
+        cached_content=cache_name(cached_content))
 
 
 def count_tokens_request(contents: Contents,
-                         system_instruction: str | Turn | None = None) -> pb.CountTokensRequest:
+                         system_instruction: str | Turn | None = None,
+                         cached_content: str | CachedContent | None = None,
+                         ) -> pb.CountTokensRequest:
     return pb.CountTokensRequest(contents=to_contents(contents),
-                                 system_instruction=_system_content(system_instruction))
+                                 system_instruction=_system_content(system_instruction),
+                                 cached_content=cache_name(cached_content))
+
+
+# ---- named caches ------------------------------------------------------------------------------
+
+Ttl = Union[float, int, datetime.timedelta]
+
+
+def cache_name(cached_content: str | CachedContent | None) -> str:
+    """The name to send for `cached_content=`: a name string, a `CachedContent`, or None ("")."""
+    if cached_content is None:
+        return ""
+    if isinstance(cached_content, CachedContent):
+        return cached_content.name
+    if isinstance(cached_content, str):
+        return cached_content
+    raise TypeError(f"cached_content must be a cache name or a CachedContent, "
+                    f"not {type(cached_content).__name__}")
+
+
+def _duration(ttl: Ttl) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    if isinstance(ttl, datetime.timedelta):
+        message.FromTimedelta(ttl)
+    elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+        message.FromNanoseconds(round(ttl * 1e9))
+    else:
+        raise TypeError(f"ttl must be seconds (a number) or a datetime.timedelta, "
+                        f"not {type(ttl).__name__}")
+    return message
+
+
+def _timestamp(when: datetime.datetime) -> timestamp_pb2.Timestamp:
+    if not isinstance(when, datetime.datetime):
+        raise TypeError(f"expire_time must be a datetime.datetime, not {type(when).__name__}")
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError("expire_time must be timezone-aware "
+                         "(e.g. datetime.datetime.now(datetime.timezone.utc) + ...)")
+    message = timestamp_pb2.Timestamp()
+    message.FromDatetime(when.astimezone(datetime.timezone.utc))
+    return message
+
+
+def create_cache_request(contents: Contents, *, system_instruction: str | Turn | None = None,
+                         ttl: Ttl | None = None, expire_time: datetime.datetime | None = None,
+                         display_name: str = "") -> pb.CreateCacheRequest:
+    """A CreateCacheRequest; with neither ttl nor expire_time the server's default (1 h) holds."""
+    return pb.CreateCacheRequest(
+        contents=to_contents(contents), system_instruction=_system_content(system_instruction),
+        ttl=None if ttl is None else _duration(ttl),
+        expire_time=None if expire_time is None else _timestamp(expire_time),
+        display_name=display_name or "")
+
+
+def update_cache_request(name: str | CachedContent, *, ttl: Ttl | None = None,
+                         expire_time: datetime.datetime | None = None) -> pb.UpdateCacheRequest:
+    return pb.UpdateCacheRequest(
+        name=cache_name(name), ttl=None if ttl is None else _duration(ttl),
+        expire_time=None if expire_time is None else _timestamp(expire_time))
+
+
+def _datetime(message, field: str) -> datetime.datetime | None:
+    if not message.HasField(field):
+        return None
+    return getattr(message, field).ToDatetime(tzinfo=datetime.timezone.utc)
+
+
+def to_cached_content(message: pb.CachedContent) -> CachedContent:
+    return CachedContent(
+        name=message.name, display_name=message.display_name,
+        create_time=_datetime(message, "create_time"),
+        update_time=_datetime(message, "update_time"),
+        expire_time=_datetime(message, "expire_time"),
+        total_token_count=message.total_token_count,
+        pinned_token_count=message.pinned_token_count)
+
+
+def to_token_count(response: pb.CountTokensResponse) -> TokenCount:
+    return TokenCount(total_tokens=response.total_tokens,
+                      cached_content_token_count=response.cached_content_token_count)
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -227,7 +359,14 @@ def to_server_stats(stats: pb.ServerStats) -> ServerStats:
         running_requests=stats.running_requests, waiting_requests=stats.waiting_requests,
         decode_slots=stats.decode_slots, prompt_tokens_total=stats.prompt_tokens_total,
         generated_tokens_total=stats.generated_tokens_total,
-        finished_requests=dict(stats.finished_requests))
+        finished_requests=dict(stats.finished_requests),
+        kv_pages_total=stats.kv_pages_total, kv_pages_used=stats.kv_pages_used,
+        kv_pages_cached=stats.kv_pages_cached, kv_pages_pinned=stats.kv_pages_pinned,
+        kv_page_tokens=stats.kv_page_tokens, prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+        cached_prompt_tokens_total=stats.cached_prompt_tokens_total,
+        preemptions_total=stats.preemptions_total,
+        kv_token_slots_allocated=stats.kv_token_slots_allocated,
+        kv_token_slots_live=stats.kv_token_slots_live)
 
 
 # ---- grpc.health.v1, without grpcio-health-checking ----------------------------------------------
