@@ -3,6 +3,12 @@
 Paged and ring variants will live beside `attend` with the same (q, k, v, mask) contract.
 Besides the shared alphabet (B T S N K H), R names the query heads that share one kv head
 (N = K * R), so GQA never materialises repeated keys.
+
+Performance notes (XLA:CPU, measured in docs/benchmarks.md): 5-D einsums such as
+'BTKRH,BSKH->BKRTS' lower to many tiny batched dots. `attend` therefore puts the batch axes first
+and folds the R query heads of a kv head into the query axis ([B, K, R*T, H] against [B, K, S, H]),
+and a single-token query (decode) skips the dot entirely: a broadcast multiply and a reduction over
+H, which XLA fuses into one pass over the keys.
 """
 
 from __future__ import annotations
@@ -35,11 +41,30 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B or 1, T, S]; returns [B, T, N, H] in q's dtype.
     `scale` (1/sqrt(H)) is applied here and nowhere else.
     """
+    if q.shape[1] == 1:
+        return _attend_one(q, k, v, mask, scale)
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, R, H]
-    scores = jnp.einsum('BTKRH,BSKH->BKRTS', q, k, preferred_element_type=jnp.float32) * scale
+    s, kv_heads = k.shape[1], k.shape[2]
+    r = n // kv_heads
+    q = q.reshape(b, t, kv_heads, r, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, r * t, h)  # [B, K, R*T, H]
+    k = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    v = v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    scores = jnp.einsum('BKQH,BKSH->BKQS', q, k, preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(b, kv_heads, r, t, s)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)  # [B, K, R, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum('BKRTS,BSKH->BTKRH', probs, v)  # [B, T, K, R, H]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, r * t, s)
+    out = jnp.einsum('BKQS,BKSH->BKQH', probs, v)  # [B, K, R*T, H]
+    out = out.reshape(b, kv_heads, r, t, h).transpose(0, 3, 1, 2, 4)  # [B, T, K, R, H]
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """`attend` for T = 1, all in fp32: multiply-and-reduce instead of dots with one query row."""
+    b, _, n, h = q.shape
+    kv_heads = k.shape[2]
+    qf = q.reshape(b, 1, kv_heads, n // kv_heads, h).astype(jnp.float32)  # [B, 1, K, R, H]
+    scores = jnp.sum(qf * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * scale  # [B, S, K, R]
+    scores = jnp.where(mask[:, 0, :, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=1)  # over S
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, K, R, H]
+    return out.reshape(b, 1, n, h).astype(q.dtype)
