@@ -2,10 +2,13 @@
 
 ringserve's format is a directory with `ringserve_config.json` (ModelConfig.to_json) and
 `model.safetensors` whose tensor names are the model's parameter paths joined by dots
-('embedder.table', 'layers.0.attn.q_proj', ...), stored in the layouts of model/layers.py.
+('embedder.table', 'layers.0.attn.qkv_proj', ...), stored in the layouts of model/layers.py.
+Directories written before q/k/v and gate/up were fused (per-head 'attn.q_proj' [N, D, H] ...,
+'mlp.gate' and 'mlp.up') still load: their tensors are converted on the way in.
 
 Loading builds an abstract model (shapes only, no random init) and fills it one tensor at a time,
-so at most one tensor exists twice (host copy and device copy) at any moment.
+so at most one parameter (with the few source tensors a fused one is built from) exists twice
+(host copy and device copy) at any moment.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def load(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Trans
         if dtype is not None:
             config = config.replace(dtype=dtype)
         with _TensorFiles([path / WEIGHTS_FILE]) as files:
+            if 'layers.0.attn.q_proj' in files.names:  # the unfused layout of earlier versions
+                sources = _legacy_sources(config)
+                return config, from_params(config, lambda name: _fetch(files, sources, name))
             return config, from_params(config, files.get)
     if (path / HF_CONFIG_FILE).is_file():
         return _load_hf(path, dtype)
@@ -106,62 +112,86 @@ def _load_hf(path: Path, dtype: str | None) -> tuple[ModelConfig, Transformer]:
     with _TensorFiles(files) as tensors:
         prefix = 'model.' if 'model.embed_tokens.weight' in tensors.names else ''
         sources = _hf_sources(config, prefix)
-        missing = sorted(hf_name for hf_name, _ in sources.values() if hf_name not in tensors.names)
+        needed = {name for names, _ in sources.values() for name in names}
+        missing = sorted(name for name in needed if name not in tensors.names)
         if missing:
             raise ValueError(f'{path} lacks tensors {missing} needed by {hf["model_type"]} config.')
-
-        def fetch(name: str) -> np.ndarray:
-            hf_name, convert = sources[name]
-            return convert(tensors.get(hf_name))
-
-        return config, from_params(config, fetch)
+        return config, from_params(config, lambda name: _fetch(tensors, sources, name))
 
 
-def _hf_sources(config: ModelConfig, prefix: str) -> dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
-    """ringserve name -> (HF tensor name, conversion). torch Linear weights are [out, in]."""
-    n, k, h, d = config.n_heads, config.n_kv_heads, config.head_dim, config.d_model
+# ringserve name -> (source tensor names, conversion taking those tensors in that order).
+Sources = dict[str, tuple[tuple[str, ...], Callable[..., np.ndarray]]]
 
-    def heads_in(count):  # [count * H, D] -> [count, D, H]
-        return lambda w: w.reshape(count, h, d).transpose(0, 2, 1)
 
-    def bias(count):  # [count * H] -> [count, H]
-        return lambda b: b.reshape(count, h)
+def _fetch(files: _TensorFiles, sources: Sources, name: str) -> np.ndarray:
+    names, convert = sources[name]
+    return convert(*(files.get(source) for source in names))
 
-    def same(w):
-        return w
 
-    def transpose(w):
-        return w.T
+def _same(w):
+    return w
 
+
+def _columns(*ws):
+    """torch Linear weights [out, in] -> one [in, sum(out)] matrix (ours is x @ w)."""
+    return np.concatenate([w.T for w in ws], axis=1)
+
+
+def _concat(*bs):
+    return np.concatenate(bs)
+
+
+def _hf_sources(config: ModelConfig, prefix: str) -> Sources:
+    """ringserve name -> HF tensor names and conversion. torch Linear weights are [out, in]."""
     sources = {
-        'embedder.table': (f'{prefix}embed_tokens.weight', same),
-        'final_norm.scale': (f'{prefix}norm.weight', same),
+        'embedder.table': ((f'{prefix}embed_tokens.weight',), _same),
+        'final_norm.scale': ((f'{prefix}norm.weight',), _same),
     }
     if not config.tie_embeddings:
-        sources['unembed'] = ('lm_head.weight', same)
+        sources['unembed'] = (('lm_head.weight',), _same)
     for i in range(config.n_layers):
         hf, ours = f'{prefix}layers.{i}.', f'layers.{i}.'
+        qkv = tuple(f'{hf}self_attn.{x}_proj.weight' for x in 'qkv')
         sources.update({
-            f'{ours}attn_norm.scale': (f'{hf}input_layernorm.weight', same),
-            f'{ours}mlp_norm.scale': (f'{hf}post_attention_layernorm.weight', same),
-            f'{ours}attn.q_proj': (f'{hf}self_attn.q_proj.weight', heads_in(n)),
-            f'{ours}attn.k_proj': (f'{hf}self_attn.k_proj.weight', heads_in(k)),
-            f'{ours}attn.v_proj': (f'{hf}self_attn.v_proj.weight', heads_in(k)),
-            # [D, N * H] -> [N, H, D]
-            f'{ours}attn.o_proj': (f'{hf}self_attn.o_proj.weight', lambda w: w.reshape(d, n, h).transpose(1, 2, 0)),
-            f'{ours}mlp.gate': (f'{hf}mlp.gate_proj.weight', transpose),
-            f'{ours}mlp.up': (f'{hf}mlp.up_proj.weight', transpose),
-            f'{ours}mlp.down': (f'{hf}mlp.down_proj.weight', transpose),
+            f'{ours}attn_norm.scale': ((f'{hf}input_layernorm.weight',), _same),
+            f'{ours}mlp_norm.scale': ((f'{hf}post_attention_layernorm.weight',), _same),
+            f'{ours}attn.qkv_proj': (qkv, _columns),  # [D, (N + 2K) * H]
+            f'{ours}attn.o_proj': ((f'{hf}self_attn.o_proj.weight',), _columns),  # [N * H, D]
+            f'{ours}mlp.gate_up': ((f'{hf}mlp.gate_proj.weight', f'{hf}mlp.up_proj.weight'), _columns),
+            f'{ours}mlp.down': ((f'{hf}mlp.down_proj.weight',), _columns),
         })
         if config.qkv_bias:
-            sources.update({
-                f'{ours}attn.q_bias': (f'{hf}self_attn.q_proj.bias', bias(n)),
-                f'{ours}attn.k_bias': (f'{hf}self_attn.k_proj.bias', bias(k)),
-                f'{ours}attn.v_bias': (f'{hf}self_attn.v_proj.bias', bias(k)),
-            })
+            sources[f'{ours}attn.qkv_bias'] = (tuple(f'{hf}self_attn.{x}_proj.bias' for x in 'qkv'), _concat)
+    _check_covers(config, sources)
+    return sources
+
+
+def _legacy_sources(config: ModelConfig) -> Sources:
+    """ringserve name -> tensors of the unfused layout (q/k/v_proj [heads, D, H], o_proj [N, H, D],
+    q/k/v_bias [heads, H], mlp.gate / mlp.up [D, F]) and conversion."""
+    n, h, d = config.n_heads, config.head_dim, config.d_model
+
+    def heads_to_columns(*ws):  # [heads, D, H] each -> [D, sum(heads) * H]
+        return np.concatenate([w.transpose(1, 0, 2).reshape(d, -1) for w in ws], axis=1)
+
+    def flat_bias(*bs):
+        return np.concatenate([b.reshape(-1) for b in bs])
+
+    sources = {name: ((name,), _same) for name, _ in param_specs(config)}
+    for i in range(config.n_layers):
+        ours = f'layers.{i}.'
+        sources[f'{ours}attn.qkv_proj'] = (tuple(f'{ours}attn.{x}_proj' for x in 'qkv'), heads_to_columns)
+        sources[f'{ours}attn.o_proj'] = ((f'{ours}attn.o_proj',), lambda w: w.reshape(n * h, d))
+        sources[f'{ours}mlp.gate_up'] = ((f'{ours}mlp.gate', f'{ours}mlp.up'), lambda g, u: np.concatenate([g, u], 1))
+        if config.qkv_bias:
+            sources[f'{ours}attn.qkv_bias'] = (tuple(f'{ours}attn.{x}_bias' for x in 'qkv'), flat_bias)
+    _check_covers(config, sources)
+    return sources
+
+
+def _check_covers(config: ModelConfig, sources: Sources) -> None:
     expected = {name for name, _ in param_specs(config)}
     assert set(sources) == expected, sorted(set(sources) ^ expected)  # the mapping covers every parameter
-    return sources
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Building blocks: RMSNorm, RoPE, embedder, attention and MLP modules, the decoder block.
 
 Parameters are stored in the config dtype; norms, RoPE rotation, attention softmax and logits are
-computed in float32 and cast back. Weight layouts (einsum letters as in docs/design.md):
-q_proj [N, D, H], k_proj / v_proj [K, D, H], o_proj [N, H, D], gate / up [D, F], down [F, D],
+computed in float32 and cast back. Weight layouts (einsum letters as in docs/design.md), chosen so
+every projection is one plain [rows, D] x [D, cols] matmul (XLA:CPU runs those far faster than
+head-batched einsums, see docs/benchmarks.md):
+qkv_proj [D, (N + 2K) * H] (columns: the N query heads, then K key heads, then K value heads, each H
+wide), qkv_bias [(N + 2K) * H], o_proj [N * H, D], gate_up [D, 2F] (gate columns, then up), down [F, D],
 embedding table [V, D].
 """
 
@@ -20,7 +23,17 @@ from model.kv_cache import KVCache
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
-    return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
+    return nnx.Param(_normal(rngs, shape, std).astype(dtype))
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
+    return jax.random.normal(rngs.params(), shape, jnp.float32) * std
+
+
+def _heads_to_columns(w: jax.Array) -> jax.Array:
+    """[heads, D, H] -> [D, heads * H], column = head * H + h (Hugging Face's row order)."""
+    heads, d, h = w.shape
+    return w.transpose(1, 0, 2).reshape(d, heads * h)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -75,21 +88,18 @@ def unembed(x: jax.Array, table: jax.Array, softcap: float | None) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Projections + RoPE + cache write + `attention.attend`."""
+    """Fused q/k/v projection + RoPE + cache write + `attention.attend`."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h, dtype = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.jnp_dtype
+        self.n_heads, self.n_kv_heads, self.head_dim = n, k, h
         self.scale = config.attn_scale
-        self.q_proj = normal_param(rngs, (n, d, h), d**-0.5, dtype)
-        self.k_proj = normal_param(rngs, (k, d, h), d**-0.5, dtype)
-        self.v_proj = normal_param(rngs, (k, d, h), d**-0.5, dtype)
-        self.o_proj = normal_param(rngs, (n, h, d), (n * h) ** -0.5, dtype)
-        if config.qkv_bias:
-            self.q_bias = nnx.Param(jnp.zeros((n, h), dtype))
-            self.k_bias = nnx.Param(jnp.zeros((k, h), dtype))
-            self.v_bias = nnx.Param(jnp.zeros((k, h), dtype))
-        else:
-            self.q_bias = self.k_bias = self.v_bias = None
+        # Drawn per head in [heads, D, H] (the order and shapes of earlier ringserve versions), so a
+        # seed still gives the same model, then laid out as one matrix.
+        heads = [_normal(rngs, (count, d, h), d**-0.5) for count in (n, k, k)]  # q, k, v
+        self.qkv_proj = nnx.Param(jnp.concatenate([_heads_to_columns(w) for w in heads], axis=1).astype(dtype))
+        self.o_proj = nnx.Param(_normal(rngs, (n, h, d), (n * h) ** -0.5).reshape(n * h, d).astype(dtype))  # [N*H, D]
+        self.qkv_bias = nnx.Param(jnp.zeros(((n + 2 * k) * h,), dtype)) if config.qkv_bias else None
 
     def __call__(
         self,
@@ -99,19 +109,22 @@ class Attention(nnx.Module):
         mask: jax.Array,  # bool[B or 1, T, S]
         cache: KVCache | None,
         layer: int,
+        kv_span: int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        q = jnp.einsum('BTD,NDH->BTNH', x, self.q_proj[...])
-        k = jnp.einsum('BTD,KDH->BTKH', x, self.k_proj[...])
-        v = jnp.einsum('BTD,KDH->BTKH', x, self.v_proj[...])
-        if self.q_bias is not None:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        q = apply_rope(q, positions, inv_freq)  # [B, T, N, H]
-        k = apply_rope(k, positions, inv_freq)  # [B, T, K, H]
+        """With a cache, attends its first `kv_span` indices (all when None); `mask` is [.., T, kv_span]."""
+        b, t, _ = x.shape
+        n, kv_heads, h = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = x @ self.qkv_proj[...]  # [B, T, (N + 2K) * H]
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...]
+        qkv = qkv.reshape(b, t, n + 2 * kv_heads, h)
+        qk = apply_rope(qkv[:, :, : n + kv_heads], positions, inv_freq)  # [B, T, N + K, H]
+        q, k, v = qk[:, :, :n], qk[:, :, n:], qkv[:, :, n + kv_heads :]  # [B, T, N | K | K, H]
         if cache is not None:
             cache = cache.write(layer, positions, k, v)
-            k, v = cache.read(layer)  # [B, S, K, H]
+            k, v = cache.read(layer, kv_span)  # [B, S, K, H]
         out = attention.attend(q, k, v, mask, self.scale)  # [B, T, N, H]
-        return jnp.einsum('BTNH,NHD->BTD', out, self.o_proj[...]), cache
+        return out.reshape(b, t, n * h) @ self.o_proj[...], cache
 
 
 class MLP(nnx.Module):
@@ -120,18 +133,17 @@ class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, f, dtype = config.d_model, config.mlp_dim, config.jnp_dtype
         self.activation = config.mlp_activation
-        self.gate = normal_param(rngs, (d, f), d**-0.5, dtype)
-        self.up = normal_param(rngs, (d, f), d**-0.5, dtype)
-        self.down = normal_param(rngs, (f, d), f**-0.5, dtype)
+        gate, up = _normal(rngs, (d, f), d**-0.5), _normal(rngs, (d, f), d**-0.5)
+        self.gate_up = nnx.Param(jnp.concatenate([gate, up], axis=1).astype(dtype))  # [D, 2F]
+        self.down = normal_param(rngs, (f, d), f**-0.5, dtype)  # [F, D]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = jnp.einsum('BTD,DF->BTF', x, self.gate[...])
-        up = jnp.einsum('BTD,DF->BTF', x, self.up[...])
+        gate, up = jnp.split(x @ self.gate_up[...], 2, axis=-1)  # [B, T, F] each
         if self.activation == 'silu':
             gate = jax.nn.silu(gate)
         else:
             gate = jax.nn.gelu(gate, approximate=True)
-        return jnp.einsum('BTF,FD->BTD', gate * up, self.down[...])
+        return (gate * up) @ self.down[...]
 
 
 class Block(nnx.Module):
@@ -144,8 +156,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, **norm)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, mask, cache, layer):
-        h, cache = self.attn(self.attn_norm(x), positions, inv_freq, mask, cache, layer)
+    def __call__(self, x, positions, inv_freq, mask, cache, layer, kv_span=None):
+        h, cache = self.attn(self.attn_norm(x), positions, inv_freq, mask, cache, layer, kv_span)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, cache

@@ -35,8 +35,7 @@ def tiny_model(config: ModelConfig, seed: int) -> Transformer:
     """
     rng = np.random.default_rng(seed)
     n, h, d, f = config.n_heads, config.head_dim, config.d_model, config.mlp_dim
-    fan_in = {'q_proj': d, 'k_proj': d, 'v_proj': d, 'o_proj': n * h, 'gate': d, 'up': d, 'down': f,
-              'unembed': d, 'table': 4}
+    fan_in = {'qkv_proj': d, 'o_proj': n * h, 'gate_up': d, 'down': f, 'unembed': d, 'table': 4}
     specs = dict(checkpoint.param_specs(config))
 
     def fetch(name: str) -> np.ndarray:

@@ -190,3 +190,30 @@ def test_default_checkpoint_is_built_once_and_reloads(tmp_path, monkeypatch):
 
         sp = sentencepiece.SentencePieceProcessor(model_file=str(target / presets.TOKENIZER_FILE))
         assert (sp.vocab_size(), sp.bos_id(), sp.eos_id()) == (config.vocab_size, config.bos_id, config.eos_ids[0])
+
+
+def test_unfused_ringserve_layout_still_loads(tmp_path):
+    """Directories saved before q/k/v and gate/up were fused (per-head [N, D, H] projections) load
+    into the same model."""
+    config = tiny_config(qkv_bias=True)
+    model = tiny_model(config, seed=13)
+    checkpoint.save(tmp_path, config, model)
+    weights = tmp_path / checkpoint.WEIGHTS_FILE
+    tensors = load_file(str(weights))
+    n, k, h, d, f = config.n_heads, config.n_kv_heads, config.head_dim, config.d_model, config.mlp_dim
+    for i in range(config.n_layers):
+        p = f'layers.{i}.'
+        q_cols, k_cols, v_cols = np.split(tensors.pop(p + 'attn.qkv_proj'), [n * h, (n + k) * h], axis=1)
+        for name, cols, heads in [('q', q_cols, n), ('k', k_cols, k), ('v', v_cols, k)]:
+            tensors[f'{p}attn.{name}_proj'] = np.ascontiguousarray(cols.reshape(d, heads, h).transpose(1, 0, 2))
+        for name, bias in zip('qkv', np.split(tensors.pop(p + 'attn.qkv_bias'), [n * h, (n + k) * h])):
+            tensors[f'{p}attn.{name}_bias'] = bias.reshape(-1, h)
+        tensors[p + 'attn.o_proj'] = tensors[p + 'attn.o_proj'].reshape(n, h, d)
+        tensors[p + 'mlp.gate'], tensors[p + 'mlp.up'] = map(np.ascontiguousarray,
+                                                             np.split(tensors.pop(p + 'mlp.gate_up'), [f], axis=1))
+    save_file(tensors, str(weights))
+    _, again = checkpoint.load(tmp_path)
+    tokens = _tokens((2, 12), seed=14) % config.vocab_size
+    positions = np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))
+    np.testing.assert_array_equal(np.asarray(jitted(again)(tokens, positions)[0]),
+                                  np.asarray(jitted(model)(tokens, positions)[0]))

@@ -54,11 +54,13 @@ def reference_forward(p: dict, cfg: ModelConfig, tokens: np.ndarray) -> np.ndarr
         lp = p['layers'][i]
         a = lp['attn']
         h = _ref_norm(x, lp['attn_norm']['scale'], cfg)
-        q = np.einsum('td,ndh->tnh', h, a['q_proj'])
-        k = np.einsum('td,kdh->tkh', h, a['k_proj'])
-        v = np.einsum('td,kdh->tkh', h, a['v_proj'])
+        qkv = h @ a['qkv_proj']  # [T, (N + 2K) * H]: query heads, then key heads, then value heads
         if cfg.qkv_bias:
-            q, k, v = q + a['q_bias'], k + a['k_bias'], v + a['v_bias']
+            qkv = qkv + a['qkv_bias']
+        nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        q = qkv[:, :nq].reshape(t, cfg.n_heads, cfg.head_dim)
+        k = qkv[:, nq:nq + nk].reshape(t, cfg.n_kv_heads, cfg.head_dim)
+        v = qkv[:, nq + nk:].reshape(t, cfg.n_kv_heads, cfg.head_dim)
         q, k = _ref_rope(q, inv_freq), _ref_rope(k, inv_freq)
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # query head n uses kv head n // rep
         scores = np.einsum('tnh,snh->nts', q, k) / math.sqrt(cfg.head_dim)
@@ -66,10 +68,10 @@ def reference_forward(p: dict, cfg: ModelConfig, tokens: np.ndarray) -> np.ndarr
         w = np.exp(scores - scores.max(-1, keepdims=True))
         w = w / w.sum(-1, keepdims=True)
         o = np.einsum('nts,snh->tnh', w, v)
-        x = x + np.einsum('tnh,nhd->td', o, a['o_proj'])
+        x = x + o.reshape(t, -1) @ a['o_proj']
         h = _ref_norm(x, lp['mlp_norm']['scale'], cfg)
-        m = lp['mlp']
-        x = x + (_ref_act(h @ m['gate'], cfg.mlp_activation) * (h @ m['up'])) @ m['down']
+        gate, up = np.split(h @ lp['mlp']['gate_up'], 2, axis=-1)  # [T, F] each
+        x = x + (_ref_act(gate, cfg.mlp_activation) * up) @ lp['mlp']['down']
     x = _ref_norm(x, p['final_norm']['scale'], cfg)
     table = p['embedder']['table'] if cfg.tie_embeddings else p['unembed']
     logits = x @ table.T
@@ -314,3 +316,58 @@ def test_from_hf_config_variants():
 
     with pytest.raises(ValueError, match='mistral'):
         ModelConfig.from_hf_config({**llama, 'model_type': 'mistral'})
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed-only options of Transformer.__call__: they must not change a number that is used.
+# ---------------------------------------------------------------------------------------------
+def test_kv_span_equals_full_cache_attention():
+    """Attending only the first kv_span cache indices equals attending the whole cache, for prefill
+    and decode, whenever every query position is below the span; the cache written is the same."""
+    cfg = tiny_config()
+    model = tiny_model(cfg, seed=14)
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda st, t, p, c, span: nnx.merge(graphdef, st)(t, p, c, kv_span=span), static_argnums=4)
+    tokens = _tokens(cfg, (2, 12), seed=15)
+    full_cache = span_cache = KVCache.init(cfg, 2, 32)
+    full, full_cache = step(state, tokens[:, :8], _positions(2, 8), full_cache, None)
+    spanned, span_cache = step(state, tokens[:, :8], _positions(2, 8), span_cache, 8)
+    np.testing.assert_allclose(np.asarray(spanned), np.asarray(full), atol=1e-5, rtol=0)  # sums differ in order only
+    for t in range(8, 12):  # decode, rows at different positions, spans 16 (> every position)
+        pos = np.array([[t], [t - 3]], np.int32)
+        full, full_cache = step(state, tokens[:, t:t + 1], pos, full_cache, None)
+        spanned, span_cache = step(state, tokens[:, t:t + 1], pos, span_cache, 16)
+        np.testing.assert_allclose(np.asarray(spanned), np.asarray(full), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(span_cache.k), np.asarray(full_cache.k), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match='kv_span'):
+        model(jnp.asarray(tokens[:, :1]), jnp.asarray(_positions(2, 1)), KVCache.init(cfg, 2, 8), kv_span=9)
+
+
+def test_logits_at_equals_full_logits_gathered():
+    cfg = tiny_config(logit_softcap=3.0)
+    model = tiny_model(cfg, seed=16)
+    tokens, positions = _tokens(cfg, (2, 9), seed=17), _positions(2, 9)
+    full, _ = jitted(model)(tokens, positions)
+    at = np.array([[8, 0], [3, 3]], np.int32)
+    for cache in (None, KVCache.init(cfg, 2, 16)):
+        got, _ = jax.jit(lambda t, p, c, i: model(t, p, c, logits_at=i))(tokens, positions, cache, at)
+        assert got.shape == (2, 2, cfg.vocab_size)
+        want = np.take_along_axis(np.asarray(full), at[:, :, None], axis=1)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('t', [1, 5])
+def test_attend_matches_reference_einsum(t):
+    """Both paths of attend (decode T=1 and the batch-leading dots) against a plain repeat-kv einsum."""
+    rng = np.random.default_rng(18)
+    b, s, n, k, h = 2, 7, 6, 2, 4
+    q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+    kv = rng.normal(size=(2, b, s, k, h)).astype(np.float32)
+    positions = np.array([[3 + i for i in range(t)], [1 + i for i in range(t)]], np.int32)
+    mask = np.asarray(attention.cache_mask(jnp.asarray(positions), s))
+    got = np.asarray(attention.attend(jnp.asarray(q), jnp.asarray(kv[0]), jnp.asarray(kv[1]), jnp.asarray(mask), 0.5))
+    keys, values = np.repeat(kv[0], n // k, axis=2), np.repeat(kv[1], n // k, axis=2)  # [B, S, N, H]
+    scores = np.where(mask[:, None], np.einsum('btnh,bsnh->bnts', q, keys) * 0.5, -np.inf)
+    w = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum('bnts,bsnh->btnh', w / w.sum(-1, keepdims=True), values)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
