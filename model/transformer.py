@@ -22,6 +22,12 @@ class Transformer(nnx.Module):
     - without a cache, plain causal attention over the T tokens (positions only feed RoPE);
     - with a cache, row b's new K/V go to cache index positions[b, t] and the query at position p
       attends cache indices s <= p (see model/kv_cache.py for the invariant).
+    Optional keywords, both for speed, neither changes a returned number:
+    - `kv_span` (a static int): attend only cache indices < kv_span. Exact whenever every query whose
+      output is used has position < kv_span; other rows compute garbage. The engine passes a
+      power-of-two bucket covering its longest sequence rather than the whole cache.
+    - `logits_at` (i32[B, M]): compute logits only at these indices of the T axis (not absolute
+      positions); the result is then [B, M, V] and equals the full logits gathered there.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -41,17 +47,25 @@ class Transformer(nnx.Module):
         tokens: jax.Array,  # i32[B, T]
         positions: jax.Array,  # i32[B, T]
         cache: KVCache | None = None,
+        *,
+        kv_span: int | None = None,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         inv_freq = jnp.asarray(cfg.rope_inv_freq())  # f32[H/2], a trace-time constant
         if cache is None:
             mask = attention.causal_mask(tokens.shape[1])  # [1, T, T]
         else:
-            mask = attention.cache_mask(positions, cache.max_len)  # [B, T, S]
+            if kv_span is not None and not 0 < kv_span <= cache.max_len:
+                raise ValueError(f'kv_span={kv_span} must be in [1, cache.max_len={cache.max_len}].')
+            span = cache.max_len if kv_span is None else kv_span
+            mask = attention.cache_mask(positions, span)  # [B, T, S=span]
         x = self.embedder.encode(tokens)  # [B, T, D]
         for i, block in enumerate(self.layers):
-            x, cache = block(x, positions, inv_freq, mask, cache, i)
+            x, cache = block(x, positions, inv_freq, mask, cache, i, kv_span)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)  # [B, M, D]
         x = self.final_norm(x)
         table = self.embedder.table if self.unembed is None else self.unembed
-        logits = unembed(x, table[...], cfg.logit_softcap)  # f32[B, T, V]
+        logits = unembed(x, table[...], cfg.logit_softcap)  # f32[B, T or M, V]
         return logits, cache
