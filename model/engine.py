@@ -7,10 +7,16 @@ Design note.
    generate / free split, with prefill and insert fused because the cache is dense).
 2. Two compiled steps, both over (params, cache, ...) with the cache donated so XLA updates it in
    place. `prefill` runs ONE slot: it slices that slot's cache row out, runs the model with B=1 on a
-   chunk padded to a power-of-two bucket (16 ... prefill_chunk), writes the row back and samples the
-   last real position. `decode` runs ALL slots at once, one token each, at positions = each slot's
-   length; free slots compute garbage that nobody reads. Shapes depend only on the bucket, so after
-   one call per bucket (`warmup`) no prompt length, slot or mix of requests compiles anything new.
+   chunk padded to a power-of-two bucket (16 ... prefill_chunk), writes the row back and computes
+   logits (and samples) only at the last real position. `decode` runs ALL slots at once, one token
+   each, at positions = each slot's length; free slots compute garbage that nobody reads.
+   Span buckets: attention never reads the whole cache row (max_len, 8192 for the default model)
+   when the sequences are short. A decode step attends only the first `span` cache indices, span
+   being the smallest bucket of `spans` (16, 64, 256, ... times 4, then max_len) that covers the
+   longest active sequence. A prompt's first chunk slices out, and attends, just the first `bucket`
+   indices of its row; later chunks of a long prompt attend the whole row. So the compiled shapes
+   are a small fixed set (`prefill_shapes`: (bucket, span) pairs; `spans` for decode) that `warmup`
+   compiles: afterwards no prompt length, slot or mix of requests compiles anything new.
 3. Positions are absolute cache indices (model/kv_cache.py's invariant), so a long prompt is fed as
    consecutive chunks and only the last chunk samples. Bucket padding writes garbage at positions
    that are masked until overwritten (or dropped past max_len).
@@ -46,6 +52,17 @@ def prefill_buckets(prefill_chunk: int) -> tuple[int, ...]:
     return (*buckets, prefill_chunk)
 
 
+def span_buckets(max_len: int) -> tuple[int, ...]:
+    """Decode attention spans (cache indices read per step): 16, 64, 256, ... (x4) below max_len, then
+    max_len. Coarser than the prefill buckets to keep warmup's compilations few."""
+    spans = []
+    size = MIN_BUCKET
+    while size < max_len:
+        spans.append(size)
+        size *= 4
+    return (*spans, max_len)
+
+
 class Engine:
     """Prefill / decode / free over a fixed set of slots sharing one KV cache. See the module note."""
 
@@ -71,13 +88,15 @@ class Engine:
         # A chunk longer than the cache would only pad; cap it there.
         self.prefill_chunk = min(prefill_chunk, max_len)
         self.buckets = prefill_buckets(self.prefill_chunk)
+        self.spans = span_buckets(max_len)
+        self.prefill_shapes = self._reachable_prefill_shapes()
 
         self._graphdef, self._state = nnx.split(model)
         self.param_count = int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
         self._cache = KVCache.init(config, max_slots, max_len)
         self._traces = 0
-        self._prefill_step = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self._decode_step = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self._prefill_step = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=('span',))
+        self._decode_step = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=('span',))
 
         # Host state per slot (see note 5). Free slots keep length 0 and greedy parameters.
         self._active = np.zeros(max_slots, dtype=bool)
@@ -142,7 +161,7 @@ class Engine:
             padded[0, : len(chunk)] = chunk
             token, self._cache = self._prefill_step(
                 self._state, self._cache, np.int32(slot), padded, np.int32(start), np.int32(len(chunk)),
-                temperature, top_k, top_p, seeds,
+                temperature, top_k, top_p, seeds, span=self._prefill_span(start, bucket),
             )  # fmt: skip
         # Only the last chunk's token counts; earlier ones were sampled and dropped (one extra argmax).
         first = int(token)
@@ -170,7 +189,7 @@ class Engine:
         positions = np.where(self._active, self._lengths, 0).astype(np.int32)
         tokens, self._cache = self._decode_step(
             self._state, self._cache, self._next, positions,
-            self._temperature, self._top_k, self._top_p, self._seeds,
+            self._temperature, self._top_k, self._top_p, self._seeds, span=self._span_for(positions.max() + 1),
         )  # fmt: skip
         tokens = np.asarray(tokens)
         self._next = np.where(self._active, tokens, self._next).astype(np.int32)
@@ -185,38 +204,74 @@ class Engine:
         self._next[slot] = 0
 
     def warmup(self) -> None:
-        """Compile every prefill bucket and the decode step, so serving never compiles.
+        """Compile every prefill (bucket, span) and every decode span, so serving never compiles.
 
-        Uses slot 0 only if it is free, and leaves it free.
+        Writes only to cache positions that no request has reached (slot 0's, which must be free, and
+        each slot's next position), and changes no slot's state.
         """
         if self._active[0]:
             raise ValueError('warmup needs slot 0 free.')
-        greedy = SamplingParams(temperature=0.0)
-        for bucket in self.buckets:
-            self.prefill(0, [self.config.bos_id] * min(bucket, self._max_len - 1), greedy)
-            if bucket == self.buckets[-1]:
-                self.decode()
-            self.free(0)
+        temperature, top_k, top_p, seeds = params_arrays([SamplingParams(temperature=0.0)])
+        for bucket, span in self.prefill_shapes:
+            tokens = np.full((1, bucket), self.config.bos_id, dtype=np.int32)
+            _, self._cache = self._prefill_step(
+                self._state, self._cache, np.int32(0), tokens, np.int32(0), np.int32(1),
+                temperature, top_k, top_p, seeds, span=span,
+            )  # fmt: skip
+        positions = np.where(self._active, self._lengths, 0).astype(np.int32)
+        for span in self.spans:
+            tokens, self._cache = self._decode_step(
+                self._state, self._cache, self._next, positions,
+                self._temperature, self._top_k, self._top_p, self._seeds, span=span,
+            )  # fmt: skip
+        jax.block_until_ready(tokens)
+
+    # ----- shapes -----
+
+    def _span_for(self, length: int) -> int:
+        """The smallest span bucket holding cache indices 0 .. length - 1."""
+        return next(s for s in self.spans if s >= min(length, self._max_len))
+
+    def _prefill_span(self, start: int, bucket: int) -> int:
+        """Cache indices a chunk padded to `bucket` at `start` attends: the chunk itself when it is a
+        prompt's first (start 0), else the whole row (one shape per bucket, not per bucket and span)."""
+        return bucket if start == 0 else self._max_len
+
+    def _reachable_prefill_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Every (bucket, span) some prompt of at most max_len - 1 tokens reaches, in a stable order."""
+        shapes = []
+        for start in range(0, self._max_len - 1, self.prefill_chunk):
+            longest = min(self.prefill_chunk, self._max_len - 1 - start)  # real tokens this chunk can hold
+            smaller = 0
+            for bucket in self.buckets:
+                shape = (bucket, self._prefill_span(start, bucket))
+                if smaller < longest and shape not in shapes:  # chunks of smaller+1 .. bucket tokens land here
+                    shapes.append(shape)
+                smaller = bucket
+        return tuple(shapes)
 
     # ----- compiled steps -----
 
-    def _prefill_fn(self, state, cache, slot, tokens, start, n_real, temperature, top_k, top_p, seeds):
-        """tokens i32[1, bucket] at positions start.. of `slot` -> (token i32[], cache)."""
+    def _prefill_fn(self, state, cache, slot, tokens, start, n_real, temperature, top_k, top_p, seeds, *, span):
+        """tokens i32[1, bucket] at positions start.. of `slot`, attending cache indices < span
+        -> (token i32[], cache)."""
         self._traces += 1  # Python runs only while tracing: one count per compilation
         model = nnx.merge(self._graphdef, state)
-        row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1), cache)  # [L, 1, S, K, H]
+        layers, _, _, kv_heads, head_dim = cache.k.shape
+        corner = (0, slot, 0, 0, 0)
+        row = jax.tree.map(lambda x: jax.lax.dynamic_slice(x, corner, (layers, 1, span, kv_heads, head_dim)), cache)
         positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # [1, T]
-        logits, row = model(tokens, positions, row)  # [1, T, V]
-        cache = jax.tree.map(lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r, slot, axis=1), cache, row)
-        last = jax.lax.dynamic_index_in_dim(logits, n_real - 1, axis=1, keepdims=False)  # [1, V]
+        # Padding past the span is dropped by the cache write; only the last real position gets logits.
+        last, row = model(tokens, positions, row, logits_at=(n_real - 1)[None, None])  # [1, 1, V]
+        cache = jax.tree.map(lambda x, r: jax.lax.dynamic_update_slice(x, r, corner), cache, row)
         keys = row_keys(seeds, (start + n_real)[None])  # the sampled token's position
-        return sample(last, temperature, top_k, top_p, keys)[0], cache
+        return sample(last[:, 0], temperature, top_k, top_p, keys)[0], cache
 
-    def _decode_fn(self, state, cache, tokens, positions, temperature, top_k, top_p, seeds):
-        """tokens i32[B] at positions i32[B] (B = max_slots) -> (next tokens i32[B], cache)."""
+    def _decode_fn(self, state, cache, tokens, positions, temperature, top_k, top_p, seeds, *, span):
+        """tokens i32[B] at positions i32[B] (B = max_slots, every position < span) -> (next tokens i32[B], cache)."""
         self._traces += 1
         model = nnx.merge(self._graphdef, state)
-        logits, cache = model(tokens[:, None], positions[:, None], cache)  # [B, 1, V]
+        logits, cache = model(tokens[:, None], positions[:, None], cache, kv_span=span)  # [B, 1, V]
         keys = row_keys(seeds, positions + 1)  # the sampled token's position
         return sample(logits[:, 0], temperature, top_k, top_p, keys), cache
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from _model_helpers import tiny_config
-from model.engine import Engine, prefill_buckets
+from model.engine import Engine, prefill_buckets, span_buckets
 from model.kv_cache import KVCache
 from model.sampling import SamplingParams
 from model.transformer import Transformer
@@ -63,6 +63,14 @@ def test_buckets():
     assert prefill_buckets(512) == (16, 32, 64, 128, 256, 512)
     assert prefill_buckets(100) == (16, 32, 64, 100)
     assert prefill_buckets(8) == (8,)
+    assert span_buckets(8192) == (16, 64, 256, 1024, 4096, 8192)
+    assert span_buckets(96) == (16, 64, 96)
+
+
+def test_warmup_compiles_every_shape_a_long_prompt_reaches(engine):
+    # max_len 96, chunk 32: a first chunk attends its own bucket, later chunks the whole row.
+    assert engine.prefill_shapes == ((16, 16), (32, 32), (16, 96), (32, 96))
+    assert engine.spans == (16, 64, 96)
 
 
 @pytest.mark.parametrize("n", [1, 16, 17, 30])
@@ -158,7 +166,7 @@ def test_lengths_and_errors(engine):
 
 def test_no_compilation_after_warmup(engine):
     warm = engine.compile_count
-    assert warm == len(engine.buckets) + 1
+    assert warm == len(engine.prefill_shapes) + len(engine.spans)
     rng = np.random.default_rng(40)
     for n in [1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 80, MAX_LEN - 1]:
         slot = int(rng.integers(0, 4))
