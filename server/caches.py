@@ -84,15 +84,20 @@ class CacheRegistry:
     def add(self, entry: CacheEntry) -> None:
         self._entries[entry.name] = entry
 
-    async def get(self, name: str) -> CacheEntry:
-        """The live cache called `name`; NOT_FOUND if unknown or expired (then freed now)."""
+    async def get(self, name: str, field: str = "name") -> CacheEntry:
+        """The live cache called `name`; NOT_FOUND if unknown or expired (then freed now).
+
+        `field` names the request field that held the name, for the error message.
+        """
+        if not name:
+            raise InvalidArgument(f"{field}: empty; give a cache name ({NAME_PREFIX}...)")
         entry = self._entries.get(name)
         if entry is not None and entry.expire_time <= _now():
             await self.delete(name)
             entry = None
         if entry is None:
-            raise NotFound(f"cached_content: no live cache named {name!r} (never created, "
-                           "deleted, or expired)")
+            raise NotFound(f"{field}: no live cache named {name!r} (never created, deleted, "
+                           "or expired)")
         return entry
 
     def list(self) -> list[CacheEntry]:

@@ -218,6 +218,7 @@ class EngineLoop:
                 result, error = fn(self._kv), None
             except Exception as e:  # noqa: BLE001 - handed to the awaiting coroutine
                 result, error = None, e
+            self._refresh_stats()  # before the caller resumes: its next GetStats sees the change
 
             def settle() -> None:
                 if future.done():
@@ -275,15 +276,11 @@ class EngineLoop:
         self._fail_all(None)
 
     def _run_calls(self) -> None:
-        ran = False
         while True:
             try:
                 self._calls.get_nowait()()
             except queue.Empty:
-                if ran:  # a call may have unpinned pages
-                    self._refresh_stats()
                 return
-            ran = True
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -77,7 +77,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return self._rt.engine_loop.call(unpin)
 
     async def _cache(self, request) -> caches_lib.CacheEntry | None:
-        return await self.caches.get(request.cached_content) if request.cached_content else None
+        if not request.cached_content:
+            return None
+        return await self.caches.get(request.cached_content, field="cached_content")
 
     @_rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -190,10 +192,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 if event.error is not None:
                     raise event.error
                 if event.finish_reason is not None:
-                    # No await between the pin and this: a cancel cannot strand the pages.
+                    # The TTL runs from now, when the cache exists. No await between the pin and
+                    # this: a cancel cannot strand the pages.
                     entry = caches_lib.CacheRegistry.entry(
                         name, request.display_name, turns, system, ids, event.pinned_tokens,
-                        expire_time)
+                        max(expire_time, caches_lib.expiry(
+                            request.ttl if request.HasField("ttl") else None,
+                            request.expire_time if request.HasField("expire_time") else None)))
                     self.caches.add(entry)
         finally:
             if entry is None:
