@@ -151,8 +151,9 @@ class PagedEngine:
         idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # [1, T]
         positions = jnp.where(idx < n_real, start + idx, -1)
         cache = PagedKVCache(k_pages=pages[0], v_pages=pages[1], page_table=table)
-        logits, cache = model(tokens, positions, cache)  # [1, T, V]
-        last = jax.lax.dynamic_index_in_dim(logits, n_real - 1, axis=1, keepdims=False)  # [1, V]
+        # Logits only where we sample: the chunk's last real token (not all T positions).
+        logits, cache = model(tokens, positions, cache, logits_at=(n_real - 1)[None, None])
+        last = logits[:, 0]  # [1, V]
         keys = row_keys(seeds, (start + n_real)[None])  # the sampled token's position
         return sample(last, temperature, top_k, top_p, keys)[0], (cache.k_pages, cache.v_pages)
 
