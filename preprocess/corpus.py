@@ -13,9 +13,15 @@ version agree unless a patch release edited a docstring.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 import textwrap
 import warnings
 from collections.abc import Iterator
@@ -57,6 +63,7 @@ MODULES = (
 
 _MIN_WORDS = 8
 _BULLETS = ("* ", "- ", "+ ")
+_CHILD = "RINGSERVE_CORPUS_CHILD"  # set in the child process that walks the library
 _WORD = re.compile(r"[A-Za-z]+")
 _RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")  # :class:`Foo` -> Foo
 _BACKTICKS = re.compile(r"`+([^`]+)`+")
@@ -64,6 +71,28 @@ _BACKTICKS = re.compile(r"`+([^`]+)`+")
 
 def iter_corpus_text() -> Iterator[str]:
     """Yields prose paragraphs, one line each with single spaces, in a fixed order, no repeats."""
+    yield from _paragraphs()
+
+
+@functools.lru_cache(maxsize=1)
+def _paragraphs() -> tuple[str, ...]:
+    """The corpus, walked in a fresh interpreter.
+
+    Libraries loaded in this process (JAX, grpc, test tools) add attributes to standard-library
+    modules, and the walk would pick up their docstrings: the text would depend on what ran
+    before. A child process that imports only this module sees the pristine library.
+    """
+    if os.environ.get(_CHILD):
+        return tuple(_walk())
+    root = pathlib.Path(__file__).resolve().parent.parent
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from preprocess import corpus; "
+            "json.dump(list(corpus._paragraphs()), sys.stdout)")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], check=True, text=True,
+                         capture_output=True, env={**os.environ, _CHILD: "1"})
+    return tuple(json.loads(out.stdout))
+
+
+def _walk() -> Iterator[str]:
     seen: set[str] = set()
     for doc in _documents():
         for paragraph in _prose_paragraphs(doc):
