@@ -46,6 +46,7 @@ class Workload:
     batch: int  # B
     prompt: int  # tokens per prompt
     new_tokens: int  # N, including the one sampled by prefill
+    max_len: int | None = None  # ringserve's KV cache length per slot; None: prompt + new tokens
 
 
 def llama_125m() -> ModelConfig:
@@ -135,7 +136,8 @@ def bench_model(config: ModelConfig, workloads: list[Workload], repeats: int, wo
     rows = []
     for w in workloads:
         prompts = np.random.default_rng(w.prompt).integers(3, config.vocab_size, size=(w.batch, w.prompt))
-        engine = Engine(rs_config, rs_model, max_slots=w.batch, max_len=w.prompt + w.new_tokens, prefill_chunk=512)
+        max_len = w.max_len or w.prompt + w.new_tokens
+        engine = Engine(rs_config, rs_model, max_slots=w.batch, max_len=max_len, prefill_chunk=512)
         warm_start = time.perf_counter()
         run_ringserve(engine, prompts[:1], 2)  # compiles this prompt's bucket and the decode step
         rs_warmup = time.perf_counter() - warm_start
@@ -156,6 +158,7 @@ def bench_model(config: ModelConfig, workloads: list[Workload], repeats: int, wo
             'model': config.name,
             'params': engine.param_count,
             **dataclasses.asdict(w),
+            'max_len': max_len,
             'ringserve': {
                 'prefill_tok_s': prefill_tokens / best_rs[0],
                 'decode_tok_s': decode_tokens / best_rs[1],
@@ -175,7 +178,7 @@ def bench_model(config: ModelConfig, workloads: list[Workload], repeats: int, wo
         row['prefill_ratio'] = row['ringserve']['prefill_tok_s'] / row['transformers']['prefill_tok_s']
         row['decode_ratio'] = row['ringserve']['decode_tok_s'] / row['transformers']['decode_tok_s']
         print(
-            f"{config.name:18s} B={w.batch:<3d} P={w.prompt:<4d} N={w.new_tokens:<4d} "
+            f"{config.name:18s} B={w.batch:<3d} P={w.prompt:<4d} N={w.new_tokens:<4d} cache={max_len:<5d} "
             f"prefill {row['ringserve']['prefill_tok_s']:8.1f} vs {row['transformers']['prefill_tok_s']:8.1f} tok/s "
             f"({row['prefill_ratio']:.2f}x)  decode {row['ringserve']['decode_tok_s']:7.1f} vs "
             f"{row['transformers']['decode_tok_s']:7.1f} tok/s ({row['decode_ratio']:.2f}x)  "
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         workloads = [Workload(1, 128, 16), Workload(4, 64, 16)]
         repeats = args.repeats or 1
     else:
-        workloads = [Workload(1, 512, 128), Workload(16, 256, 128)]
+        # The last row uses the server's cache length (the default model's max_context, 8192).
+        workloads = [Workload(1, 512, 128), Workload(16, 256, 128), Workload(8, 256, 128, max_len=8192)]
         repeats = args.repeats or 3
     models = [presets.default_config(), llama_125m()]
 
