@@ -26,40 +26,44 @@ _FINISH = {name: pb.GenerateResponse.FinishReason.Value(name)
            for name in ("STOP", "MAX_TOKENS", "STOP_SEQUENCE", "CANCELLED")}
 
 
+class _Outcome:
+    """Async context of one call: RequestError -> its status; the final code -> the metrics."""
+
+    def __init__(self, servicer, method: str, context):
+        self._metrics, self._method, self._context = servicer._rt.metrics, method, context
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, kind, error, traceback):
+        code = "OK"
+        try:
+            if isinstance(error, RequestError):
+                code = error.code.name
+                await abort(self._context, error)  # raises: grpc unwinds the handler
+            elif isinstance(error, asyncio.CancelledError):
+                code = "CANCELLED"
+        finally:
+            self._metrics.observe_rpc(self._method, code)
+        return False
+
+
 def _rpc(handler):
-    """Maps RequestError to its status and records each call's status code (unary or stream)."""
+    """Runs a handler (unary or server-streaming) inside its `_Outcome`."""
     name = handler.__name__
 
     if inspect.isasyncgenfunction(handler):
         @functools.wraps(handler)
         async def stream(self, request, context):
-            code = "OK"
-            try:
+            async with _Outcome(self, name, context):
                 async for response in handler(self, request, context):
                     yield response
-            except RequestError as error:
-                code = error.code.name
-                await abort(context, error)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            finally:
-                self._rt.metrics.observe_rpc(name, code)
         return stream
 
     @functools.wraps(handler)
     async def unary(self, request, context):
-        code = "OK"
-        try:
+        async with _Outcome(self, name, context):
             return await handler(self, request, context)
-        except RequestError as error:
-            code = error.code.name
-            await abort(context, error)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            self._rt.metrics.observe_rpc(name, code)
     return unary
 
 
