@@ -10,11 +10,19 @@ Layers, bottom up:
 - `Block`: one page's bookkeeping (ref count, content hash, free-queue links); all made up front.
 - `FreeBlockQueue`: the blocks with ref count 0, in eviction order (head = evicted first), O(1) ops.
 - `hash_block`: content hash of one full block, chained from its parent block's hash.
-- `BlockPool`: allocate / touch / free blocks and the hash -> block map of cached blocks.
-- `KVCacheManager`: the scheduler-facing API: lookup, allocate, commit, free, pin, unpin, stats.
+- `BlockPool`: allocate / touch / free blocks (one free queue per rank) and the hash -> block map
+  of cached blocks.
+- `KVCacheManager`: the scheduler-facing API: lookup, allocate, can_allocate, commit, free, pin,
+  unpin, stats.
 
-Block 0 is the null block: never allocated, never freed, never cached. The runner pads block
-tables with it (`NULL_BLOCK_ID`), so padded rows point at a page no request owns.
+Sequence-parallel ranks: the device pool may be sharded over S devices ("ranks") on the `sequence`
+mesh axis. The `num_blocks = S * P` pages are numbered globally; block g lives on rank g // P at
+local index g % P. Column j of every block table (tokens [j * block_size, (j + 1) * block_size))
+is a block on rank j % S, so each device holds 1/S of every sequence. S = 1 is the unsharded pool.
+
+Each rank's local page 0 (global ids r * P) is a null block: never allocated, never freed, never
+cached. The runner pads block tables with `NULL_BLOCK_ID` (0), and each rank reads a padded entry
+as its own null page, so padded rows point at a page no request owns.
 """
 
 from __future__ import annotations
@@ -187,27 +195,52 @@ def hash_blocks(token_ids: Sequence[int], block_size: int, extra_keys: tuple = (
 # The block pool
 
 
-class BlockPool:
-    """All blocks of one device pool, their ref counts, the free queue and the cached-hash map.
+def columns_per_rank(first_column: int, num_columns: int, num_ranks: int) -> list[int]:
+    """How many of the columns `first_column .. first_column + num_columns - 1` fall on each rank.
 
-    Every block other than the null block is in exactly one of two states:
-      - free: ref_cnt == 0 and in the free queue (maybe still cached: content kept until evicted);
-      - used: ref_cnt > 0 and not in the free queue.
-    Hence `num_free_blocks + num_used_blocks == num_blocks - 1` at all times.
+    Column j is on rank j % num_ranks: every rank gets num_columns // num_ranks, and the
+    num_columns % num_ranks ranks that come first from `first_column`'s rank on get one more.
+    """
+    q, extra = divmod(num_columns, num_ranks)
+    return [q + ((r - first_column) % num_ranks < extra) for r in range(num_ranks)]
+
+
+class BlockPool:
+    """All blocks of one device pool, their ref counts, the free queues and the cached-hash map.
+
+    The pool is split into `num_ranks` equal ranks of `blocks_per_rank` (P) blocks: block g is on
+    rank g // P, and each rank's first block (g % P == 0) is its null block. Every other block is
+    in exactly one of two states:
+      - free: ref_cnt == 0 and in its rank's free queue (maybe still cached: content kept until
+        evicted);
+      - used: ref_cnt > 0 and not in a free queue.
+    Hence `num_free_blocks + num_used_blocks == num_blocks - num_ranks` at all times, and per rank
+    free + used == P - 1. `allocate` hands out blocks for table columns: column j from rank
+    j % num_ranks (one rank: the whole pool, one queue, exactly vLLM's pool).
     """
 
-    def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks < 2:
-            raise ValueError(f"num_blocks must be at least 2 (block 0 is reserved), "
-                             f"got {num_blocks}")
+    def __init__(self, num_blocks: int, block_size: int, num_ranks: int = 1):
+        if num_ranks < 1:
+            raise ValueError(f"num_ranks must be positive, got {num_ranks}")
+        if num_blocks < 2 * num_ranks or num_blocks % num_ranks:
+            raise ValueError(
+                f"num_blocks={num_blocks} must be a multiple of num_ranks={num_ranks} with at "
+                f"least 2 blocks per rank (each rank reserves its first block as a null block): "
+                f"use num_blocks = num_ranks * P for some P >= 2, e.g. "
+                f"{max(2, num_blocks // num_ranks) * num_ranks}")
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.num_ranks = num_ranks
+        self.blocks_per_rank = num_blocks // num_ranks
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.null_block = self.blocks[NULL_BLOCK_ID]
-        # The null block never enters the free queue, so it is never allocated.
-        self.free_queue = FreeBlockQueue(self.blocks[1:])
+        self.null_block_ids = tuple(range(0, num_blocks, self.blocks_per_rank))
+        self.null_block = self.blocks[NULL_BLOCK_ID]  # rank 0's
+        # Null blocks never enter a free queue, so they are never allocated.
+        p = self.blocks_per_rank
+        self.free_queues = [FreeBlockQueue(self.blocks[r * p + 1:(r + 1) * p])
+                            for r in range(num_ranks)]
         # Invariant: the map only holds full blocks (only `cache_block` adds, and the manager calls
         # it for full blocks only); block b is in _cached[h] iff b.block_hash == h. Several blocks
         # may share a hash (two requests computed the same prefix at once), as in vLLM: each stays
@@ -216,29 +249,60 @@ class BlockPool:
         self._num_cached = 0
 
     @property
+    def free_queue(self) -> FreeBlockQueue:
+        """The free queue of a one-rank pool (with several ranks use `free_queues[rank]`)."""
+        if self.num_ranks != 1:
+            raise ValueError(f"the pool has {self.num_ranks} free queues, one per rank: use "
+                             "free_queues[rank]")
+        return self.free_queues[0]
+
+    def rank_of(self, block: Block) -> int:
+        return block.block_id // self.blocks_per_rank
+
+    def is_null(self, block: Block) -> bool:
+        return block.block_id % self.blocks_per_rank == 0
+
+    @property
     def num_free_blocks(self) -> int:
-        """Blocks with ref_cnt 0, cached ones included: all of them can be allocated."""
-        return len(self.free_queue)
+        """Blocks with ref_cnt 0, cached ones included, over all ranks: all can be allocated."""
+        return sum(len(q) for q in self.free_queues)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - 1 - len(self.free_queue)
+        return self.num_blocks - self.num_ranks - self.num_free_blocks
+
+    def num_free_blocks_per_rank(self) -> list[int]:
+        return [len(q) for q in self.free_queues]
 
     @property
     def num_cached_blocks(self) -> int:
         return self._num_cached
 
-    def allocate(self, n: int) -> list[Block] | None:
-        """Take `n` blocks from the head of the free queue, each with ref_cnt 1.
+    def can_allocate(self, n: int, first_column: int = 0, touching: Iterable[Block] = ()) -> bool:
+        """Would `allocate(n, first_column)` succeed after `touch(touching)`? Changes nothing.
 
-        A cached block taken this way is evicted: its hash leaves the map. Returns None, changing
-        nothing, when fewer than `n` blocks are free.
+        `touching` are blocks about to get a holder first (a prefix hit): the free ones among them
+        leave their rank's free queue, so they do not count as allocatable.
         """
-        if n > len(self.free_queue):
+        free = self.num_free_blocks_per_rank()
+        for block in touching:
+            if block.ref_cnt == 0:
+                free[self.rank_of(block)] -= 1
+        need = columns_per_rank(first_column, n, self.num_ranks)
+        return all(k <= f for k, f in zip(need, free))
+
+    def allocate(self, n: int, first_column: int = 0) -> list[Block] | None:
+        """Blocks for table columns `first_column .. first_column + n - 1`, each with ref_cnt 1.
+
+        Column j's block is the head of rank j % num_ranks's free queue. A cached block taken this
+        way is evicted: its hash leaves the map. Returns None, changing nothing, when some rank has
+        fewer free blocks than the columns that fall on it.
+        """
+        if not self.can_allocate(n, first_column):
             return None
         out = []
-        for _ in range(n):
-            block = self.free_queue.popleft()
+        for column in range(first_column, first_column + n):
+            block = self.free_queues[column % self.num_ranks].popleft()
             # A block in the free queue has ref_cnt 0: nobody reads its content any more.
             assert block.ref_cnt == 0
             if block.block_hash is not None:
@@ -250,29 +314,31 @@ class BlockPool:
     def touch(self, blocks: Iterable[Block]) -> None:
         """Add one holder to each block, taking free (cached) ones out of the free queue."""
         for block in blocks:
-            if block is self.null_block:
-                raise ValueError("the null block cannot be held")
+            if self.is_null(block):
+                raise ValueError("a null block cannot be held")
             if block.ref_cnt == 0:
-                self.free_queue.remove(block)
+                self.free_queues[self.rank_of(block)].remove(block)
             block.ref_cnt += 1
 
     def free(self, blocks: Iterable[Block]) -> None:
         """Drop one holder from each block, in the given order; blocks reaching 0 become free.
 
-        A freed cached block goes to the tail (LRU: evicted after everything freed before it).
-        A freed block without a hash holds nothing reusable, so it goes to the head and is reused
-        before any cached block is evicted. Callers pass a sequence's blocks last to first, so the
-        tail of a sequence is evicted before its head (a later prompt more likely shares the head).
+        A freed cached block goes to the tail of its rank's queue (LRU: evicted after everything
+        freed before it on that rank). A freed block without a hash holds nothing reusable, so it
+        goes to the head and is reused before any cached block of its rank is evicted. Callers pass
+        a sequence's blocks last to first, so the tail of a sequence is evicted before its head (a
+        later prompt more likely shares the head).
         """
         for block in blocks:
-            if block.ref_cnt <= 0 or block is self.null_block:
+            if block.ref_cnt <= 0 or self.is_null(block):
                 raise ValueError(f"{block} freed more often than held")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
+                queue = self.free_queues[self.rank_of(block)]
                 if block.block_hash is None:
-                    self.free_queue.appendleft(block)
+                    queue.appendleft(block)
                 else:
-                    self.free_queue.append(block)
+                    queue.append(block)
 
     def cached(self, block_hash: int) -> Block | None:
         """A block registered under `block_hash`, held or free; None if absent or evicted."""
@@ -281,7 +347,7 @@ class BlockPool:
 
     def cache_block(self, block: Block, block_hash: int) -> None:
         """Register a FULL, held block under `block_hash` (the caller guarantees it is full)."""
-        if block.block_hash is not None or block.ref_cnt == 0 or block is self.null_block:
+        if block.block_hash is not None or block.ref_cnt == 0 or self.is_null(block):
             raise ValueError(f"{block} cannot be cached: it must be held and not yet cached")
         block.block_hash = block_hash
         self._cached.setdefault(block_hash, {})[block.block_id] = block
@@ -330,7 +396,8 @@ class PrefixHit:
 class KVStats:
     """A snapshot of the pool and of the prefix-cache hit counters.
 
-    total: all blocks, the null block included (so free + used == total - 1).
+    total: all blocks, the num_ranks null blocks included (so free + used == total - num_ranks,
+        which is `allocatable`).
     used: blocks with ref_cnt > 0 (held by requests or pins).
     free: blocks with ref_cnt 0 (allocatable; some of them cached).
     cached: blocks registered under a hash (held or free).
@@ -338,6 +405,9 @@ class KVStats:
     prefix_lookups / prefix_query_tokens / prefix_hit_tokens: over requests admitted with a
         PrefixHit (counted by their first successful `allocate`, so a lookup retried while a request
         waits for room counts once).
+    num_ranks: sequence-parallel ranks the pool is split over (1: unsharded).
+    free_per_rank / used_per_rank / pinned_per_rank: the same counts per rank (index = rank);
+        free_per_rank[r] + used_per_rank[r] == total // num_ranks - 1.
     """
 
     total: int
@@ -351,6 +421,29 @@ class KVStats:
     prefix_lookups: int
     prefix_query_tokens: int
     prefix_hit_tokens: int
+    num_ranks: int
+    free_per_rank: tuple[int, ...]
+    used_per_rank: tuple[int, ...]
+    pinned_per_rank: tuple[int, ...]
+
+    @property
+    def allocatable(self) -> int:
+        """Blocks that can ever be allocated: all but the null block of each rank."""
+        return self.total - self.num_ranks
+
+    @property
+    def max_request_blocks(self) -> int:
+        """The most blocks one request's table can hold once every block no pin holds is free.
+
+        Column j needs a block on rank j % num_ranks, and rank r has P - 1 - pinned_per_rank[r]
+        such blocks (P = total // num_ranks). With q the smallest of those, every rank can serve
+        q columns, and ranks 0, 1, ... one more each up to the first rank that has only q. One
+        rank: total - 1 - pinned. (A request hitting pinned blocks can hold more: they are shared.)
+        """
+        per_rank = self.total // self.num_ranks
+        room = [per_rank - 1 - p for p in self.pinned_per_rank]
+        q = min(room)
+        return q * self.num_ranks + room.index(q)
 
     @property
     def hit_rate(self) -> float:
@@ -362,7 +455,7 @@ class KVStats:
     @property
     def usage(self) -> float:
         """Fraction of allocatable blocks in use."""
-        return self.used / (self.total - 1)
+        return self.used / self.allocatable
 
 
 @dataclasses.dataclass(slots=True)
@@ -386,13 +479,20 @@ class KVCacheManager:
 
     Preemption is `free`: the blocks keep their content while cached and free, so re-admitting the
     request later (lookup + allocate from scratch) recomputes only what was evicted meanwhile.
+
+    With `num_ranks` S > 1 the pool is sharded over S sequence-parallel ranks: table column j is
+    always a block on rank j % S, and `allocate` fails (None) when any rank it needs is full, even
+    if `num_free_blocks` (a total) looks large enough; `can_allocate` asks without allocating.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        """`num_blocks` includes the null block 0: `num_blocks - 1` blocks are allocatable."""
-        self.pool = BlockPool(num_blocks, block_size)
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_ranks: int = 1):
+        """`num_blocks` counts all ranks' pages, null blocks included: `num_blocks - num_ranks`
+        are allocatable. It must be a multiple of `num_ranks`, with at least 2 per rank."""
+        self.pool = BlockPool(num_blocks, block_size, num_ranks)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.num_ranks = num_ranks
         self.enable_prefix_caching = enable_prefix_caching
         self._requests: dict[Hashable, _Request] = {}
         self._pins: dict[Hashable, list[Block]] = {}
@@ -404,8 +504,16 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks an `allocate` can take now (free, cached-but-free included)."""
+        """Blocks an `allocate` can take now (free, cached-but-free included), over all ranks.
+
+        With several ranks this does not say whether a request fits (column j needs rank j % S):
+        use `can_allocate`, or `num_free_blocks_per_rank`.
+        """
         return self.pool.num_free_blocks
+
+    def num_free_blocks_per_rank(self) -> list[int]:
+        """Free blocks (cached-but-free included) of each rank, index = rank."""
+        return self.pool.num_free_blocks_per_rank()
 
     def block_table(self, request_id: Hashable, pad_to: int | None = None) -> list[int]:
         """The request's block ids in token order, padded with NULL_BLOCK_ID up to `pad_to`."""
@@ -417,13 +525,20 @@ class KVCacheManager:
         return ids
 
     def stats(self) -> KVStats:
-        pinned = {b.block_id for blocks in self._pins.values() for b in blocks}
+        pinned = {b for blocks in self._pins.values() for b in blocks}
+        pinned_per_rank = [0] * self.num_ranks
+        for block in pinned:
+            pinned_per_rank[self.pool.rank_of(block)] += 1
+        free_per_rank = self.pool.num_free_blocks_per_rank()
         return KVStats(
             total=self.num_blocks, used=self.pool.num_used_blocks, free=self.pool.num_free_blocks,
             cached=self.pool.num_cached_blocks, pinned=len(pinned), block_size=self.block_size,
             num_requests=len(self._requests), num_pins=len(self._pins),
             prefix_lookups=self._lookups, prefix_query_tokens=self._query_tokens,
-            prefix_hit_tokens=self._hit_tokens)
+            prefix_hit_tokens=self._hit_tokens, num_ranks=self.num_ranks,
+            free_per_rank=tuple(free_per_rank),
+            used_per_rank=tuple(self.pool.blocks_per_rank - 1 - f for f in free_per_rank),
+            pinned_per_rank=tuple(pinned_per_rank))
 
     def lookup(self, token_ids: Sequence[int], extra_keys: tuple = ()) -> PrefixHit:
         """The longest run of cached FULL blocks matching the prompt's prefix. Changes nothing.
@@ -445,6 +560,7 @@ class KVCacheManager:
             block = self.pool.cached(parent)
             if block is None:
                 break
+            self._check_column(block, i)
             block_ids.append(block.block_id)
             hashes.append(parent)
         return PrefixHit(tuple(block_ids), len(block_ids) * self.block_size, n, tuple(extra_keys),
@@ -460,41 +576,23 @@ class KVCacheManager:
         the head of the table (one more holder each) and the request's extra keys are the hit's.
         Later calls only grow the table (block tables are append-only: ids already returned never
         change, so the engine's copy stays valid); asking for fewer tokens than the table holds is a
-        no-op. Returns None, changing nothing, when the free blocks (cached-but-free ones count as
-        reclaimable) are too few. Raises ValueError for a prefix on a later call, a stale prefix
-        (one of its blocks was evicted since the lookup), or num_tokens below the prefix.
+        no-op. New column j takes a block of rank j % num_ranks. Returns None, changing nothing,
+        when some rank has too few free blocks for its new columns (cached-but-free ones count as
+        reclaimable, evicted LRU within the rank). Raises ValueError for a prefix on a later call, a
+        stale prefix (one of its blocks was evicted since the lookup), or num_tokens below the
+        prefix.
         """
-        req = self._requests.get(request_id)
-        if req is not None:
-            if prefix is not None:
-                raise ValueError(f"request {request_id!r} already allocated: prefix only on the "
-                                 "first allocate")
-            need = -(-num_tokens // self.block_size) - len(req.blocks)
-            if need <= 0:
-                return [b.block_id for b in req.blocks]
-            new = self.pool.allocate(need)
-            if new is None:
-                return None
-            req.blocks.extend(new)  # append-only
-            return [b.block_id for b in req.blocks]
-
-        hit = prefix if prefix is not None else PrefixHit((), 0, num_tokens)
-        if num_tokens < hit.num_cached_tokens:
-            raise ValueError(f"num_tokens={num_tokens} is below the prefix hit's "
-                             f"{hit.num_cached_tokens} cached tokens")
-        hit_blocks = [self.pool.blocks[i] for i in hit.block_ids]
-        for block, h in zip(hit_blocks, hit.block_hashes, strict=True):
-            if block.block_hash != h:
-                raise ValueError("stale PrefixHit: a block was evicted since lookup; look up again "
-                                 "right before allocate")
-        need = -(-num_tokens // self.block_size) - len(hit_blocks)
+        req, hit_blocks, first_column, num_new = self._plan(request_id, num_tokens, prefix)
         # Touching a free hit block takes it out of the free queue: it no longer counts as free.
-        reclaimable = self.pool.num_free_blocks - sum(1 for b in hit_blocks if b.ref_cnt == 0)
-        if need > reclaimable:
+        if not self.pool.can_allocate(num_new, first_column, hit_blocks):
             return None
         self.pool.touch(hit_blocks)
-        new = self.pool.allocate(max(need, 0))
+        new = self.pool.allocate(num_new, first_column)
         assert new is not None  # checked above
+        if req is not None:
+            req.blocks.extend(new)  # append-only
+            return [b.block_id for b in req.blocks]
+        hit = prefix if prefix is not None else PrefixHit((), 0, num_tokens)
         self._requests[request_id] = _Request(hit_blocks + new, list(hit.block_hashes),
                                               tuple(hit.extra_keys))
         if prefix is not None:
@@ -502,6 +600,47 @@ class KVCacheManager:
             self._query_tokens += prefix.num_query_tokens
             self._hit_tokens += prefix.num_cached_tokens
         return [b.block_id for b in self._requests[request_id].blocks]
+
+    def can_allocate(self, request_id: Hashable | None, num_tokens: int,
+                     prefix: PrefixHit | None = None) -> bool:
+        """Would `allocate(request_id, num_tokens, prefix)` succeed now? Changes nothing.
+
+        `request_id` None (or one not yet allocated) asks about a new request. Raises the same
+        ValueErrors as `allocate` for arguments it would refuse (a stale prefix among them).
+        """
+        req, hit_blocks, first_column, num_new = self._plan(request_id, num_tokens, prefix)
+        return self.pool.can_allocate(num_new, first_column, hit_blocks)
+
+    def _plan(self, request_id: Hashable | None, num_tokens: int,
+              prefix: PrefixHit | None) -> tuple[_Request | None, list[Block], int, int]:
+        """What `allocate` has to do: (the live request or None for a new one, the prefix-hit
+        blocks a new request holds first, the first new column, how many new columns to append).
+        Validates the call."""
+        num_columns = -(-num_tokens // self.block_size)
+        req = self._requests.get(request_id) if request_id is not None else None
+        if req is not None:
+            if prefix is not None:
+                raise ValueError(f"request {request_id!r} already allocated: prefix only on the "
+                                 "first allocate")
+            return req, [], len(req.blocks), max(num_columns - len(req.blocks), 0)
+        hit = prefix if prefix is not None else PrefixHit((), 0, num_tokens)
+        if num_tokens < hit.num_cached_tokens:
+            raise ValueError(f"num_tokens={num_tokens} is below the prefix hit's "
+                             f"{hit.num_cached_tokens} cached tokens")
+        hit_blocks = [self.pool.blocks[i] for i in hit.block_ids]
+        for column, (block, h) in enumerate(zip(hit_blocks, hit.block_hashes, strict=True)):
+            if block.block_hash != h:
+                raise ValueError("stale PrefixHit: a block was evicted since lookup; look up again "
+                                 "right before allocate")
+            self._check_column(block, column)
+        return None, hit_blocks, len(hit_blocks), max(num_columns - len(hit_blocks), 0)
+
+    def _check_column(self, block: Block, column: int) -> None:
+        """A cached block found for table column `column` is on that column's rank."""
+        # The hash chain fixes the column (hash i names tokens [0, (i + 1) * block_size)), and
+        # commit registers table column i under hash i, so a block serving column j was computed
+        # as some request's column j: it is on rank j % S because every table is round-robin.
+        assert self.pool.rank_of(block) == column % self.num_ranks, (block, column)
 
     def commit(self, request_id: Hashable, token_ids: Sequence[int]) -> None:
         """Record that the K/V of `token_ids` (the request's whole sequence so far) are computed.
@@ -565,10 +704,11 @@ class KVCacheManager:
         if cache_id in self._pins:
             raise ValueError(f"cache {cache_id!r} is already pinned")
         blocks = []
-        for h in hash_blocks(token_ids, self.block_size, tuple(extra_keys)):
+        for column, h in enumerate(hash_blocks(token_ids, self.block_size, tuple(extra_keys))):
             block = self.pool.cached(h)
             if block is None:
                 return None
+            self._check_column(block, column)
             blocks.append(block)
         # Pinned blocks have ref_cnt >= 1, so they are never in the free queue: never evicted.
         self.pool.touch(blocks)

@@ -2,7 +2,8 @@
 
 Expected values are worked out by hand in the comments, or checked against an independent
 reference model (`_Reference`) that tracks holders, the free-queue order and what a fake engine
-wrote into every page slot.
+wrote into every page slot. Pools sharded over sequence-parallel ranks (`num_ranks`) are checked
+the same way: column j of every table on rank j % S, one LRU free queue per rank.
 """
 
 import hashlib
@@ -21,6 +22,7 @@ from server.kv_manager import (
     FreeBlockQueue,
     KVCacheManager,
     PrefixHit,
+    columns_per_rank,
     hash_block,
     hash_blocks,
 )
@@ -34,6 +36,15 @@ def queue_ids(q: FreeBlockQueue) -> list[int]:
 
 def free_order(kv: KVCacheManager) -> list[int]:
     return queue_ids(kv.pool.free_queue)
+
+
+def free_orders(kv: KVCacheManager) -> list[list[int]]:
+    """Each rank's free queue, head first."""
+    return [queue_ids(q) for q in kv.pool.free_queues]
+
+
+def ranks(kv: KVCacheManager, table) -> list[int]:
+    return [b // (kv.num_blocks // kv.num_ranks) for b in table]
 
 
 # ---- free queue
@@ -338,37 +349,199 @@ def test_prefix_caching_disabled():
         kv.pin("c", [1, 2])
 
 
+# ---- sequence-parallel ranks: column j on rank j % S
+
+
+def test_columns_per_rank_by_hand():
+    assert columns_per_rank(0, 5, 1) == [5]
+    assert columns_per_rank(0, 5, 2) == [3, 2]  # columns 0..4 -> ranks 0 1 0 1 0
+    assert columns_per_rank(3, 5, 4) == [1, 1, 1, 2]  # columns 3..7 -> ranks 3 0 1 2 3
+    assert columns_per_rank(6, 0, 4) == [0, 0, 0, 0]
+
+
+def test_rank_layout_is_validated():
+    with pytest.raises(ValueError, match="multiple of num_ranks=4"):
+        BlockPool(10, 2, num_ranks=4)
+    with pytest.raises(ValueError, match="at least 2 blocks per rank"):
+        KVCacheManager(4, 2, num_ranks=4)  # every block would be a null block
+    with pytest.raises(ValueError, match="num_ranks must be positive"):
+        KVCacheManager(8, 2, num_ranks=0)
+    pool = BlockPool(12, 2, num_ranks=4)  # P = 3: blocks 0, 3, 6, 9 are the null blocks
+    assert pool.null_block_ids == (0, 3, 6, 9) and pool.num_free_blocks == 8
+    assert free_orders(KVCacheManager(12, 2, num_ranks=4)) == [[1, 2], [4, 5], [7, 8], [10, 11]]
+    for b in pool.null_block_ids:
+        with pytest.raises(ValueError):
+            pool.touch([pool.blocks[b]])
+    with pytest.raises(ValueError, match="free_queues"):
+        pool.free_queue  # noqa: B018 - one queue per rank now
+
+
+def test_two_ranks_by_hand():
+    kv = KVCacheManager(8, 2, num_ranks=2)  # P = 4: rank 0 holds 1 2 3, rank 1 holds 5 6 7
+    assert kv.allocate("a", 5) == [1, 5, 2]  # columns 0 1 2 -> ranks 0 1 0
+    assert kv.allocate("a", 8) == [1, 5, 2, 6]  # column 3 -> rank 1
+    assert kv.allocate("b", 2) == [3]  # column 0 -> rank 0, now full
+    assert kv.num_free_blocks_per_rank() == [0, 1] and kv.num_free_blocks == 1
+    assert not kv.can_allocate(None, 1) and kv.allocate("c", 1) is None  # rank 0 is full
+    assert kv.can_allocate("b", 4) and kv.allocate("b", 4) == [3, 7]  # column 1 -> rank 1
+    s = kv.stats()
+    assert (s.free, s.used, s.allocatable) == (0, 6, 6)
+    assert (s.free_per_rank, s.used_per_rank) == ((0, 0), (3, 3))
+    assert kv.block_table("b", pad_to=4) == [3, 7, NULL_BLOCK_ID, NULL_BLOCK_ID]
+
+
+def test_lru_eviction_is_per_rank():
+    kv = KVCacheManager(6, 2, num_ranks=2)  # rank 0: 1 2, rank 1: 4 5
+    a = [1, 2, 3, 4, 5, 6, 7, 8]
+    assert kv.allocate("a", 8) == [1, 4, 2, 5]
+    kv.commit("a", a)
+    kv.free("a")  # last to first: 5 2 4 1, each to the tail of its rank's queue
+    assert free_orders(kv) == [[2, 1], [5, 4]]
+    assert kv.allocate("b", 2) == [2]  # rank 0's oldest: a's column 2
+    assert kv.lookup(a).block_ids == (1, 4)  # columns 0 and 1 survive; rank 1 untouched
+    assert kv.allocate("b", 4) == [2, 5]  # rank 1's oldest: a's column 3
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_tables_are_round_robin_and_never_hold_null_blocks(num_ranks):
+    rng = random.Random(num_ranks)
+    per_rank = 5
+    kv = KVCacheManager(num_ranks * per_rank, 3, num_ranks=num_ranks)
+    nulls = set(range(0, kv.num_blocks, per_rank))
+    handed, live = [], set()
+    for i in range(300):
+        rid = f"r{i % 6}"
+        if rng.random() < 0.3 and rid in live:
+            kv.free(rid)
+            live.discard(rid)
+            continue
+        have = len(kv.block_table(rid)) if rid in live else 0
+        table = kv.allocate(rid, (have + rng.randint(0, 2 * num_ranks)) * 3 + 1)
+        if table is None:
+            continue
+        live.add(rid)
+        assert ranks(kv, table) == [j % num_ranks for j in range(len(table))]
+        assert not nulls & set(table)
+        handed += table
+    assert set(handed) == set(range(kv.num_blocks)) - nulls  # every other block got used
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_one_full_rank_refuses_and_changes_nothing(num_ranks):
+    bs = 2
+    kv = KVCacheManager(num_ranks * 3, bs, num_ranks=num_ranks)  # 2 usable blocks per rank
+    assert kv.allocate("a", bs) is not None and kv.allocate("b", bs) is not None  # rank 0 full
+    kv.commit("a", [1, 2])
+    state = (free_orders(kv), kv.stats(), kv.block_table("a"), kv.block_table("b"))
+    assert kv.num_free_blocks == 2 * (num_ranks - 1)  # plenty in total, none on rank 0
+    assert not kv.can_allocate(None, 1)
+    assert kv.allocate("c", 1) is None
+    hit = kv.lookup([1, 2, 3])  # a held block of rank 0: hitting it needs no free block there
+    assert hit.num_cached_tokens == 2 and kv.can_allocate("c", 3, hit)
+    # Growing "a" to S + 1 columns needs rank 0 again (column S): refused, nothing changes.
+    assert not kv.can_allocate("a", (num_ranks + 1) * bs)
+    assert kv.allocate("a", (num_ranks + 1) * bs) is None
+    assert (free_orders(kv), kv.stats(), kv.block_table("a"), kv.block_table("b")) == state
+    assert ranks(kv, kv.allocate("a", num_ranks * bs)) == list(range(num_ranks))  # 1..S-1: fine
+    kv.free("b")  # rank 0 has one free block again: column S fits, and so does all of rank 1..S-1
+    assert ranks(kv, kv.allocate("a", 2 * num_ranks * bs)) == [
+        j % num_ranks for j in range(2 * num_ranks)]
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_prefix_hits_and_pins_with_ranks(num_ranks):
+    bs, per_rank = 2, 4
+    kv = KVCacheManager(num_ranks * per_rank, bs, num_ranks=num_ranks)
+    content = list(range(100, 100 + (num_ranks + 1) * bs + 1))  # S + 1 full blocks + 1 token
+    table = kv.allocate("make", len(content))
+    kv.commit("make", content)
+    pinned = kv.pin("doc", content)
+    assert pinned == table[:num_ranks + 1]
+    kv.free("make")
+    s = kv.stats()
+    # Columns 0 and S are on rank 0; every other rank holds one pinned column.
+    assert s.pinned_per_rank == (2,) + (1,) * (num_ranks - 1)
+    assert s.used_per_rank == s.pinned_per_rank
+    # Room per rank: rank 0 has 1 unpinned block, the others 2 -> S columns (0..S-1) fit, S+1 not.
+    assert s.max_request_blocks == num_ranks
+    assert kv.allocate("big", (num_ranks + 1) * bs) is None
+    assert kv.allocate("fill", num_ranks * bs) is not None  # pressure: every rank's spare block
+    kv.free("fill")
+    question = content + [7, 8, 9]
+    hit = kv.lookup(question)
+    assert list(hit.block_ids) == pinned
+    got = kv.allocate("q", len(question), prefix=hit)
+    assert got[:num_ranks + 1] == pinned
+    assert ranks(kv, got) == [j % num_ranks for j in range(len(got))]
+    assert all(kv.pool.blocks[b].ref_cnt == 2 for b in pinned)
+    kv.free("q")
+    kv.unpin("doc")
+    s = kv.stats()
+    assert (s.used, s.free, s.pinned, s.max_request_blocks) == (
+        0, s.allocatable, 0, num_ranks * (per_rank - 1))
+
+
+def test_hit_block_on_the_wrong_rank_is_a_bug():
+    kv = KVCacheManager(8, 2, num_ranks=2)
+    kv.allocate("a", 4)
+    kv.commit("a", [1, 2, 3, 4])
+    hit = kv.lookup([1, 2, 3, 4, 5])
+    assert hit.block_ids == (1, 5)
+    swapped = PrefixHit(hit.block_ids[::-1], 4, 5, (), hit.block_hashes[::-1])
+    with pytest.raises(AssertionError):
+        kv.allocate("b", 5, prefix=swapped)  # block 5 (rank 1) cannot serve column 0
+
+
 # ---- randomized check against a reference model
 
 
 class _Reference:
     """What the manager should hold, tracked without looking at its internals.
 
-    refs: holders per block; queue: the free queue, head first; hashed: blocks that should be
-    registered; slots: (block, slot) -> (extra_keys, the token prefix ending at that slot), as a
-    fake engine wrote it.
+    refs: holders per block; queues: each rank's free queue, head first (block b is on rank
+    b // P; each rank's first block is a null block); hashed: blocks that should be registered;
+    slots: (block, slot) -> (extra_keys, the token prefix ending at that slot), as a fake engine
+    wrote it.
     """
 
-    def __init__(self, num_blocks, block_size):
+    def __init__(self, num_blocks, block_size, num_ranks=1):
         self.bs = block_size
         self.total = num_blocks
-        self.refs = {b: 0 for b in range(1, num_blocks)}
-        self.queue = list(range(1, num_blocks))
+        self.num_ranks = num_ranks
+        self.per_rank = num_blocks // num_ranks
+        self.nulls = set(range(0, num_blocks, self.per_rank))
+        self.refs = {b: 0 for b in range(num_blocks) if b not in self.nulls}
+        self.queues = [[b for b in self.refs if self.rank(b) == r] for r in range(num_ranks)]
         self.hashed = set()
         self.slots = {}
         self.tables = {}  # request id -> block ids
+        self.hit_cols = {}  # request id -> how many leading columns came from its prefix hit
         self.reqs = {}  # request id -> dict(seq, extra, computed, target)
         self.pins = {}  # cache id -> block ids
+
+    def rank(self, b):
+        return b // self.per_rank
 
     def hold(self, blocks):
         for b in blocks:
             if self.refs[b] == 0:
-                self.queue.remove(b)
+                self.queues[self.rank(b)].remove(b)
             self.refs[b] += 1
 
-    def take(self, n):
-        new = self.queue[:n]
-        del self.queue[:n]
+    def fits(self, first_column, n, hit_ids=()):
+        """Does every rank have a free block for each of columns first_column .. + n - 1, after
+        holding hit_ids?"""
+        free = [len(q) for q in self.queues]
+        for b in hit_ids:
+            free[self.rank(b)] -= self.refs[b] == 0
+        need = [0] * self.num_ranks
+        for j in range(first_column, first_column + n):
+            need[j % self.num_ranks] += 1
+        return all(k <= f for k, f in zip(need, free))
+
+    def take(self, first_column, n):
+        new = [self.queues[j % self.num_ranks].pop(0)
+               for j in range(first_column, first_column + n)]
         for b in new:
             self.refs[b] = 1
             self.hashed.discard(b)
@@ -379,12 +552,12 @@ class _Reference:
             self.refs[b] -= 1
             if self.refs[b] == 0:
                 if b in self.hashed:
-                    self.queue.append(b)
+                    self.queues[self.rank(b)].append(b)
                 else:
-                    self.queue.insert(0, b)
+                    self.queues[self.rank(b)].insert(0, b)
 
     def num_free(self):
-        return len(self.queue)
+        return sum(len(q) for q in self.queues)
 
     def holds(self, b, extra, prefix):
         """Does block b hold the K/V of the last block of `prefix` (full), computed with `extra`?"""
@@ -395,19 +568,28 @@ class _Reference:
 
 def _check(kv: KVCacheManager, ref: _Reference):
     pool = kv.pool
-    assert pool.null_block.ref_cnt == 0 and pool.null_block.block_hash is None
-    queue = free_order(kv)
-    assert queue == ref.queue
-    assert len(set(queue)) == len(queue) and NULL_BLOCK_ID not in queue
+    assert NULL_BLOCK_ID in ref.nulls and set(pool.null_block_ids) == ref.nulls
+    for b in ref.nulls:
+        null = pool.blocks[b]
+        assert null.ref_cnt == 0 and null.block_hash is None and null.prev_free is None
+    queues = free_orders(kv)
+    assert queues == ref.queues
+    for r, queue in enumerate(queues):
+        assert len(set(queue)) == len(queue) and all(ref.rank(b) == r for b in queue)
     for b, n in ref.refs.items():
         assert pool.blocks[b].ref_cnt == n
         assert (pool.blocks[b].prev_free is not None) == (n == 0)  # in the queue iff free
     holders = {}
+    owners = {}  # block -> tables holding it at a column that did not come from a prefix hit
     for rid, table in ref.tables.items():
         assert kv.block_table(rid) == table
-        assert len(set(table)) == len(table) and NULL_BLOCK_ID not in table
-        for b in table:
+        assert len(set(table)) == len(table) and not ref.nulls & set(table)
+        assert [ref.rank(b) for b in table] == [j % ref.num_ranks for j in range(len(table))]
+        for j, b in enumerate(table):
             holders[b] = holders.get(b, 0) + 1
+            if j >= ref.hit_cols[rid]:
+                owners[b] = owners.get(b, 0) + 1
+    assert all(n == 1 for n in owners.values())  # a block is on two tables only through a hit
     for ids in ref.pins.values():
         for b in ids:
             holders[b] = holders.get(b, 0) + 1
@@ -425,10 +607,24 @@ def _check(kv: KVCacheManager, ref: _Reference):
         if n > 1:
             assert b in hashed  # sharing only through the cache
     s = kv.stats()
-    assert s.free + s.used == s.total - 1
+    assert s.free + s.used == s.total - ref.num_ranks == s.allocatable
     assert (s.free, s.used, s.cached) == (ref.num_free(), sum(1 for n in ref.refs.values() if n),
                                          len(ref.hashed))
-    assert s.pinned == len({b for ids in ref.pins.values() for b in ids})
+    pinned = {b for ids in ref.pins.values() for b in ids}
+    assert s.pinned == len(pinned)
+    per_rank = [[b for b in ref.refs if ref.rank(b) == r] for r in range(ref.num_ranks)]
+    assert s.free_per_rank == tuple(len(q) for q in ref.queues)
+    assert s.used_per_rank == tuple(sum(1 for b in bs if ref.refs[b]) for bs in per_rank)
+    assert all(f + u == ref.per_rank - 1 for f, u in zip(s.free_per_rank, s.used_per_rank))
+    assert s.pinned_per_rank == tuple(len(pinned & set(bs)) for bs in per_rank)
+    # max_request_blocks: the longest table that fits once every unpinned block is free.
+    room = [ref.per_rank - 1 - p for p in s.pinned_per_rank]
+    m = 0
+    while m < ref.total and all(
+            sum(1 for j in range(m + 1) if j % ref.num_ranks == r) <= room[r]
+            for r in range(ref.num_ranks)):
+        m += 1
+    assert s.max_request_blocks == m
 
 
 def _check_hit(ref, hit, prompt, extra):
@@ -441,34 +637,36 @@ def _check_hit(ref, hit, prompt, extra):
         assert not any(ref.holds(b, extra, prompt[:(k + 1) * bs]) for b in ref.hashed)
 
 
-def test_randomized_against_reference_model():
+@pytest.mark.parametrize("num_ranks,nb", [(1, 33), (4, 36)])  # 32 allocatable blocks either way
+def test_randomized_against_reference_model(num_ranks, nb):
     rng = random.Random(20240611)
-    bs, nb = 4, 33
-    kv = KVCacheManager(nb, bs)
-    ref = _Reference(nb, bs)
+    bs = 4
+    kv = KVCacheManager(nb, bs, num_ranks=num_ranks)
+    ref = _Reference(nb, bs, num_ranks)
     docs = [[rng.randrange(40) for _ in range(44)] for _ in range(3)]
     salts = [(), ("tenant-b",)]
     next_id = 0
     counts = dict(admit=0, refused=0, grow=0, commit=0, free=0, pin=0, unpin=0, hits=0)
+    rank_refusals = 0  # refused although the total free count would have been enough
 
     def allocate(rid, n, hit=None):
         """Call allocate and check it against the reference; returns the table or None."""
-        if rid in ref.tables:
-            need = -(-n // bs) - len(ref.tables[rid])
-            avail = ref.num_free()
-            hit_ids = []
-        else:
-            hit_ids = list(hit.block_ids) if hit else []
-            need = -(-n // bs) - len(hit_ids)
-            avail = ref.num_free() - sum(1 for b in hit_ids if ref.refs[b] == 0)
-        before = (free_order(kv), kv.stats())
+        nonlocal rank_refusals
+        hit_ids = [] if rid in ref.tables else list(hit.block_ids) if hit else []
+        first = len(ref.tables.get(rid, hit_ids))
+        need = max(-(-n // bs) - first, 0)
+        fits = ref.fits(first, need, hit_ids)
+        assert kv.can_allocate(rid, n, hit) == fits
+        before = (free_orders(kv), kv.stats())
         table = kv.allocate(rid, n, prefix=hit)
-        if need > avail:
-            assert table is None and (free_order(kv), kv.stats()) == before
+        if not fits:
+            assert table is None and (free_orders(kv), kv.stats()) == before
+            rank_refusals += need <= ref.num_free() - sum(1 for b in hit_ids if ref.refs[b] == 0)
             return None
         assert table is not None
         ref.hold(hit_ids)
-        new = ref.take(max(need, 0))  # from the queue's head, in order
+        new = ref.take(first, need)  # from each column's rank's queue head, in order
+        ref.hit_cols.setdefault(rid, len(hit_ids))
         ref.tables[rid] = ref.tables.get(rid, []) + hit_ids + new
         assert table == ref.tables[rid]
         return table
@@ -476,6 +674,7 @@ def test_randomized_against_reference_model():
     def free(rid):
         kv.free(rid)
         ref.release(ref.tables.pop(rid))
+        del ref.hit_cols[rid]
         del ref.reqs[rid]
         counts["free"] += 1
 
@@ -554,6 +753,8 @@ def test_randomized_against_reference_model():
 
     # Every op kind happened often enough for the test to mean something.
     assert min(counts.values()) >= 50, counts
+    if num_ranks > 1:  # and some refusals came from one full rank, not from the total
+        assert rank_refusals >= 10, rank_refusals
     for rid in sorted(ref.reqs):
         free(rid)
     for cache_id in sorted(ref.pins):
@@ -561,5 +762,5 @@ def test_randomized_against_reference_model():
         ref.release(ref.pins.pop(cache_id))
     _check(kv, ref)
     s = kv.stats()
-    assert (s.used, s.free, s.pinned, s.num_requests, s.num_pins) == (0, nb - 1, 0, 0, 0)
+    assert (s.used, s.free, s.pinned, s.num_requests, s.num_pins) == (0, nb - num_ranks, 0, 0, 0)
     assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
