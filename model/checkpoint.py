@@ -3,8 +3,9 @@
 ringserve's format is a directory with `ringserve_config.json` (ModelConfig.to_json) and
 `model.safetensors` whose tensor names are the model's parameter paths joined by dots
 ('embedder.table', 'layers.0.attn.qkv_proj', ...), stored in the layouts of model/layers.py.
-Directories written before q/k/v and gate/up were fused (per-head 'attn.q_proj' [N, D, H] ...,
-'mlp.gate' and 'mlp.up') still load: their tensors are converted on the way in.
+Two older layouts still load, converted on the way in: per-head 'attn.q_proj' [N, D, H] ... with
+'mlp.gate' and 'mlp.up' (the first), and fused 2-D 'attn.qkv_proj' [D, (N + 2K) * H] with
+'mlp.gate_up' [D, 2F] (before the tensor-parallel layout grouped query heads by kv head).
 
 Loading builds an abstract model (shapes only, no random init) and fills it one tensor at a time,
 so at most one parameter (with the few source tensors a fused one is built from) exists twice
@@ -25,6 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from model.config import HF_MODEL_TYPES, ModelConfig
+from model.layers import group_qkv
 from model.transformer import Transformer
 
 CONFIG_FILE = 'ringserve_config.json'
@@ -45,8 +47,11 @@ def load(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Trans
         if dtype is not None:
             config = config.replace(dtype=dtype)
         with _TensorFiles([path / WEIGHTS_FILE]) as files:
-            if 'layers.0.attn.q_proj' in files.names:  # the unfused layout of earlier versions
+            if 'layers.0.attn.q_proj' in files.names:  # the unfused layout of the first versions
                 sources = _legacy_sources(config)
+                return config, from_params(config, lambda name: _fetch(files, sources, name))
+            if len(files.shape('layers.0.attn.qkv_proj')) == 2:  # fused, ungrouped (before TP)
+                sources = _fused_v1_sources(config)
                 return config, from_params(config, lambda name: _fetch(files, sources, name))
             return config, from_params(config, files.get)
     if (path / HF_CONFIG_FILE).is_file():
@@ -137,8 +142,14 @@ def _columns(*ws):
     return np.concatenate([w.T for w in ws], axis=1)
 
 
-def _concat(*bs):
-    return np.concatenate(bs)
+def _gate_up(gate, up):
+    """Two [D, F] matrices -> our [D, 2, F]."""
+    return np.stack([gate, up], axis=1)
+
+
+def _qkv(config: ModelConfig) -> Callable[..., np.ndarray]:
+    """(q [.., N*H], k [.., K*H], v [.., K*H]) columns or biases -> our grouped [.., K, R + 2, H]."""
+    return lambda q, k, v: group_qkv(q, k, v, config.n_kv_heads)
 
 
 def _hf_sources(config: ModelConfig, prefix: str) -> Sources:
@@ -155,13 +166,14 @@ def _hf_sources(config: ModelConfig, prefix: str) -> Sources:
         sources.update({
             f'{ours}attn_norm.scale': ((f'{hf}input_layernorm.weight',), _same),
             f'{ours}mlp_norm.scale': ((f'{hf}post_attention_layernorm.weight',), _same),
-            f'{ours}attn.qkv_proj': (qkv, _columns),  # [D, (N + 2K) * H]
+            f'{ours}attn.qkv_proj': (qkv, lambda q, k, v: _qkv(config)(q.T, k.T, v.T)),  # [D, K, R+2, H]
             f'{ours}attn.o_proj': ((f'{hf}self_attn.o_proj.weight',), _columns),  # [N * H, D]
-            f'{ours}mlp.gate_up': ((f'{hf}mlp.gate_proj.weight', f'{hf}mlp.up_proj.weight'), _columns),
+            f'{ours}mlp.gate_up': ((f'{hf}mlp.gate_proj.weight', f'{hf}mlp.up_proj.weight'),
+                                   lambda g, u: _gate_up(g.T, u.T)),  # [D, 2, F]
             f'{ours}mlp.down': ((f'{hf}mlp.down_proj.weight',), _columns),
         })
         if config.qkv_bias:
-            sources[f'{ours}attn.qkv_bias'] = (tuple(f'{hf}self_attn.{x}_proj.bias' for x in 'qkv'), _concat)
+            sources[f'{ours}attn.qkv_bias'] = (tuple(f'{hf}self_attn.{x}_proj.bias' for x in 'qkv'), _qkv(config))
     _check_covers(config, sources)
     return sources
 
@@ -171,20 +183,37 @@ def _legacy_sources(config: ModelConfig) -> Sources:
     q/k/v_bias [heads, H], mlp.gate / mlp.up [D, F]) and conversion."""
     n, h, d = config.n_heads, config.head_dim, config.d_model
 
-    def heads_to_columns(*ws):  # [heads, D, H] each -> [D, sum(heads) * H]
-        return np.concatenate([w.transpose(1, 0, 2).reshape(d, -1) for w in ws], axis=1)
+    def heads_to_columns(*ws):  # [heads, D, H] each -> our [D, K, R + 2, H]
+        return _qkv(config)(*(w.transpose(1, 0, 2).reshape(d, -1) for w in ws))
 
-    def flat_bias(*bs):
-        return np.concatenate([b.reshape(-1) for b in bs])
+    def flat_bias(*bs):  # [heads, H] each
+        return _qkv(config)(*(b.reshape(-1) for b in bs))
 
     sources = {name: ((name,), _same) for name, _ in param_specs(config)}
     for i in range(config.n_layers):
         ours = f'layers.{i}.'
         sources[f'{ours}attn.qkv_proj'] = (tuple(f'{ours}attn.{x}_proj' for x in 'qkv'), heads_to_columns)
         sources[f'{ours}attn.o_proj'] = ((f'{ours}attn.o_proj',), lambda w: w.reshape(n * h, d))
-        sources[f'{ours}mlp.gate_up'] = ((f'{ours}mlp.gate', f'{ours}mlp.up'), lambda g, u: np.concatenate([g, u], 1))
+        sources[f'{ours}mlp.gate_up'] = ((f'{ours}mlp.gate', f'{ours}mlp.up'), _gate_up)
         if config.qkv_bias:
             sources[f'{ours}attn.qkv_bias'] = (tuple(f'{ours}attn.{x}_bias' for x in 'qkv'), flat_bias)
+    _check_covers(config, sources)
+    return sources
+
+
+def _fused_v1_sources(config: ModelConfig) -> Sources:
+    """ringserve name -> tensors of the fused, ungrouped layout: qkv_proj [D, (N + 2K) * H] (all
+    query heads, then keys, then values), qkv_bias [(N + 2K) * H], gate_up [D, 2F]."""
+    cuts = [config.n_heads * config.head_dim, (config.n_heads + config.n_kv_heads) * config.head_dim]
+    sources = {name: ((name,), _same) for name, _ in param_specs(config)}
+    for i in range(config.n_layers):
+        ours = f'layers.{i}.'
+        sources[f'{ours}attn.qkv_proj'] = ((f'{ours}attn.qkv_proj',),
+                                          lambda w: _qkv(config)(*np.split(w, cuts, axis=-1)))
+        sources[f'{ours}mlp.gate_up'] = ((f'{ours}mlp.gate_up',), lambda w: _gate_up(*np.split(w, 2, axis=1)))
+        if config.qkv_bias:
+            sources[f'{ours}attn.qkv_bias'] = ((f'{ours}attn.qkv_bias',),
+                                              lambda b: _qkv(config)(*np.split(b, cuts, axis=-1)))
     _check_covers(config, sources)
     return sources
 
@@ -222,6 +251,11 @@ class _TensorFiles:
     def names(self) -> dict[str, int]:
         """Tensor name -> index of the file holding it (a dict, so `in` is O(1))."""
         return self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._where:
+            raise ValueError(f'Tensor {name!r} is missing from {[str(p) for p in self._paths]}.')
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from model import attention
 from model.config import ModelConfig
 
 
@@ -56,3 +57,15 @@ class KVCache:
         The paged cache (model/kv_pages.py) has the same method, so the model takes either.
         """
         return self.k[layer, :, :span], self.v[layer, :, :span]
+
+    @property
+    def span_limit(self) -> int:
+        return self.max_len
+
+    def attend(self, layer: int, q, k, v, positions, scale: float, kv_span: int | None = None):
+        """Write k, v at `positions`, then attend q over cache indices < kv_span (all when None):
+        the query at position p sees indices <= p. Returns ([B, T, N, H], the updated cache)."""
+        cache = self.write(layer, positions, k, v)
+        k_all, v_all = cache.read(layer, kv_span)  # [B, S, K, H]
+        mask = attention.cache_mask(positions, k_all.shape[1])  # [B, T, S]
+        return attention.attend(q, k_all, v_all, mask, scale), cache

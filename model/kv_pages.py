@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from model import attention
 from model.config import ModelConfig
+from model.paged_attention import paged_attend
 
 NULL_PAGE = 0
 
@@ -134,6 +136,27 @@ class PagedKVCache:
             raise ValueError(f'read: span={span} must be in [1, max_len={self.max_len}].')
         table = self.page_table[:, : -(-span // self.page_len)]  # i32[B, pages covering span]
         return _gather(self.k_pages[layer], table, span), _gather(self.v_pages[layer], table, span)
+
+
+    @property
+    def span_limit(self) -> int:
+        return self.max_len
+
+    def attend(self, layer: int, q, k, v, positions, scale: float, kv_span: int | None = None):
+        """Write k, v into their pages, then attend; returns ([B, T, N, H], the updated cache).
+
+        With `kv_span` (a static bucket), gathers the first kv_span positions and attends densely:
+        one fused pass, fastest for single-token decode on CPU. Without it, `paged_attend` walks the
+        table block by block and stops after the last page any query can see, so a chunk near the
+        start of a 1M-token table costs what its own prefix costs.
+        """
+        cache = self.write(layer, positions, k, v)
+        if kv_span is None:
+            return paged_attend(q, cache.k_pages[layer], cache.v_pages[layer], cache.page_table,
+                                positions, scale), cache
+        k_all, v_all = cache.read(layer, kv_span)  # [B, S, K, H]
+        mask = attention.cache_mask(positions, k_all.shape[1])
+        return attention.attend(q, k_all, v_all, mask, scale), cache
 
 
 def _gather(pool: jax.Array, table: jax.Array, span: int) -> jax.Array:

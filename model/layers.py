@@ -1,12 +1,15 @@
 """Building blocks: RMSNorm, RoPE, embedder, attention and MLP modules, the decoder block.
 
 Parameters are stored in the config dtype; norms, RoPE rotation, attention softmax and logits are
-computed in float32 and cast back. Weight layouts (einsum letters as in docs/design.md), chosen so
-every projection is one plain [rows, D] x [D, cols] matmul (XLA:CPU runs those far faster than
-head-batched einsums, see docs/benchmarks.md):
-qkv_proj [D, (N + 2K) * H] (columns: the N query heads, then K key heads, then K value heads, each H
-wide), qkv_bias [(N + 2K) * H], o_proj [N * H, D], gate_up [D, 2F] (gate columns, then up), down [F, D],
-embedding table [V, D].
+computed in float32 and cast back. Weight layouts (einsum letters as in docs/design.md, R = N / K
+query heads per kv head), chosen so every projection is one plain [rows, D] x [D, cols] matmul (XLA:CPU
+runs those far faster than head-batched einsums, see docs/benchmarks.md) and so that tensor
+parallelism splits one axis of each (the kv heads, the MLP hidden axis) without moving columns:
+qkv_proj [D, K, R + 2, H] (for kv head k: its R query heads, then its key, then its value; query head
+n = k * R + r, Hugging Face's grouping), qkv_bias [K, R + 2, H], o_proj [N * H, D], gate_up [D, 2, F]
+(gate, then up), down [F, D], embedding table [V, D].
+
+Every parameter names its logical axes (`axes=` metadata); model/sharding.py maps them to the mesh.
 """
 
 from __future__ import annotations
@@ -17,33 +20,41 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import numpy as np
+
 from model import attention
+from model import rope as rope_lib
 from model.config import ModelConfig
-from model.kv_cache import KVCache
 
 
-def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
-    return nnx.Param(_normal(rngs, shape, std).astype(dtype))
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype, axes: tuple) -> nnx.Param:
+    return nnx.Param(_normal(rngs, shape, std).astype(dtype), axes=axes)
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
     return jax.random.normal(rngs.params(), shape, jnp.float32) * std
 
 
-def _heads_to_columns(w: jax.Array) -> jax.Array:
-    """[heads, D, H] -> [D, heads * H], column = head * H + h (Hugging Face's row order)."""
-    heads, d, h = w.shape
-    return w.transpose(1, 0, 2).reshape(d, heads * h)
+def group_qkv(q, k, v, kv_heads: int):
+    """Per-projection columns q [..., N * H], k and v [..., K * H] -> [..., K, R + 2, H] (our layout).
 
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (HF Llama convention). x: [B, T, N, H]; positions: i32[B, T]; inv_freq: f32[H/2].
-
-    The one place angles are formed: long-context precision work (e.g. splitting positions) goes here.
+    Works for weights ([D, cols]) and biases ([cols]), numpy or jax.
     """
-    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
-    sin = jnp.sin(angles)[:, :, None, :]
+    xp = jnp if isinstance(q, jax.Array) else np
+    lead, h = q.shape[:-1], k.shape[-1] // kv_heads
+    q = q.reshape(*lead, kv_heads, -1, h)  # [..., K, R, H]: query head n = k * R + r
+    k = k.reshape(*lead, kv_heads, 1, h)
+    v = v.reshape(*lead, kv_heads, 1, h)
+    return xp.concatenate([q, k, v], axis=-2)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, rope: rope_lib.RopeTables) -> jax.Array:
+    """Rotate-half RoPE (HF Llama convention). x: [B, T, N, H]; positions: i32[B, T].
+
+    Angles come from `rope` (model/rope.py), exact for positions up to millions.
+    """
+    cos, sin = rope.cos_sin(positions)  # f32[B, T, H/2] each
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, H/2]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [B, T, N, H/2] each
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -55,7 +66,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, offset: float, dtype):
         self.eps = eps
         self.offset = offset
-        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype))
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype), axes=('embed',))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -68,7 +79,8 @@ class Embedder(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         # std D**-0.25: tied logits then have std ~D**0.25, peaked but not one-hot for a random model.
-        self.table = normal_param(rngs, (config.vocab_size, config.d_model), config.d_model**-0.25, config.jnp_dtype)
+        self.table = normal_param(rngs, (config.vocab_size, config.d_model), config.d_model**-0.25,
+                                  config.jnp_dtype, axes=('vocab', 'embed'))
         self.scale = math.sqrt(config.d_model) if config.embed_scale else None
 
     def encode(self, tokens: jax.Array) -> jax.Array:
@@ -96,34 +108,40 @@ class Attention(nnx.Module):
         self.scale = config.attn_scale
         # Drawn per head in [heads, D, H] (the order and shapes of earlier ringserve versions), so a
         # seed still gives the same model, then laid out as one matrix.
-        heads = [_normal(rngs, (count, d, h), d**-0.5) for count in (n, k, k)]  # q, k, v
-        self.qkv_proj = nnx.Param(jnp.concatenate([_heads_to_columns(w) for w in heads], axis=1).astype(dtype))
-        self.o_proj = nnx.Param(_normal(rngs, (n, h, d), (n * h) ** -0.5).reshape(n * h, d).astype(dtype))  # [N*H, D]
-        self.qkv_bias = nnx.Param(jnp.zeros(((n + 2 * k) * h,), dtype)) if config.qkv_bias else None
+        q, k_, v = (_normal(rngs, (count, d, h), d**-0.5).transpose(1, 0, 2).reshape(d, count * h)
+                    for count in (n, k, k))
+        self.qkv_proj = nnx.Param(group_qkv(q, k_, v, k).astype(dtype),
+                                  axes=('embed', 'kv_heads', 'qkv', 'head_dim'))  # [D, K, R+2, H]
+        self.o_proj = nnx.Param(_normal(rngs, (n, h, d), (n * h) ** -0.5).reshape(n * h, d).astype(dtype),
+                                axes=('heads', 'embed'))  # [N*H, D]
+        self.qkv_bias = (nnx.Param(jnp.zeros((k, n // k + 2, h), dtype), axes=('kv_heads', 'qkv', 'head_dim'))
+                         if config.qkv_bias else None)
 
     def __call__(
         self,
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # i32[B, T]
-        inv_freq: jax.Array,  # f32[H/2]
-        mask: jax.Array,  # bool[B or 1, T, S]
-        cache: KVCache | None,
+        rope: rope_lib.RopeTables,
+        cache,  # KVCache | PagedKVCache | a sharded cache | None; see `attend` below
         layer: int,
         kv_span: int | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """With a cache, attends its first `kv_span` indices (all when None); `mask` is [.., T, kv_span]."""
+    ):
+        """Without a cache, causal attention over the T tokens; with one, `cache.attend` writes the
+        new K/V and attends (dense, paged or sharded: the cache decides)."""
         b, t, _ = x.shape
         n, kv_heads, h = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = x @ self.qkv_proj[...]  # [B, T, (N + 2K) * H]
+        w = self.qkv_proj[...]
+        qkv = x @ w.reshape(w.shape[0], -1)  # [B, T, K * (R + 2) * H]
+        qkv = qkv.reshape(b, t, kv_heads, n // kv_heads + 2, h)  # [B, T, K, R + 2, H]
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...]
-        qkv = qkv.reshape(b, t, n + 2 * kv_heads, h)
-        qk = apply_rope(qkv[:, :, : n + kv_heads], positions, inv_freq)  # [B, T, N + K, H]
-        q, k, v = qk[:, :, :n], qk[:, :, n:], qkv[:, :, n + kv_heads :]  # [B, T, N | K | K, H]
-        if cache is not None:
-            cache = cache.write(layer, positions, k, v)
-            k, v = cache.read(layer, kv_span)  # [B, S, K, H]
-        out = attention.attend(q, k, v, mask, self.scale)  # [B, T, N, H]
+        q = apply_rope(qkv[:, :, :, :-2].reshape(b, t, n, h), positions, rope)  # [B, T, N, H]
+        k = apply_rope(qkv[:, :, :, -2], positions, rope)  # [B, T, K, H]
+        v = qkv[:, :, :, -1]  # [B, T, K, H]
+        if cache is None:
+            out = attention.attend(q, k, v, attention.causal_mask(t), self.scale)
+        else:
+            out, cache = cache.attend(layer, q, k, v, positions, self.scale, kv_span)  # [B, T, N, H]
         return out.reshape(b, t, n * h) @ self.o_proj[...], cache
 
 
@@ -134,11 +152,14 @@ class MLP(nnx.Module):
         d, f, dtype = config.d_model, config.mlp_dim, config.jnp_dtype
         self.activation = config.mlp_activation
         gate, up = _normal(rngs, (d, f), d**-0.5), _normal(rngs, (d, f), d**-0.5)
-        self.gate_up = nnx.Param(jnp.concatenate([gate, up], axis=1).astype(dtype))  # [D, 2F]
-        self.down = normal_param(rngs, (f, d), f**-0.5, dtype)  # [F, D]
+        self.gate_up = nnx.Param(jnp.stack([gate, up], axis=1).astype(dtype),
+                                 axes=('embed', 'gate_up', 'mlp'))  # [D, 2, F]
+        self.down = normal_param(rngs, (f, d), f**-0.5, dtype, axes=('mlp', 'embed'))  # [F, D]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(x @ self.gate_up[...], 2, axis=-1)  # [B, T, F] each
+        # One matmul with two output axes; F stays whole per tensor shard (no column shuffle).
+        gate_up = jnp.einsum('BTD,DCF->BTCF', x, self.gate_up[...])  # [B, T, 2, F]
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]  # [B, T, F] each
         if self.activation == 'silu':
             gate = jax.nn.silu(gate)
         else:
@@ -156,8 +177,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, **norm)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, mask, cache, layer, kv_span=None):
-        h, cache = self.attn(self.attn_norm(x), positions, inv_freq, mask, cache, layer, kv_span)
+    def __call__(self, x, positions, rope, cache, layer, kv_span=None):
+        h, cache = self.attn(self.attn_norm(x), positions, rope, cache, layer, kv_span)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, cache

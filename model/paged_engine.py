@@ -1,22 +1,31 @@
-"""The paged engine: runs a scheduler's step on one page pool shared by every request.
+"""The paged engine: runs a scheduler's step on one page pool shared by every request, on a mesh.
 
 Design note.
-1. Memory. One `PagedKVCache` pool [L, K, P, G, H] is allocated at start-up from a byte budget.
-   Which pages a request owns is decided on the host (server/kv_manager.py) and arrives here as a
-   block table of page ids per call: ids and numbers go in, sampled token ids come out.
-2. Two compiled steps, both over (params, pool, ...) with the pool donated so XLA updates it in place.
+1. Memory. One page pool [L, K, P, G, H] is allocated at start-up from a byte budget. Which pages a
+   request owns is decided on the host (server/kv_manager.py) and arrives here as a block table of
+   page ids per call: ids and numbers go in, sampled token ids come out.
+2. Mesh. Everything runs on a `jax.sharding.Mesh` (model/sharding.py; one device by default).
+   Parameters are split over `tensor` by their logical axes; the pool's pages over `sequence`
+   (page j of a sequence on device j % S) and its kv heads over `tensor`. Attention is
+   model/sharded_cache.py's: prefill chunks are striped over `sequence` by page and use ring
+   attention; decode attends each device's pages in place and merges by log-sum-exp. With one
+   device all of it degenerates to plain paged attention (no collectives do anything).
+3. Two compiled steps, both over (params, pool, ...) with the pool donated so XLA updates it in place.
    `prefill` computes one chunk of one request: tokens [start, start + n) padded to a power-of-two
-   bucket (16 ... prefill_chunk); padding gets position -1, so its K/V are dropped, never written.
-   `decode` computes one token for up to `max_slots` requests at once; unused rows have an all-null
-   block table and position -1, so they write nothing.
-3. Shapes. Prefill attends over the whole table width (`pages_per_seq`); decode attends over a
-   width bucket (powers of four pages, up to `pages_per_seq`) covering the longest row, so short
-   conversations do not pay for the 8K (or 1M) context. `warmup` compiles every bucket; after it no
-   prompt length, table or mix of requests compiles anything (`compile_count` says so).
-4. Sampling parameters live in per-slot host arrays; a token's key comes from (seed, its absolute
+   bucket (16 ... prefill_chunk) and laid out stripe by stripe (`_stripe`); padding gets position
+   -1, so its K/V are dropped, never written. `decode` computes one token for up to `max_slots`
+   requests at once; unused rows have an all-null block table and position -1, so they write nothing.
+4. Shapes. Prefill reads earlier pages block by block up to the chunk's start only (so a chunk near
+   the start of a 1M-token table costs what its own prefix costs); decode gathers a width bucket
+   (powers of four pages, up to `pages_per_seq`) covering the longest row. `warmup` compiles every
+   bucket; after it no prompt length, table or mix of requests compiles anything (`compile_count`).
+5. Sampling parameters live in per-slot host arrays; a token's key comes from (seed, its absolute
    position) alone, so a request preempted and recomputed, or moved to another slot, samples the
    same tokens.
-5. Not thread-safe: one thread (server/'s engine loop) drives it.
+6. Multi-process meshes: every process must make the same calls in the same order (server/
+   distributed.py mirrors them); inputs are built from host values on every process, outputs are
+   read from this process's replica.
+7. Not thread-safe: one thread (server/'s engine loop) drives it.
 """
 
 from __future__ import annotations
@@ -28,53 +37,77 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from model.config import ModelConfig
 from model.engine import prefill_buckets
-from model.kv_pages import NULL_PAGE, PagedKVCache
+from model import sharding
+from model.kv_pages import NULL_PAGE
 from model.sampling import SamplingParams, params_arrays, row_keys, sample
+from model.sharded_cache import POOL, SEQ, ShardedPagedCache
 
 WIDTH_GROWTH = 4  # decode width buckets grow by this factor (in pages)
 
 
-def width_buckets(pages_per_seq: int) -> tuple[int, ...]:
+def width_buckets(pages_per_seq: int, multiple: int = 1) -> tuple[int, ...]:
+    """Decode table widths in pages: 1, 4, 16, ... (each rounded up to `multiple`), then the table."""
     widths, w = [], 1
     while w < pages_per_seq:
-        widths.append(w)
+        widths.append(sharding.ceil_to(w, multiple))
         w *= WIDTH_GROWTH
-    return (*widths, pages_per_seq)
+    last = sharding.ceil_to(pages_per_seq, multiple)
+    return tuple(sorted({*(x for x in widths if x < last), last}))
 
 
 class PagedEngine:
     """Prefill chunks and batched decode over a shared page pool. See the module note."""
 
     def __init__(self, config: ModelConfig, model: nnx.Module, *, max_slots: int, num_pages: int,
-                 page_len: int = 16, max_len: int | None = None, prefill_chunk: int = 512):
+                 page_len: int = 16, max_len: int | None = None, prefill_chunk: int = 512,
+                 mesh: Mesh | None = None):
         max_len = config.max_context if max_len is None else max_len
         if max_slots <= 0:
             raise ValueError(f"max_slots={max_slots}: must be >= 1")
         if max_len < 2:
             raise ValueError(f"max_len={max_len}: must be >= 2")
+        self.mesh = sharding.single_device_mesh() if mesh is None else mesh
+        shape = sharding.MeshShape(**sharding.devices_per_axis(self.mesh))
+        shape.check(config)
+        self.seq_size = s = shape.sequence
+        if num_pages % s or num_pages // s < 2:
+            raise ValueError(f"num_pages={num_pages}: must be a multiple of the sequence axis ({s}) "
+                             "with at least 2 pages per device (each device's page 0 is its null page)")
         self.config = config
         self.max_slots = max_slots
         self.max_len = max_len
         self.page_len = page_len
         self.pages_per_seq = math.ceil(max_len / page_len)
+        self.table_width = sharding.ceil_to(self.pages_per_seq, s)  # prefill's table, whole
         self.prefill_chunk = min(prefill_chunk, max_len)
         self.buckets = prefill_buckets(self.prefill_chunk)
-        self.widths = width_buckets(self.pages_per_seq)
+        self.widths = width_buckets(self.pages_per_seq, s)
+        self.num_pages = num_pages
+        self.pages_per_device = num_pages // s
 
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef, state = nnx.split(model)
         self.param_count = int(sum(np.size(x) for x in jax.tree.leaves(
             nnx.state(model, nnx.Param))))
-        pool = PagedKVCache.init(config, num_pages, page_len, 1, self.pages_per_seq)
-        self._pages = (pool.k_pages, pool.v_pages)
-        self.num_pages = num_pages
+        self._state = sharding.shard_state(state, self.mesh)
+        pool_shape = (config.n_layers, config.n_kv_heads, num_pages, page_len, config.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(pool_shape, config.jnp_dtype),
+                        out_shardings=NamedSharding(self.mesh, POOL))
+        self._pages = (zeros(), zeros())
         self._traces = 0
         self._prefill_step = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._decode_step = jax.jit(self._decode_fn, donate_argnums=(1,))
         greedy = [SamplingParams(temperature=0.0)] * max_slots
         self._temperature, self._top_k, self._top_p, self._seeds = params_arrays(greedy)
+
+    @property
+    def pool_bytes_per_device(self) -> int:
+        """KV bytes each device of the sequence axis holds (its share of the pool, all layers)."""
+        k = self._pages[0]
+        return 2 * k.nbytes // self.seq_size // self.mesh.shape['tensor']
 
     @property
     def compile_count(self) -> int:
@@ -99,70 +132,133 @@ class PagedEngine:
         if start + n > self.max_len:
             raise ValueError(f"positions up to {start + n} pass max_len={self.max_len}")
         bucket = next(b for b in self.buckets if b >= n)
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, :n] = token_ids
+        tokens, positions, last = self._stripe(token_ids, start, bucket)
         sl = slice(slot, slot + 1)
+        seq = self._sharding(P(None, SEQ))
         token, self._pages = self._prefill_step(
-            self._state, self._pages, self._table([block_table], self.pages_per_seq), tokens,
-            np.int32(start), np.int32(n),
+            self._state, self._pages, self._put(tokens, seq), self._put(positions, seq),
+            self._local_tables([block_table], self.table_width), np.int32(start), np.int32(last),
             self._temperature[sl], self._top_k[sl], self._top_p[sl], self._seeds[sl])
-        return int(token)
+        return int(_host(token))
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
-               block_tables: Sequence[Sequence[int]]) -> list[int]:
-        """One token for each row: `tokens[i]` sits at `positions[i]` of the request in `slots[i]`."""
+               block_tables: Sequence[Sequence[int]], *, width: int | None = None) -> list[int]:
+        """One token for each row: `tokens[i]` sits at `positions[i]` of the request in `slots[i]`.
+
+        `width` (a bucket of `widths`) forces the table width; by default the smallest that covers
+        every row."""
         rows = len(slots)
         if not 0 < rows <= self.max_slots:
             raise ValueError(f"decode of {rows} rows: must be 1..{self.max_slots}")
         if max(positions) >= self.max_len:
             raise ValueError(f"decode position {max(positions)} passes max_len={self.max_len}")
         need = max(p // self.page_len + 1 for p in positions)
-        width = next(w for w in self.widths if w >= need)
+        width = width or next(w for w in self.widths if w >= need)
         pad = self.max_slots - rows
         tok = np.array([*tokens, *[0] * pad], np.int32)
         pos = np.array([*positions, *[-1] * pad], np.int32)
         idx = np.array([*slots, *[0] * pad])
         out, self._pages = self._decode_step(
-            self._state, self._pages, self._table(block_tables, width, rows=self.max_slots), tok,
-            pos, self._temperature[idx], self._top_k[idx], self._top_p[idx], self._seeds[idx])
-        return np.asarray(out)[:rows].tolist()
+            self._state, self._pages, self._local_tables(block_tables, width, rows=self.max_slots),
+            tok, pos, self._temperature[idx], self._top_k[idx], self._top_p[idx], self._seeds[idx])
+        return _host(out)[:rows].tolist()
 
     def warmup(self) -> None:
         """Compiles every prefill bucket and decode width (all-null tables: nothing is written)."""
         for bucket in self.buckets:
             self.prefill(0, [self.config.bos_id] * bucket, 0, [])
-        for width in self.widths:
-            self.decode([0], [self.config.bos_id], [(width - 1) * self.page_len], [[]])
+        for width in self.widths:  # position 0: the same program, without reading the whole width
+            self.decode([0], [self.config.bos_id], [0], [[]], width=width)
 
-    # ----- compiled steps -----
+    # ----- host-side layout -----
 
-    def _table(self, tables: Sequence[Sequence[int]], width: int, rows: int | None = None):
-        out = np.full((rows or len(tables), width), NULL_PAGE, np.int32)
+    def _stripe_len(self, bucket: int) -> int:
+        """Tokens per device for a prefill bucket: the most any device can get (chunks need not
+        start on a page boundary), whole pages, never more than the bucket."""
+        s, g = self.seq_size, self.page_len
+        if s == 1:
+            return bucket
+        pages = -(-(g - 1 + bucket) // g)  # pages a chunk of `bucket` tokens can touch
+        return min(bucket, g * -(-pages // s))
+
+    def _stripe(self, token_ids: Sequence[int], start: int, bucket: int):
+        """Lay a chunk out for the sequence axis: device r's stripe holds the chunk's tokens whose
+        page is on r (page j on j % S), in order, padded with position -1. Returns (tokens, positions)
+        i32[1, S * T_l] and the index of the chunk's last token in that layout."""
+        s, g, n = self.seq_size, self.page_len, len(token_ids)
+        t_local = self._stripe_len(bucket)
+        tokens = np.zeros((s, t_local), np.int32)
+        positions = np.full((s, t_local), -1, np.int32)
+        pos = np.arange(start, start + n)
+        rank = (pos // g) % s
+        fill = np.zeros(s, np.int64)
+        last = 0
+        for r in range(s):
+            mine = np.nonzero(rank == r)[0]
+            if len(mine) > t_local:
+                raise AssertionError(f"stripe of {len(mine)} tokens > {t_local}")  # _stripe_len's bound
+            tokens[r, :len(mine)] = np.asarray(token_ids, np.int32)[mine]
+            positions[r, :len(mine)] = pos[mine]
+            fill[r] = len(mine)
+            if len(mine) and mine[-1] == n - 1:
+                last = r * t_local + len(mine) - 1
+        return tokens.reshape(1, -1), positions.reshape(1, -1), last
+
+    def _local_tables(self, tables: Sequence[Sequence[int]], width: int, rows: int | None = None):
+        """Global page ids, i32[B, width] -> per-device local ids i32[B, S, width / S], sharded over
+        the sequence axis: row [b, r] holds pages r, r + S, ... of sequence b, as ids local to r."""
+        s, per = self.seq_size, self.pages_per_device
+        out = np.full((rows or len(tables), width), NULL_PAGE, np.int64)
         for i, table in enumerate(tables):
             table = table[:width]
             out[i, :len(table)] = table
-        return out
+        out = out.reshape(out.shape[0], width // s, s).transpose(0, 2, 1)  # [B, S, C/S]
+        rank = np.arange(s)[None, :, None]
+        local = np.where(out == NULL_PAGE, 0, out - rank * per)
+        if np.any((local < 0) | (local >= per)):
+            raise ValueError("a block table holds a page of the wrong device for its column "
+                             "(page j of a sequence must be on device j % S)")
+        return self._put(local.astype(np.int32), self._sharding(P(None, SEQ, None)))
 
-    def _prefill_fn(self, state, pages, table, tokens, start, n_real, temperature, top_k, top_p,
-                    seeds):
-        """tokens i32[1, T] at positions start.. (padding at -1) -> (token i32[], pages)."""
+    def _sharding(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    def _put(self, host: np.ndarray, where: NamedSharding) -> jax.Array:
+        """A global array from a host value every process holds in full."""
+        return jax.make_array_from_callback(host.shape, where, lambda idx: host[idx])
+
+    # ----- compiled steps -----
+
+    def _cache(self, pages, tables, start, prefill: bool) -> ShardedPagedCache:
+        return ShardedPagedCache(k_pages=pages[0], v_pages=pages[1], local_tables=tables,
+                                 start=jnp.asarray(start, jnp.int32), mesh=self.mesh, prefill=prefill)
+
+    def _prefill_fn(self, state, pages, tokens, positions, tables, start, last, temperature, top_k,
+                    top_p, seeds):
+        """tokens, positions i32[1, S * T_l] striped (padding at -1) -> (token i32[], pages)."""
         self._traces += 1  # Python runs only while tracing: one count per compilation
         model = nnx.merge(self._graphdef, state)
-        idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # [1, T]
-        positions = jnp.where(idx < n_real, start + idx, -1)
-        cache = PagedKVCache(k_pages=pages[0], v_pages=pages[1], page_table=table)
+        cache = self._cache(pages, tables, start, prefill=True)
         # Logits only where we sample: the chunk's last real token (not all T positions).
-        logits, cache = model(tokens, positions, cache, logits_at=(n_real - 1)[None, None])
-        last = logits[:, 0]  # [1, V]
-        keys = row_keys(seeds, (start + n_real)[None])  # the sampled token's position
-        return sample(last, temperature, top_k, top_p, keys)[0], (cache.k_pages, cache.v_pages)
+        logits, cache = model(tokens, positions, cache, logits_at=last[None, None])
+        sampled_at = positions[0, last] + 1  # the sampled token's position
+        keys = row_keys(seeds, sampled_at[None])
+        return (sample(logits[:, 0], temperature, top_k, top_p, keys)[0],
+                (cache.k_pages, cache.v_pages))
 
-    def _decode_fn(self, state, pages, table, tokens, positions, temperature, top_k, top_p, seeds):
+    def _decode_fn(self, state, pages, tables, tokens, positions, temperature, top_k, top_p, seeds):
         """tokens i32[B] at positions i32[B] (-1: unused row) -> (tokens i32[B], pages)."""
         self._traces += 1
         model = nnx.merge(self._graphdef, state)
-        cache = PagedKVCache(k_pages=pages[0], v_pages=pages[1], page_table=table)
+        cache = self._cache(pages, tables, 0, prefill=False)
         logits, cache = model(tokens[:, None], positions[:, None], cache)  # [B, 1, V]
         keys = row_keys(seeds, positions + 1)  # the sampled token's position
         return (sample(logits[:, 0], temperature, top_k, top_p, keys),
                 (cache.k_pages, cache.v_pages))
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """This process's copy of a replicated result (the whole array on one process)."""
+    if getattr(x, 'is_fully_addressable', True):
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))

@@ -21,7 +21,11 @@ DEFAULT_SEED = 0
 
 
 def default_config() -> ModelConfig:
-    """A small Llama-style model (about 5M parameters) that runs anywhere, randomly initialised."""
+    """A small Llama-style model (about 5M parameters) that runs anywhere, randomly initialised.
+
+    Its context limit is 1M tokens (2**20), with RoPE theta 5e7 (LWM's setting for 1M): model/rope.py
+    keeps angles exact there, and the paged pool only spends memory on tokens actually held.
+    """
     return ModelConfig(
         name='ringserve-default',
         vocab_size=8192,
@@ -33,14 +37,14 @@ def default_config() -> ModelConfig:
         mlp_dim=768,
         mlp_activation='silu',
         norm_eps=1e-6,
-        rope_theta=10000.0,
+        rope_theta=5e7,
         rope_scaling=None,
         tie_embeddings=True,
         logit_softcap=None,
         embed_scale=False,
         norm_offset=0.0,
         qkv_bias=False,
-        max_context=8192,
+        max_context=1 << 20,
         dtype='float32',
         bos_id=1,
         eos_ids=(2,),
@@ -56,13 +60,16 @@ def default_checkpoint_dir() -> Path:
 def ensure_default_checkpoint(directory: str | Path | None = None) -> Path:
     """Make `directory` (default: default_checkpoint_dir()) hold the default checkpoint; return it.
 
-    Nothing is rewritten when a checkpoint is already there. A new one is the default config
+    Nothing is rewritten when a checkpoint of the current default config is already there (one
+    written for an older default config is replaced). A new one is the default config
     initialised with nnx.Rngs(DEFAULT_SEED), so every machine builds the same weights. Files are
     written beside the target and moved in, config last, so a reader never sees half a checkpoint.
     """
     directory = Path(directory) if directory is not None else default_checkpoint_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    has_checkpoint = (directory / checkpoint.CONFIG_FILE).is_file() and (directory / checkpoint.WEIGHTS_FILE).is_file()
+    config_file = directory / checkpoint.CONFIG_FILE
+    has_checkpoint = (config_file.is_file() and (directory / checkpoint.WEIGHTS_FILE).is_file()
+                      and ModelConfig.from_json(config_file.read_text()) == default_config())
     has_tokenizer = (directory / TOKENIZER_FILE).is_file() or not DEFAULT_TOKENIZER.is_file()
     if has_checkpoint and has_tokenizer:
         return directory

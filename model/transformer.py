@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import attention
+from model import rope as rope_lib
 from model.config import ModelConfig
-from model.kv_cache import KVCache
 from model.layers import Block, Embedder, RMSNorm, normal_param, unembed
 
 # flax >= 0.12 wants lists of submodules wrapped so it can see their state; 0.11 takes a plain list.
@@ -21,7 +20,8 @@ class Transformer(nnx.Module):
     `__call__(tokens, positions, cache)`:
     - without a cache, plain causal attention over the T tokens (positions only feed RoPE);
     - with a cache, row b's new K/V go to cache index positions[b, t] and the query at position p
-      attends cache indices s <= p (see model/kv_cache.py for the invariant).
+      attends cache indices s <= p (see model/kv_cache.py for the invariant). The cache object does
+      the attention (`cache.attend`): dense, paged or sharded over a mesh, the model is the same.
     Optional keywords, both for speed, neither changes a returned number:
     - `kv_span` (a static int): attend only cache indices < kv_span. Exact whenever every query whose
       output is used has position < kv_span; other rows compute garbage. The engine passes a
@@ -40,29 +40,25 @@ class Transformer(nnx.Module):
             self.unembed = None
         else:
             self.unembed = normal_param(rngs, (config.vocab_size, config.d_model), config.d_model**-0.5,
-                                   config.jnp_dtype)  # [V, D]
+                                        config.jnp_dtype, axes=('vocab', 'embed'))  # [V, D]
 
     def __call__(
         self,
         tokens: jax.Array,  # i32[B, T]
         positions: jax.Array,  # i32[B, T]
-        cache: KVCache | None = None,
+        cache=None,  # KVCache | PagedKVCache | ShardedPagedCache
         *,
         kv_span: int | None = None,
         logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
-        inv_freq = jnp.asarray(cfg.rope_inv_freq())  # f32[H/2], a trace-time constant
-        if cache is None:
-            mask = attention.causal_mask(tokens.shape[1])  # [1, T, T]
-        else:
-            if kv_span is not None and not 0 < kv_span <= cache.max_len:
-                raise ValueError(f'kv_span={kv_span} must be in [1, cache.max_len={cache.max_len}].')
-            span = cache.max_len if kv_span is None else kv_span
-            mask = attention.cache_mask(positions, span)  # [B, T, S=span]
+        # Trace-time constants; at least 64K positions so small test configs never clamp.
+        rope = rope_lib.rope_tables(cfg.rope_inv_freq(), max(cfg.max_context, 1 << 16))
+        if cache is not None and kv_span is not None and not 0 < kv_span <= cache.span_limit:
+            raise ValueError(f'kv_span={kv_span} must be in [1, cache.max_len={cache.span_limit}].')
         x = self.embedder.encode(tokens)  # [B, T, D]
         for i, block in enumerate(self.layers):
-            x, cache = block(x, positions, inv_freq, mask, cache, i, kv_span)
+            x, cache = block(x, positions, rope, cache, i, kv_span)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)  # [B, M, D]
         x = self.final_norm(x)

@@ -233,10 +233,11 @@ class EngineLoop:
         return future
 
     def pool_tokens_free_of_pins(self) -> int:
-        """Tokens the pool can hold for one request, pages pinned by named caches excluded."""
+        """Tokens the pool can hold for one request, pages pinned by named caches excluded (with
+        several sequence ranks, the rank with the fewest unpinned pages bounds it)."""
         with self._lock:
-            pinned = self._stats.kv.pinned
-        return (self._kv.num_blocks - 1 - pinned) * self._kv.block_size
+            blocks = self._stats.kv.max_request_blocks
+        return blocks * self._kv.block_size
 
     @property
     def metrics(self) -> Metrics:
@@ -349,7 +350,7 @@ class EngineLoop:
             self._stats.slots_live = sum(s.num_computed for s in running)
             self._stats.kv = kv
             waiting = self._pending
-        self._metrics.set_snapshot(len(running), waiting, kv.total - 1, kv.used, kv.cached,
+        self._metrics.set_snapshot(len(running), waiting, kv.allocatable, kv.used, kv.cached,
                                    kv.pinned)
 
     def _on_admit(self, active: _Active) -> None:

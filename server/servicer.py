@@ -152,7 +152,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             prompt_tokens_total=stats.prompt_tokens,
             generated_tokens_total=stats.generated_tokens,
             finished_requests=dict(stats.finished),
-            kv_pages_total=kv.total - 1,
+            kv_pages_total=kv.allocatable,
             kv_pages_used=kv.used,
             kv_pages_cached=kv.cached,
             kv_pages_pinned=kv.pinned,

@@ -203,17 +203,45 @@ def test_unfused_ringserve_layout_still_loads(tmp_path):
     n, k, h, d, f = config.n_heads, config.n_kv_heads, config.head_dim, config.d_model, config.mlp_dim
     for i in range(config.n_layers):
         p = f'layers.{i}.'
-        q_cols, k_cols, v_cols = np.split(tensors.pop(p + 'attn.qkv_proj'), [n * h, (n + k) * h], axis=1)
+        q_cols, k_cols, v_cols = _ungroup(tensors.pop(p + 'attn.qkv_proj'))
         for name, cols, heads in [('q', q_cols, n), ('k', k_cols, k), ('v', v_cols, k)]:
             tensors[f'{p}attn.{name}_proj'] = np.ascontiguousarray(cols.reshape(d, heads, h).transpose(1, 0, 2))
-        for name, bias in zip('qkv', np.split(tensors.pop(p + 'attn.qkv_bias'), [n * h, (n + k) * h])):
+        for name, bias in zip('qkv', _ungroup(tensors.pop(p + 'attn.qkv_bias'))):
             tensors[f'{p}attn.{name}_bias'] = bias.reshape(-1, h)
         tensors[p + 'attn.o_proj'] = tensors[p + 'attn.o_proj'].reshape(n, h, d)
-        tensors[p + 'mlp.gate'], tensors[p + 'mlp.up'] = map(np.ascontiguousarray,
-                                                             np.split(tensors.pop(p + 'mlp.gate_up'), [f], axis=1))
+        gate_up = tensors.pop(p + 'mlp.gate_up')  # [D, 2, F]
+        tensors[p + 'mlp.gate'], tensors[p + 'mlp.up'] = map(np.ascontiguousarray, (gate_up[:, 0], gate_up[:, 1]))
     save_file(tensors, str(weights))
     _, again = checkpoint.load(tmp_path)
     tokens = _tokens((2, 12), seed=14) % config.vocab_size
+    positions = np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))
+    np.testing.assert_array_equal(np.asarray(jitted(again)(tokens, positions)[0]),
+                                  np.asarray(jitted(model)(tokens, positions)[0]))
+
+
+def _ungroup(w):
+    """Our grouped [.., K, R + 2, H] -> the q [.., N*H], k [.., K*H], v [.., K*H] columns."""
+    lead = w.shape[:-3]
+    return (w[..., :-2, :].reshape(*lead, -1), w[..., -2, :].reshape(*lead, -1), w[..., -1, :].reshape(*lead, -1))
+
+
+def test_fused_ungrouped_layout_still_loads(tmp_path):
+    """Directories saved with the fused 2-D layout (qkv_proj [D, (N + 2K) * H] with all query heads
+    first, gate_up [D, 2F]) load into the same model."""
+    config = tiny_config(qkv_bias=True)
+    model = tiny_model(config, seed=15)
+    checkpoint.save(tmp_path, config, model)
+    weights = tmp_path / checkpoint.WEIGHTS_FILE
+    tensors = load_file(str(weights))
+    for i in range(config.n_layers):
+        p = f'layers.{i}.'
+        tensors[p + 'attn.qkv_proj'] = np.concatenate(_ungroup(tensors[p + 'attn.qkv_proj']), axis=1)
+        tensors[p + 'attn.qkv_bias'] = np.concatenate(_ungroup(tensors[p + 'attn.qkv_bias']))
+        gate_up = tensors[p + 'mlp.gate_up']
+        tensors[p + 'mlp.gate_up'] = np.ascontiguousarray(np.concatenate([gate_up[:, 0], gate_up[:, 1]], axis=1))
+    save_file(tensors, str(weights))
+    _, again = checkpoint.load(tmp_path)
+    tokens = _tokens((2, 12), seed=16) % config.vocab_size
     positions = np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))
     np.testing.assert_array_equal(np.asarray(jitted(again)(tokens, positions)[0]),
                                   np.asarray(jitted(model)(tokens, positions)[0]))

@@ -159,7 +159,8 @@ def test_model_info(stub):
     assert info.parameter_count > 0
 
 
-LONG = "word " * 20000  # far more tokens than the default model's 8192-token context
+# More tokens than the default model's context (1M): a ~5 MB message, within the server's 64 MiB.
+LONG = "word " * (presets.default_config().max_context + 1000)
 
 BAD_REQUESTS = [
     (pb.GenerateRequest(), "contents"),
