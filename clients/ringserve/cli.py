@@ -1,5 +1,5 @@
-"""The `ringserve` command: chat, generate, count-tokens, info, cache, and serve (with the server
-package).
+"""The `ringserve` command: chat, generate, count-tokens, info, cache, niah, and serve (with the
+server package).
 
 Each subcommand is one `Command` in `COMMANDS`: a help line, a function that adds its flags and a
 function that runs it and returns the exit status. Add a subcommand by adding an entry.
@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from ringserve import chat, types
 from ringserve.client import Client
 from ringserve.errors import RingserveError
+from ringserve.niah import command as niah
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 SERVE_MISSING = ("ringserve serve needs the server package: "
@@ -246,6 +247,8 @@ COMMANDS: dict[str, Command] = {
     "info": Command("describe the served model and its health", _info, _add_info_arguments),
     "cache": Command("named context caches: create, list, get, update, delete", _cache,
                      _add_cache_arguments),
+    "niah": Command("needle-in-a-haystack eval: a grid of context lengths x needle depths",
+                    niah.run, niah.add_arguments),
     "serve": Command("run the server (needs the server package; see `ringserve serve --help`)",
                      _serve, passthrough=True, remote=False),
 }

@@ -1,0 +1,160 @@
+"""`ringserve niah`: the flags, and running or re-plotting a grid from them."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+
+from ringserve.client import Client
+from ringserve.niah import haystack as haystack_lib
+from ringserve.niah import plot, results, tasks
+from ringserve.niah.runner import Grid, Runner, Settings
+
+_LENGTH = re.compile(r"(\d+(?:\.\d+)?)([kKmM]?)")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20}
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """"1k,4k,16k,128k" -> (1024, 4096, 16384, 131072): k is 1024 tokens, M 1024k."""
+    lengths = []
+    for item in text.split(","):
+        match = _LENGTH.fullmatch(item.strip())
+        if not match:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: give token counts like 512, 4k, 1.5k or 1M, comma-separated")
+        tokens = round(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        if tokens <= 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: a length must be positive")
+        lengths.append(tokens)
+    return tuple(sorted(set(lengths)))
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    """"0,25,50,75,100" -> depths in percent of the haystack's tokens."""
+    try:
+        depths = [float(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give percentages from 0 to 100, comma-separated") from None
+    if not all(0 <= d <= 100 for d in depths):
+        raise argparse.ArgumentTypeError(f"{text!r}: depths run from 0 to 100")
+    return tuple(sorted(set(depths)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=list(tasks.TASKS),
+                        help="classic (default), passkey, multikey or multivalue; with "
+                        "--plot-only, the task to plot (default: each in the file)")
+    grid = parser.add_argument_group("grid")
+    grid.add_argument("--lengths", type=parse_lengths, default=parse_lengths("1k,2k,4k,8k"),
+                      help="prompt lengths in tokens, chat template included (k = 1024, "
+                      "M = 1024k; default 1k,2k,4k,8k); lengths past the server's limit are "
+                      "skipped")
+    grid.add_argument("--depths", type=parse_depths, default=parse_depths("0,25,50,75,100"),
+                      help="needle depths, percent of the haystack's tokens (default "
+                      "0,25,50,75,100)")
+    grid.add_argument("--trials", type=int, default=1, help="answers per cell (default 1)")
+    grid.add_argument("--seed", type=int, default=0, help="seeds pass keys, keys and values")
+    text = parser.add_argument_group("haystack and needle")
+    text.add_argument("--haystack-file", action="append", metavar="PATH",
+                      help="your own UTF-8 text as the haystack (repeatable; default: Python's "
+                      "standard-library docs, or the passkey filler for --task passkey)")
+    text.add_argument("--needle", default=tasks.CLASSIC_NEEDLE, help="classic task's needle")
+    text.add_argument("--question", default=tasks.CLASSIC_QUESTION,
+                      help="classic task's question")
+    text.add_argument("--answer", help="classic task's expected answer phrase (default: the "
+                      "default needle's phrase, or the whole --needle)")
+    text.add_argument("--distractors", type=int, default=3,
+                      help="multikey: needles with other keys besides one per depth (default 3)")
+    text.add_argument("--values", type=int, default=4,
+                      help="multivalue: values hidden for the one key (default 4)")
+    run = parser.add_argument_group("answers and output")
+    run.add_argument("--score", choices=["exact", "contains", "first-integer"],
+                     help="contains (classic, multikey, multivalue: share found) or "
+                     "first-integer (passkey) by default")
+    run.add_argument("--max-output-tokens", type=int,
+                     help="answer length cap (default per task: 16 to 64)")
+    run.add_argument("--out", default="niah.jsonl",
+                     help="results, JSON lines (default niah.jsonl); done cells are skipped")
+    run.add_argument("--heatmap", metavar="PNG", help="write a heatmap (needs Pillow: "
+                     "pip install 'ringserve-client[niah]')")
+    run.add_argument("--plot-only", action="store_true",
+                     help="no server: summarize and plot the rows already in --out")
+    run.add_argument("--cache-ttl", type=float, default=600.0,
+                     help="seconds a named context cache lives between questions (default 600)")
+    run.add_argument("--no-named-cache", action="store_true",
+                     help="send whole prompts even when several questions share a context")
+
+
+def _task(args: argparse.Namespace) -> tasks.Task:
+    name = args.task or "classic"
+    if name == "classic":
+        custom = args.needle != tasks.CLASSIC_NEEDLE
+        answer = args.answer or (args.needle if custom else tasks.CLASSIC_ANSWER)
+        return tasks.Classic(needle=args.needle, question=args.question, answer=answer)
+    if name == "passkey":
+        return tasks.Passkey(seed=args.seed)
+    if name == "multikey":
+        return tasks.MultiKey(seed=args.seed, distractors=args.distractors)
+    return tasks.MultiValue(seed=args.seed, values=args.values)
+
+
+def _report(rows: list[results.Row], heatmap: str | None, title: str) -> None:
+    """Prints the summary table of `rows` and writes the heatmap when asked (and there is
+    something to draw)."""
+    print(results.summary_table(rows, title))
+    if heatmap and rows:
+        plot.heatmap(rows, heatmap, title)
+        print(f"heatmap: {heatmap}")
+
+
+def _title(task: str, rows: list[results.Row]) -> str:
+    """"niah classic - MODEL", the model as the rows name it."""
+    model = next((row["model"] for row in rows if row.get("model")), "")
+    return f"niah {task}" + (f" - {model}" if model else "")
+
+
+def _plot_only(args: argparse.Namespace) -> int:
+    rows = results.read_rows(args.out)
+    names = [args.task] if args.task else sorted({row["task"] for row in rows})
+    if not any(row["task"] in names for row in rows):
+        what = f"{args.task} results" if args.task else "results"
+        print(f"ringserve niah: no {what} in {args.out}", file=sys.stderr)
+        return 1
+    for name in names:
+        picked = [row for row in rows if row["task"] == name]
+        path = args.heatmap
+        if path and len(names) > 1:  # one picture per task: plot.png -> plot-passkey.png
+            p = pathlib.Path(path)
+            path = str(p.with_name(f"{p.stem}-{name}{p.suffix}"))
+        _report(picked, path, _title(name, picked))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.heatmap and not plot.available():
+        print(f"ringserve niah: {plot.PILLOW_MISSING}", file=sys.stderr)
+        return 2
+    if args.plot_only:
+        return _plot_only(args)
+    try:
+        task = _task(args)
+        grid = Grid(args.lengths, args.depths, args.trials)
+        scorer = args.score or task.scorer
+        tasks.check_scorer(task, scorer)
+        hay = haystack_lib.load(args.haystack_file, task.haystack)
+    except ValueError as e:  # a bad option, or a haystack file with no text
+        print(f"ringserve niah: {e}", file=sys.stderr)
+        return 2
+    settings = Settings(out=args.out, scorer=scorer,
+                        max_output_tokens=args.max_output_tokens or task.max_output_tokens,
+                        named_cache=not args.no_named_cache, cache_ttl=args.cache_ttl)
+    with Client(args.target, timeout=args.timeout) as client:
+        Runner(client, task, hay, settings).run(grid)
+    keys = {(length, depth) for length in grid.lengths for depth in grid.depths}
+    rows = [row for row in results.read_rows(args.out) if row["task"] == task.name
+            and (int(row["length"]), float(row["depth"])) in keys and row["trial"] < grid.trials]
+    _report(rows, args.heatmap, _title(task.name, rows))
+    return 0
