@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import os
 import sys
 
-from server import app
+from model.sharding import MeshShape
+from server import app, distributed, runtime
 from server.runtime import RuntimeOptions
+
+
+def _mesh(spec: str) -> MeshShape:
+    try:
+        return MeshShape.parse(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,7 +53,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=float, default=10.0,
                    help="seconds in-flight streams get to finish on SIGTERM")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
+    p.add_argument("--mesh", type=_mesh, default=MeshShape(), metavar="AXIS=SIZE,...",
+                   help="device mesh, e.g. 'sequence=8' or 'data=1,sequence=4,tensor=2' (missing "
+                        "axes are 1): sequence splits the KV pool and long prompts, tensor splits "
+                        "heads and MLP; data must be 1. Sizes multiply to the devices used: "
+                        "with several processes, all their devices (on CPU set XLA_FLAGS="
+                        "--xla_force_host_platform_device_count=N). KV budgets are per device")
     p.add_argument("--log-level", default="INFO")
+    group = p.add_argument_group(
+        "several processes (one per host)",
+        "run the same command on every process; process 0 serves gRPC, the others follow it. "
+        "See docs/multihost.md")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       default=os.environ.get("RINGSERVE_COORDINATOR"),
+                       help="process 0's address for JAX's coordinator service, or 'auto' on a "
+                            "TPU pod / SLURM / Open MPI job [env RINGSERVE_COORDINATOR]")
+    group.add_argument("--num-processes", type=int,
+                       default=os.environ.get("RINGSERVE_NUM_PROCESSES"),
+                       help="processes in the group [env RINGSERVE_NUM_PROCESSES]")
+    group.add_argument("--process-id", type=int, default=os.environ.get("RINGSERVE_PROCESS_ID"),
+                       help="this process's id, 0..N-1; 0 serves gRPC [env RINGSERVE_PROCESS_ID]")
+    group.add_argument("--step-port", type=int, default=0,
+                       help="process 0's port for the engine calls it sends the others (default: "
+                            "a free one, announced to them)")
     return p
 
 
@@ -59,13 +91,52 @@ def main(argv: list[str] | None = None) -> int:
             prefill_chunk=args.prefill_chunk, token_budget=args.max_num_batched_tokens,
             kv_cache_gib=args.kv_cache_gib, kv_cache_fraction=args.kv_cache_fraction,
             page_len=args.page_len,
-            prefix_caching=not args.no_prefix_caching, warmup=not args.no_warmup)
+            prefix_caching=not args.no_prefix_caching, warmup=not args.no_warmup, mesh=args.mesh)
+        group = distributed.ProcessGroup(args.coordinator, args.num_processes, args.process_id,
+                                         args.step_port)
+        channel = distributed.setup(group)  # before anything touches a device
+    except (ValueError, OSError, RuntimeError) as error:  # JAX's and the step channel's too
+        print(f"ringserve serve: {error}", file=sys.stderr)
+        if args.coordinator is not None:
+            distributed.exit_now(2)  # JAX's exit barrier would wait for the others
+        return 2
+    if isinstance(channel, distributed.StepFollower):
+        return _follow(options, channel)
+    return _serve(dataclasses.replace(options, steps=channel), args)
+
+
+def _serve(options: RuntimeOptions, args: argparse.Namespace) -> int:
+    """Process 0 (or the only process): the gRPC server until SIGTERM."""
+    status = 1
+    try:
         asyncio.run(app.serve(options, args.host, args.port, args.grace_period,
                               args.metrics_port))
-    except (ValueError, OSError) as error:
+        status = 0
+    except (ValueError, OSError, distributed.WorkerLost) as error:
         print(f"ringserve serve: {error}", file=sys.stderr)
-        return 2
-    return 0
+        status = 2
+    finally:
+        if options.steps is not None:
+            options.steps.close(status)  # the workers exit with the same status
+    if options.steps is not None and options.steps.lost is not None:
+        distributed.exit_now(status or 1)
+    return status
+
+
+def _follow(options: RuntimeOptions, follower: distributed.StepFollower) -> int:
+    """Any other process of a group: runs process 0's engine calls until it says stop."""
+    print(f"ringserve: worker process {follower.process_id} following process 0", flush=True)
+    try:
+        factory, identity = runtime.worker_engine(options)
+    except (ValueError, OSError) as error:
+        follower.report(f"{type(error).__name__}: {error}")
+        print(f"ringserve serve: {error}", file=sys.stderr)
+        distributed.exit_now(2)
+    status = distributed.run_worker(follower, factory, identity)
+    print(f"ringserve: worker process {follower.process_id} stopped ({status})", flush=True)
+    if status:
+        distributed.exit_now(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import pathlib
 import time
 from typing import Callable
 
 import jax
+from flax import nnx
+from jax.sharding import Mesh
 
 from model import checkpoint, presets
 from model.config import ModelConfig
 from model.kv_pages import pages_for_budget
 from model.paged_engine import PagedEngine
+from model.sharding import MeshShape, make_mesh
 from preprocess import prompt as prompt_lib
 from preprocess.tokenizer import Tokenizer
+from server.distributed import MirroredEngine, StepLeader
 from server.engine_loop import EngineLoop
 from server.kv_manager import KVCacheManager
 from server.metrics import Metrics
@@ -35,11 +41,13 @@ class RuntimeOptions:
     default_max_output_tokens: int = 512
     prefill_chunk: int = 512  # largest prefill step in tokens
     token_budget: int | None = None  # tokens per step; default: prefill_chunk + max_slots
-    kv_cache_gib: float = 1.0  # the page pool, allocated once at start-up
-    kv_cache_fraction: float | None = None  # instead: this share of the device's free memory
+    kv_cache_gib: float = 1.0  # the page pool per device, allocated once at start-up
+    kv_cache_fraction: float | None = None  # instead: this share of each device's free memory
     page_len: int = 16  # tokens per KV page
     prefix_caching: bool = True
     warmup: bool = True
+    mesh: MeshShape = MeshShape()  # devices: all of one process's, or of every process's
+    steps: StepLeader | None = None  # process 0 of several: mirror every engine call to the others
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -52,7 +60,7 @@ class RuntimeOptions:
 class Runtime:
     config: ModelConfig
     tokenizer: Tokenizer
-    engine: PagedEngine
+    engine: PagedEngine | MirroredEngine
     engine_loop: EngineLoop
     limits: Limits
     model_name: str
@@ -80,46 +88,114 @@ def load_tokenizer(model_dir: pathlib.Path, override: str | None) -> Tokenizer:
 
 
 def kv_budget_bytes(options: RuntimeOptions) -> int:
-    """The page pool's size: a fixed budget, or a share of the free device memory after the
-    weights are loaded (accelerators report it; the CPU does not)."""
+    """The page pool's memory on each device: a fixed budget, or a share of the free device memory
+    after the weights are loaded (accelerators report it; the CPU does not)."""
     if options.kv_cache_fraction is None:
         return int(options.kv_cache_gib * 2**30)
     if not 0 < options.kv_cache_fraction < 1:
         raise ValueError(f"--kv-cache-fraction {options.kv_cache_fraction}: use a value in (0, 1)")
-    stats = jax.devices()[0].memory_stats()
+    device = jax.local_devices()[0]
+    stats = device.memory_stats()
     if not stats or "bytes_limit" not in stats:
-        raise ValueError(f"--kv-cache-fraction: {jax.devices()[0].platform} does not report its "
-                         "memory; give --kv-cache-gib instead")
+        raise ValueError(f"--kv-cache-fraction: {device.platform} does not report its memory; "
+                         "give --kv-cache-gib instead")
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     return int(free * options.kv_cache_fraction)
+
+
+def pool_pages(options: RuntimeOptions, config: ModelConfig) -> int:
+    """Pages in the pool (null page included), a multiple of the mesh's sequence size S.
+
+    Each of the S sequence ranks holds 1/S of the pages and 1/T of their kv heads (T: tensor), so
+    a per-device budget of B bytes fits B * T / page_bytes pages per rank.
+    """
+    shape = options.mesh
+    per_rank = pages_for_budget(config, options.page_len, kv_budget_bytes(options) * shape.tensor)
+    return shape.sequence * per_rank
+
+
+def build_mesh(shape: MeshShape, config: ModelConfig) -> Mesh | None:
+    """The engine's mesh: None for one device; else over the first `shape.size` devices, or over
+    every device of every process when there are several processes."""
+    shape.check(config)
+    devices = jax.devices()
+    if jax.process_count() > 1:
+        if shape.size != len(devices):
+            raise ValueError(
+                f"--mesh {shape} covers {shape.size} devices, but the {jax.process_count()} "
+                f"processes have {len(devices)} ({jax.local_device_count()} each): with several "
+                "processes the mesh must use every device of every process")
+        return make_mesh(shape, devices)
+    if shape.size == 1:
+        return None
+    if len(devices) < shape.size:
+        raise ValueError(
+            f"--mesh {shape} needs {shape.size} devices, but this process sees {len(devices)} "
+            f"({devices[0].platform}); on CPU run with XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={shape.size} in the environment")
+    return make_mesh(shape, devices[:shape.size])
+
+
+def load_model(options: RuntimeOptions) -> tuple[pathlib.Path, ModelConfig, nnx.Module]:
+    model_dir = resolve_model_dir(options.model)
+    config, model = checkpoint.load(model_dir, dtype=options.dtype)
+    return model_dir, config, model
+
+
+def engine_identity(config: ModelConfig, shape: MeshShape) -> str:
+    """What every process of a group must agree on: the model's config and the mesh."""
+    return json.dumps({"model": config.to_dict(), "mesh": str(shape)}, sort_keys=True)
+
+
+def worker_engine(options: RuntimeOptions) -> tuple[Callable[..., PagedEngine], str]:
+    """For a worker process: how to build its engine once (process 0 sends the shapes), and the
+    identity that must match process 0's."""
+    _, config, model = load_model(options)
+    mesh = build_mesh(options.mesh, config)
+    unsharded = [model]
+
+    def build_once(**shapes) -> PagedEngine:
+        # The engine keeps its sharded copy of the weights; this one goes once it is built.
+        return PagedEngine(config, unsharded.pop(), mesh=mesh, **shapes)
+
+    return build_once, engine_identity(config, options.mesh)
 
 
 def build(options: RuntimeOptions,
           on_failure: Callable[[BaseException], None] | None = None,
           metrics: Metrics | None = None) -> Runtime:
     started = time.monotonic()
-    model_dir = resolve_model_dir(options.model)
-    config, model = checkpoint.load(model_dir, dtype=options.dtype)
+    model_dir, config, model = load_model(options)
     tokenizer = load_tokenizer(model_dir, options.tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
                          f"is {config.vocab_size}: they do not belong together")
+    mesh = build_mesh(options.mesh, config)
     max_len = min(options.max_len or config.max_context, config.max_context)
-    num_pages = pages_for_budget(config, options.page_len, kv_budget_bytes(options))
-    engine = PagedEngine(config, model, max_slots=options.max_slots, num_pages=num_pages,
-                         page_len=options.page_len, max_len=max_len,
-                         prefill_chunk=options.prefill_chunk)
+    num_pages = pool_pages(options, config)
+    factory = functools.partial(PagedEngine, config, model, mesh=mesh)
+    shapes = dict(max_slots=options.max_slots, num_pages=num_pages, page_len=options.page_len,
+                  max_len=max_len, prefill_chunk=options.prefill_chunk)
+    if options.steps is None:
+        engine = factory(**shapes)
+    else:
+        if on_failure is not None:
+            options.steps.watch(on_failure)  # a lost worker: NOT_SERVING at once
+        engine = MirroredEngine(options.steps, factory, shapes,
+                                engine_identity(config, options.mesh))
     if options.warmup:
         engine.warmup()
     kv = KVCacheManager(num_pages, options.page_len,
-                        enable_prefix_caching=options.prefix_caching)
+                        enable_prefix_caching=options.prefix_caching,
+                        num_ranks=options.mesh.sequence)
     loop = EngineLoop(engine, kv, tokenizer, prompt_lib.stop_token_ids(tokenizer),
                       max_slots=options.max_slots,
                       token_budget=options.token_budget or engine.prefill_chunk + options.max_slots,
                       max_waiting=options.max_waiting, metrics=metrics, on_failure=on_failure)
-    log.info("loaded %s from %s in %.1fs (%d compilations); KV pool: %d pages of %d tokens",
-             config.name, model_dir, time.monotonic() - started, engine.compile_count,
-             num_pages - 1, options.page_len)
+    log.info("loaded %s from %s in %.1fs (%d compilations); mesh %s over %d process(es); "
+             "KV pool: %d pages of %d tokens", config.name, model_dir, time.monotonic() - started,
+             engine.compile_count, options.mesh, jax.process_count(),
+             num_pages - options.mesh.sequence, options.page_len)  # a null page per rank
     return Runtime(
         config=config, tokenizer=tokenizer, engine=engine, engine_loop=loop,
         limits=Limits(context_length=max_len,
