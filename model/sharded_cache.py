@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec as P
 
-from model.paged_attention import Partial, paged_attend_partial
-from model.ring_attention import ring_attention_shard
+from model.paged_attention import Partial
+from model.ring_attention import empty_state, fold_block, partial_from_state, ring_attention_shard, to_rows
 
 SEQ = 'sequence'
 TP = 'tensor'
@@ -34,6 +34,9 @@ POOL = P(None, TP, SEQ, None, None)  # [L, K, P, G, H]
 # Decode gathers a device's pages at once up to this many keys per row (one fused pass: fastest on
 # CPU for short contexts); past it, it walks them block by block and stops at the row's length.
 GATHER_MAX_KEYS = 4096
+# Keys per step when walking pages: large enough for matmul-sized blocks, small enough that the
+# [K, R * T, keys] score block of a 2K-token chunk stays tens of MB.
+KEYS_PER_BLOCK = 1024
 
 
 @struct.dataclass
@@ -87,8 +90,36 @@ def _write_local(pool, layer, x, positions, table, rank, size):
 
 
 def _local_partial(q, k_pool, v_pool, table, positions, rank, size, scale) -> Partial:
-    return paged_attend_partial(q, k_pool, v_pool, table, positions, scale, page_offset=rank,
-                                page_stride=size)
+    """q [B, T, N, H] at positions [B, T] over this shard's pages (table i32[B, C_local], local
+    ids), walking blocks of KEYS_PER_BLOCK keys and stopping after the last page any query sees.
+
+    Same maths as model/paged_attention.py's `paged_attend_partial`, in ring attention's row
+    layout ([B, K, R * T, H] queries against [B, K, keys, H] blocks: one batched matmul per block,
+    which XLA:CPU runs far faster than the 6-D einsum there)."""
+    b, t, n, h = q.shape
+    kv_heads, _, g, _ = k_pool.shape
+    cols = table.shape[1]
+    per_block = max(1, min(cols, KEYS_PER_BLOCK // g))
+    blocks = -(-cols // per_block)
+    table = jnp.pad(table, ((0, 0), (0, blocks * per_block - cols)))  # null pages, masked below
+    r = n // kv_heads
+    q_rows = to_rows(q, kv_heads)  # [B, K, Q, H]
+    pos_rows = jnp.tile(positions.astype(jnp.int32), (1, r))  # [B, Q]
+    # Column j holds the sequence's page rank + j * size; it is needed iff its first key is visible.
+    needed = jnp.clip((jnp.max(positions) // g - rank) // size + 1, 0, cols)
+    offsets = (jnp.arange(per_block) * size * g)[:, None] + jnp.arange(g)[None, :]  # [C, G]
+
+    def body(i, state):
+        ids = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)  # [B, C]
+        kb = jnp.moveaxis(jnp.take(k_pool, ids, axis=1), 0, 3).reshape(b, per_block * g, kv_heads, h)
+        vb = jnp.moveaxis(jnp.take(v_pool, ids, axis=1), 0, 3).reshape(b, per_block * g, kv_heads, h)
+        key_pos = ((rank + i * per_block * size) * g + offsets).reshape(-1)  # [C * G]
+        key_pos = jnp.where(jnp.repeat(ids != 0, g, axis=1), key_pos[None, :], -1)  # [B, C * G]
+        return fold_block(state, q_rows, pos_rows, kb, vb, key_pos, scale)
+
+    state = jax.lax.fori_loop(0, (needed + per_block - 1) // per_block, body,
+                              empty_state(b, kv_heads, r * t, h))
+    return partial_from_state(state, t)
 
 
 def _decode_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer, scale, size):
