@@ -191,7 +191,6 @@ class PagedEngine:
         positions = np.full((s, t_local), -1, np.int32)
         pos = np.arange(start, start + n)
         rank = (pos // g) % s
-        fill = np.zeros(s, np.int64)
         last = 0
         for r in range(s):
             mine = np.nonzero(rank == r)[0]
@@ -199,7 +198,6 @@ class PagedEngine:
                 raise AssertionError(f"stripe of {len(mine)} tokens > {t_local}")  # _stripe_len's bound
             tokens[r, :len(mine)] = np.asarray(token_ids, np.int32)[mine]
             positions[r, :len(mine)] = pos[mine]
-            fill[r] = len(mine)
             if len(mine) and mine[-1] == n - 1:
                 last = r * t_local + len(mine) - 1
         return tokens.reshape(1, -1), positions.reshape(1, -1), last

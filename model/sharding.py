@@ -141,17 +141,8 @@ def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
     return jax.tree.map(put, state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def devices_per_axis(mesh: Mesh) -> dict[str, int]:
     return {name: int(size) for name, size in zip(mesh.axis_names, mesh.devices.shape)}
-
-
-def pool_spec() -> P:
-    """The page pool [L, K, P, G, H]: kv heads over `tensor`, pages over `sequence`."""
-    return P(None, 'tensor', 'sequence', None, None)
 
 
 def ceil_to(n: int, multiple: int) -> int:
