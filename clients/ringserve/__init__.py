@@ -3,6 +3,7 @@
     import ringserve
     with ringserve.Client("127.0.0.1:50051") as client:
         print(client.generate_text("Hello").text)
+        print(client.generate_text([["Describe this.", ringserve.Image.from_file("cat.png")]]).text)
 """
 
 from ringserve.aio import AsyncClient
@@ -22,6 +23,8 @@ from ringserve.errors import (
     Unimplemented,
     from_rpc_error,
 )
+from ringserve.media import Audio, Image, Media, Video, guess_mime_type
+from ringserve.upload import MediaInfo
 from ringserve.types import (
     CachedContent,
     Chunk,
@@ -33,8 +36,9 @@ from ringserve.types import (
 )
 
 __all__ = [
-    "AsyncClient", "CachedContent", "Cancelled", "Chunk", "Client", "DeadlineExceeded",
-    "FailedPrecondition", "Internal", "InvalidArgument", "ModelInfo", "NotFound",
-    "PermissionDenied", "ResourceExhausted", "Result", "RingserveError", "ServerStats",
-    "TokenCount", "Unauthenticated", "Unavailable", "Unimplemented", "Usage", "from_rpc_error",
+    "AsyncClient", "Audio", "CachedContent", "Cancelled", "Chunk", "Client", "DeadlineExceeded",
+    "FailedPrecondition", "Image", "Internal", "InvalidArgument", "Media", "MediaInfo",
+    "ModelInfo", "NotFound", "PermissionDenied", "ResourceExhausted", "Result", "RingserveError",
+    "ServerStats", "TokenCount", "Unauthenticated", "Unavailable", "Unimplemented", "Usage",
+    "Video", "from_rpc_error", "guess_mime_type",
 ]

@@ -8,20 +8,24 @@
 Cancelling the task that consumes `generate` (or closing the iterator with `aclose()`) cancels the
 call on the server. Leaving `async for` with `break` closes the iterator when asyncio finalizes it,
 one loop turn later; wrap it in `contextlib.aclosing(...)` to close it on the spot.
-Create the client inside the event loop that uses it.
+Create the client inside the event loop that uses it. Media parts are placed as `Client` places
+them; reading and hashing files runs in worker threads, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
-from collections.abc import AsyncIterator, Sequence
+import os
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 import grpc.aio
 
-from ringserve import types
-from ringserve.client import _UNSET
-from ringserve.errors import from_rpc_error
+from ringserve import types, upload
+from ringserve.client import _UNSET, Build, _lost_upload
+from ringserve.errors import NotFound, from_rpc_error
+from ringserve.upload import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_INLINE_BYTES, MediaInfo
 from ringserve.types import (
     CachedContent,
     Chunk,
@@ -45,9 +49,11 @@ class AsyncClient:
 
     def __init__(self, target: str, *, timeout: float | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, object]] | None = None):
+                 options: Sequence[tuple[str, object]] | None = None,
+                 max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES):
         self.target = target
         self.timeout = timeout
+        self._media = upload.MediaPlanner(max_inline_bytes)
         options = list(options or [])
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
@@ -75,6 +81,35 @@ class AsyncClient:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
+    # ---- media parts in requests (see `Client._resolve`) ---------------------------------------
+
+    async def _resolve(self, build: Build, timeout) -> tuple[object, list[str]]:
+        request, found = upload.collect_media(build)
+        if not found:
+            return request, []
+        placements = await asyncio.to_thread(self._media.plan, found)
+        for i, p in enumerate(placements):
+            if p.part is None:
+                info = self._media.lookup(p.upload.sha256)
+                if info is None:
+                    info = await self._upload(p.upload, p.media.display_name,
+                                              DEFAULT_CHUNK_SIZE, timeout)
+                    self._media.remember(p.upload, info)
+                placements[i] = upload.Placement(p.media, part=p.media.file_part(info.name))
+        request = build(upload.placed_resolver([p.part for p in placements]))
+        return request, upload.auto_uploaded(placements)
+
+    async def _unary_media(self, method, build: Build, timeout):
+        request, names = await self._resolve(build, timeout)
+        try:
+            return await self._unary(method, request, timeout)
+        except NotFound as e:
+            if not _lost_upload(e, names):
+                raise
+            self._media.forget(names)
+            request, _ = await self._resolve(build, timeout)
+            return await self._unary(method, request, timeout)
+
     def generate(
         self,
         contents: Contents,
@@ -90,25 +125,43 @@ class AsyncClient:
         cached_content: str | CachedContent | None = None,
         timeout: float | None = _UNSET,
     ) -> AsyncIterator[Chunk]:
-        """Streams the answer as `Chunk`s (`async for`); see `Client.generate` for the arguments."""
-        request = types.generate_request(
-            contents, system_instruction=system_instruction, max_output_tokens=max_output_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop_sequences=stop_sequences, request_id=request_id, cached_content=cached_content)
-        return self._stream(request, self._deadline(timeout))
+        """Streams the answer as `Chunk`s (`async for`); see `Client.generate` for the arguments.
 
-    async def _stream(self, request: pb.GenerateRequest,
-                      timeout: float | None) -> AsyncIterator[Chunk]:
+        Bad turns raise here; media are placed (large ones uploaded) when iteration starts."""
+        def build(resolve: types.Resolve) -> pb.GenerateRequest:
+            return types.generate_request(
+                contents, system_instruction=system_instruction,
+                max_output_tokens=max_output_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, seed=seed, stop_sequences=stop_sequences, request_id=request_id,
+                cached_content=cached_content, resolve=resolve)
+
+        upload.collect_media(build)  # checks the turns now, as the blocking client does
+        return self._stream(build, self._deadline(timeout))
+
+    async def _stream(self, build: Build, timeout: float | None,
+                      retry: bool = True) -> AsyncIterator[Chunk]:
+        request, names = await self._resolve(build, timeout)
         call = self._stub.Generate(request, timeout=timeout)
+        started = lost = False
         try:
             async for response in call:
+                started = True
                 yield types.to_chunk(response)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            error = from_rpc_error(e)
+            lost = (retry and not started and isinstance(error, NotFound)
+                    and _lost_upload(error, names))
+            if not lost:
+                raise error from None
         finally:
             # No-op after the stream ended; on aclose(), task cancellation or an error in the
             # consumer it tells the server to stop generating.
             call.cancel()
+        if lost:
+            # The server lost an upload before generating anything: upload again, retry once.
+            self._media.forget(names)
+            async for chunk in self._stream(build, timeout, retry=False):
+                yield chunk
 
     async def generate_text(self, contents: Contents, **options) -> Result:
         """Runs `generate` to the end and returns the whole answer. Takes `generate`'s options."""
@@ -131,9 +184,14 @@ class AsyncClient:
                                   system_instruction: str | Turn | None = None, *,
                                   cached_content: str | CachedContent | None = None,
                                   timeout: float | None = _UNSET) -> TokenCount:
-        """`count_tokens` in full: `TokenCount(total_tokens, cached_content_token_count)`."""
-        request = types.count_tokens_request(contents, system_instruction, cached_content)
-        return types.to_token_count(await self._unary(self._stub.CountTokens, request, timeout))
+        """`count_tokens` in full: `TokenCount(total_tokens, cached_content_token_count,
+        prompt_tokens_details)`, the last split by modality ({"TEXT": n, "IMAGE": m, ...})."""
+        def build(resolve: types.Resolve) -> pb.CountTokensRequest:
+            return types.count_tokens_request(contents, system_instruction, cached_content,
+                                              resolve=resolve)
+
+        return types.to_token_count(
+            await self._unary_media(self._stub.CountTokens, build, timeout))
 
     # ---- named context caches (see `Client.create_cache`) -----------------------------------
 
@@ -142,11 +200,13 @@ class AsyncClient:
                            expire_time: datetime.datetime | None = None, display_name: str = "",
                            timeout: float | None = _UNSET) -> CachedContent:
         """Computes and pins the KV of `contents`, named; see `Client.create_cache`."""
-        request = types.create_cache_request(
-            contents, system_instruction=system_instruction, ttl=ttl, expire_time=expire_time,
-            display_name=display_name)
+        def build(resolve: types.Resolve) -> pb.CreateCacheRequest:
+            return types.create_cache_request(
+                contents, system_instruction=system_instruction, ttl=ttl,
+                expire_time=expire_time, display_name=display_name, resolve=resolve)
+
         return types.to_cached_content(
-            await self._unary(self._stub.CreateCache, request, timeout))
+            await self._unary_media(self._stub.CreateCache, build, timeout))
 
     async def get_cache(self, name: str | CachedContent, *,
                         timeout: float | None = _UNSET) -> CachedContent:
@@ -173,6 +233,54 @@ class AsyncClient:
         await self._unary(self._stub.DeleteCache,
                           pb.DeleteCacheRequest(name=types.cache_name(name)), timeout)
 
+    # ---- uploaded media (see `Client.upload_media`) -------------------------------------------
+
+    async def upload_media(self, source: str | os.PathLike | bytes,
+                           mime_type: str | None = None, *, display_name: str = "",
+                           chunk_size: int = DEFAULT_CHUNK_SIZE,
+                           timeout: float | None = _UNSET) -> MediaInfo:
+        """Uploads a file (a path, or bytes) in chunks; hashing and reading run off the loop."""
+        upload.check_chunk_size(chunk_size)
+        source = await asyncio.to_thread(upload.upload_source, source, mime_type)
+        info = await self._upload(source, display_name, chunk_size, timeout)
+        self._media.remember(source, info)
+        return info
+
+    async def _upload(self, source: upload.UploadSource, display_name: str, chunk_size: int,
+                      timeout) -> MediaInfo:
+        requests = upload.CapturingIterator(
+            upload.upload_requests(source, display_name=display_name, chunk_size=chunk_size))
+        try:
+            media = await self._stub.UploadMedia(_off_loop(requests),
+                                                 timeout=self._deadline(timeout))
+        except (grpc.RpcError, asyncio.CancelledError) as e:
+            # grpc.aio cancels the call when the request stream raises: reading the file
+            # failed, and that is the news. A real cancellation goes on as itself.
+            if requests.error is not None:
+                raise requests.error from None
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise from_rpc_error(e) from None
+        return upload.to_media_info(media)
+
+    async def get_media(self, name: str | MediaInfo, *,
+                        timeout: float | None = _UNSET) -> MediaInfo:
+        """Uploaded media by name; `NotFound` when never uploaded, deleted or expired."""
+        request = pb.GetMediaRequest(name=upload.media_name(name))
+        return upload.to_media_info(await self._unary(self._stub.GetMedia, request, timeout))
+
+    async def list_media(self, *, timeout: float | None = _UNSET) -> list[MediaInfo]:
+        """Every live upload on the server (all clients'), oldest first."""
+        response = await self._unary(self._stub.ListMedia, pb.ListMediaRequest(), timeout)
+        return [upload.to_media_info(m) for m in response.media]
+
+    async def delete_media(self, name: str | MediaInfo, *,
+                           timeout: float | None = _UNSET) -> None:
+        """Deletes an upload; `NotFound` if it is not live."""
+        name = upload.media_name(name)
+        await self._unary(self._stub.DeleteMedia, pb.DeleteMediaRequest(name=name), timeout)
+        self._media.forget([name])
+
     async def model_info(self, *, timeout: float | None = _UNSET) -> ModelInfo:
         """The served model's name, limits, vocabulary and modalities."""
         try:
@@ -198,3 +306,14 @@ class AsyncClient:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return types.health_status(data)
+
+
+_END = object()
+
+
+async def _off_loop(requests: Iterator[pb.UploadMediaRequest]) -> AsyncIterator[
+        pb.UploadMediaRequest]:
+    """The upload stream with each chunk read in a worker thread, so disk reads never stall the
+    event loop. One read at a time: the file is read in order."""
+    while (request := await asyncio.to_thread(next, requests, _END)) is not _END:
+        yield request

@@ -5,22 +5,36 @@ tokens arrive, followed by a dim status line (time to first token, tokens per se
 
 Keys: Ctrl-C during an answer stops it (the call is cancelled on the server; the partial answer
 stays in the conversation, marked as stopped) and returns to the prompt. Ctrl-C or Ctrl-D at an
-empty prompt quits. Commands: /reset forgets the conversation, /exit quits, /help.
+empty prompt quits. Commands: /image, /audio and /video attach a file to the next question;
+/reset (or /clear) forgets the conversation and the attachments, /exit quits, /help.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import shlex
 import sys
 import time
 from typing import TextIO
 
 from ringserve.client import Client
 from ringserve.errors import RingserveError, Unavailable
+from ringserve.media import Audio, Image, Media, Video
 
-HELP = "/reset forgets the conversation · /exit quits · Ctrl-C stops an answer"
+SHORT_HELP = "/help lists commands · Ctrl-C stops an answer"
+HELP = """\
+/image PATH                       attach an image to the next question
+/audio PATH                       attach an audio file to the next question
+/video PATH [START END FPS]       attach a video, optionally from START to END seconds, sampled at
+                                  FPS frames per second ('-' leaves one unset: /video a.mp4 - - 2)
+/reset, /clear                    forget the conversation and any attachments
+/exit                             quit (or Ctrl-D, or Ctrl-C at an empty prompt)
+Ctrl-C during an answer stops it; the partial answer stays in the conversation.
+Paths with spaces go in quotes."""
+_KINDS: dict[str, type[Media]] = {"/image": Image, "/audio": Audio, "/video": Video}
 
 
 @dataclasses.dataclass
@@ -28,6 +42,13 @@ class Message:
     role: str  # "user" | "model"
     text: str
     stopped: bool = False  # a model answer cut short by Ctrl-C
+    media: tuple[Media, ...] = ()  # attachments, sent before the text
+
+    def turn(self) -> tuple:
+        """The turn as `contents` takes it: (role, text), or (role, [media..., text])."""
+        if not self.media:
+            return (self.role, self.text)
+        return (self.role, [*self.media, self.text])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +68,7 @@ class Chat:
         self.out = out
         self.color = color
         self.history: list[Message] = []
+        self.pending: list[Media] = []  # attached, to go with the next question
 
     def _dim(self, text: str) -> str:
         return f"\x1b[2m{text}\x1b[0m" if self.color else text
@@ -57,14 +79,59 @@ class Chat:
 
     def reset(self) -> None:
         self.history.clear()
+        self.pending.clear()
+
+    def attach(self, command: str, args: list[str]) -> bool:
+        """Handles /image, /audio, /video: checks the file, counts its tokens with the server
+        and keeps it for the next question. Prints an error (and keeps nothing) when the path,
+        the options or the media are bad. Returns whether it attached."""
+        kind = _KINDS[command]
+        usage = f"usage: {command} PATH" + (" [START END FPS]" if kind is Video else "")
+        if not args or len(args) > (4 if kind is Video else 1):
+            self._print(f"error: {usage}")
+            return False
+        try:
+            options = _video_options(args[1:]) if kind is Video else {}
+            media = kind.from_file(os.path.expanduser(args[0]), **options)
+            # Counting also uploads a large file (once): the question then sends only its name.
+            detail = self.client.count_tokens_detail([[media]])
+        except (OSError, ValueError, TypeError) as e:
+            self._print(f"error: {e}")
+            return False
+        except RingserveError as e:
+            self._print(f"error: {args[0]}: {_describe(e)}")
+            return False
+        except KeyboardInterrupt:  # e.g. a long upload
+            self._print()
+            self._print(self._dim(f"(not attached: {args[0]})"))
+            return False
+        self.pending.append(media)
+        # The media's own tokens (a video's sound included); markers and timestamps are TEXT.
+        tokens = sum(n for m, n in detail.prompt_tokens_details.items() if m != "TEXT")
+        count = f", {tokens} tokens" if detail.prompt_tokens_details else ""
+        self._print(self._dim(f"attached {media.display_name} "
+                              f"({media.modality.lower()}{count})"))
+        return True
 
     def ask(self, question: str) -> None:
-        """Streams the answer to `question`, keeping both in the history. Ctrl-C stops it."""
-        self.history.append(Message("user", question))
-        stream = self.client.generate(
-            [(m.role, m.text) for m in self.history], system_instruction=self.settings.system,
-            temperature=self.settings.temperature,
-            max_output_tokens=self.settings.max_output_tokens)
+        """Streams the answer to `question` (with the attachments, if any), keeping both in the
+        history. Ctrl-C stops it."""
+        self.history.append(Message("user", question, media=tuple(self.pending)))
+        self.pending = []
+        try:
+            stream = self.client.generate(
+                [m.turn() for m in self.history], system_instruction=self.settings.system,
+                temperature=self.settings.temperature,
+                max_output_tokens=self.settings.max_output_tokens)
+        except (OSError, ValueError, RingserveError) as e:
+            # An attached file went away or changed, or its upload failed.
+            self._print(f"error: {_describe(e) if isinstance(e, RingserveError) else e}")
+            self._forget_question()
+            return
+        except KeyboardInterrupt:  # during an upload: nothing was asked
+            self._print()
+            self._forget_question()
+            return
         parts: list[str] = []
         n_tokens, reason, usage, ttft = 0, None, None, None
         start = time.monotonic()
@@ -83,9 +150,9 @@ class Chat:
         except KeyboardInterrupt:
             stopped = True
         except RingserveError as e:
-            self.history.pop()
             self._print()
             self._print(f"error: {_describe(e)}")
+            self._forget_question()
             return
         finally:
             stream.close()  # cancels the call if it is still running
@@ -95,7 +162,7 @@ class Chat:
         if answer:
             self.history.append(Message("model", answer, stopped=stopped))
         else:
-            self.history.pop()  # nothing came back: forget the question too
+            self._forget_question()  # nothing came back: forget the question too
         if usage is not None:
             n_tokens = usage.candidates_token_count
         if ttft is None and first is not None:
@@ -107,6 +174,15 @@ class Chat:
             rate = n_tokens / max(end - start, 1e-9)
         self._print()
         self._print(self._dim(_status(n_tokens, ttft, rate, reason, stopped)))
+
+    def _forget_question(self) -> None:
+        """Drops the last question; its attachments wait for the next one."""
+        question = self.history.pop()
+        if question.media:
+            self.pending = [*question.media, *self.pending]
+            n = len(self.pending)
+            self._print(self._dim(f"({n} attachment{'s' if n > 1 else ''} kept for the next "
+                                  "question; /clear drops them)"))
 
     def loop(self, read=input) -> int:
         """Reads questions until /exit, Ctrl-D, or Ctrl-C at an empty prompt. Returns 0."""
@@ -127,12 +203,21 @@ class Chat:
                 continue
             if question in ("/exit", "/quit"):
                 return 0
-            if question == "/reset":
+            if question in ("/reset", "/clear"):
                 self.reset()
-                self._print(self._dim("(conversation cleared)"))
+                self._print(self._dim("(conversation cleared, attachments dropped)"))
                 continue
             if question == "/help":
                 self._print(self._dim(HELP))
+                continue
+            command = question.split(maxsplit=1)[0]
+            if command in _KINDS:
+                try:
+                    args = shlex.split(question)[1:]
+                except ValueError as e:  # an unclosed quote
+                    self._print(f"error: {e}")
+                    continue
+                self.attach(command, args)
                 continue
             self.ask(question)
 
@@ -147,6 +232,25 @@ def _status(n_tokens: int, ttft: float | None, rate: float, reason: str | None,
     if reason and not stopped:
         items.append(reason)
     return "[" + " · ".join(items) + "]"
+
+
+def _video_options(args: list[str]) -> dict:
+    """START END FPS for /video, each a number or '-' (unset)."""
+    values = []
+    for name, text in zip(("START", "END", "FPS"), args):
+        if text == "-":
+            values.append(None)
+            continue
+        unit = "frames per second" if name == "FPS" else "seconds"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a number ({unit}) or '-', got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {text!r}")
+        values.append(value)
+    values += [None] * (3 - len(values))
+    return dict(zip(("start_offset", "end_offset", "fps"), values))
 
 
 def _describe(error: RingserveError) -> str:
@@ -189,5 +293,6 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         chat = Chat(client, settings, color=_use_color(sys.stdout))
-        chat._print(chat._dim(f"ringserve chat · {info.name} at {args.target} · {HELP}"))
+        banner = f"ringserve chat · {info.name} at {args.target} · {SHORT_HELP}"
+        chat._print(chat._dim(banner))
         return chat.loop()

@@ -1,5 +1,5 @@
-"""The `ringserve` command: chat, generate, count-tokens, info, cache, niah, and serve (with the
-server package).
+"""The `ringserve` command: chat, generate, count-tokens, info, cache, upload, media, niah, and
+serve (with the server package).
 
 Each subcommand is one `Command` in `COMMANDS`: a help line, a function that adds its flags and a
 function that runs it and returns the exit status. Add a subcommand by adding an entry.
@@ -15,9 +15,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ringserve import chat, types
+from ringserve import chat, types, upload
 from ringserve.client import Client
 from ringserve.errors import RingserveError
+from ringserve.media import guess_mime_type
 from ringserve.niah import command as niah
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -152,14 +153,19 @@ def _print_cache(cache: types.CachedContent, as_json: bool) -> None:
             print(f"{key}: {value}")
 
 
-def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    # --target / --timeout also after the action (`cache list --target ...`); SUPPRESS keeps a
-    # value given before the action.
+def _common_remote_arguments() -> argparse.ArgumentParser:
+    # For subcommands with actions: --target / --timeout also after the action (`cache list
+    # --target ...`); SUPPRESS keeps a value given before the action.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", default=argparse.SUPPRESS,
                         help="server HOST:PORT (default: $RINGSERVE_TARGET or 127.0.0.1:50051)")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
                         help="deadline per call, in seconds")
+    return common
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    common = _common_remote_arguments()
     actions = parser.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
 
     create = actions.add_parser("create", parents=[common], help="cache a text (one user turn)",
@@ -224,6 +230,83 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- upload / media: uploaded media ------------------------------------------------------------
+
+def _media_dict(media: upload.MediaInfo) -> dict:
+    out = dataclasses.asdict(media)
+    for key in ("create_time", "expire_time"):
+        if out[key] is not None:
+            out[key] = out[key].isoformat()
+    return out
+
+
+def _print_media(media: upload.MediaInfo, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_media_dict(media)))
+    else:
+        for key, value in _media_dict(media).items():
+            print(f"{key}: {value}")
+
+
+def _add_upload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="an image, audio or video file")
+    parser.add_argument("--mime-type", help="e.g. video/mp4 (default: from the extension)")
+    parser.add_argument("--display-name", help="default: the file's name")
+    parser.add_argument("--chunk-size", type=int, default=upload.DEFAULT_CHUNK_SIZE,
+                        metavar="BYTES", help="bytes per message (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _upload(args: argparse.Namespace) -> int:
+    display_name = args.display_name
+    if display_name is None:
+        display_name = os.path.basename(args.file)
+    mime_type = args.mime_type
+    if mime_type is None and os.path.isfile(args.file):
+        try:
+            mime_type = guess_mime_type(args.file)
+        except ValueError:
+            raise ValueError(f"cannot tell the media type of {args.file!r} from its extension; "
+                             "pass --mime-type (e.g. image/png, audio/wav, video/mp4)") from None
+    with Client(args.target, timeout=args.timeout) as client:
+        media = client.upload_media(args.file, mime_type, display_name=display_name,
+                                    chunk_size=args.chunk_size)
+    _print_media(media, args.json)
+    return 0
+
+
+def _add_media_arguments(parser: argparse.ArgumentParser) -> None:
+    common = _common_remote_arguments()
+    actions = parser.add_subparsers(dest="media_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", parents=[common], help="list the uploaded media")
+    listing.add_argument("--json", action="store_true", help="print one JSON list")
+    get = actions.add_parser("get", parents=[common], help="describe one upload")
+    get.add_argument("name")
+    get.add_argument("--json", action="store_true", help="print one JSON object")
+    delete = actions.add_parser("delete", parents=[common], help="delete an upload")
+    delete.add_argument("name")
+
+
+def _media(args: argparse.Namespace) -> int:
+    with Client(args.target, timeout=args.timeout) as client:
+        if args.media_command == "list":
+            media = client.list_media()
+            if args.json:
+                print(json.dumps([_media_dict(m) for m in media]))
+            else:
+                for m in media:
+                    expires = m.expire_time.isoformat() if m.expire_time else "-"
+                    print(f"{m.name}\t{m.modality.lower()}\t{m.mime_type}\t"
+                          f"{m.size_bytes} bytes\t{m.token_count} tokens\t"
+                          f"expires {expires}\t{m.display_name}")
+        elif args.media_command == "get":
+            _print_media(client.get_media(args.name), args.json)
+        elif args.media_command == "delete":
+            client.delete_media(args.name)
+            print(f"deleted {args.name}")
+    return 0
+
+
 # ---- serve (needs the server package) ------------------------------------------------------------
 
 def _serve(argv: list[str]) -> int:
@@ -247,6 +330,9 @@ COMMANDS: dict[str, Command] = {
     "info": Command("describe the served model and its health", _info, _add_info_arguments),
     "cache": Command("named context caches: create, list, get, update, delete", _cache,
                      _add_cache_arguments),
+    "upload": Command("upload an image, audio or video file (for file_data parts)", _upload,
+                      _add_upload_arguments),
+    "media": Command("uploaded media: list, get, delete", _media, _add_media_arguments),
     "niah": Command("needle-in-a-haystack eval: a grid of context lengths x needle depths",
                     niah.run, niah.add_arguments),
     "serve": Command("run the server (needs the server package; see `ringserve serve --help`)",
@@ -279,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RingserveError as e:
         print(f"ringserve {args.command}: {e.code.name}: {e.details}", file=sys.stderr)
         return 1
-    except OSError as e:  # e.g. `cache create --file` naming a missing file
+    except (OSError, ValueError) as e:  # a missing file; a type that cannot be guessed
         print(f"ringserve {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

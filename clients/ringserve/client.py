@@ -7,17 +7,23 @@
 Every method raises a `ringserve.errors.RingserveError` subclass instead of `grpc.RpcError`.
 Deadlines: `timeout` (seconds) on the client is the default for every call; a method's own
 `timeout` overrides it. For `generate` the deadline covers the whole stream.
+
+Media parts (`ringserve.Image`, `Audio`, `Video`) in contents go inline while a request's media
+bytes fit `max_inline_bytes`; larger ones are uploaded first (UploadMedia, once per content; see
+`ringserve.upload`) and sent by name. Those uploads happen when `generate` is called.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
-from ringserve import types
-from ringserve.errors import from_rpc_error
+from ringserve import types, upload
+from ringserve.errors import NotFound, from_rpc_error
+from ringserve.upload import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_INLINE_BYTES, MediaInfo
 from ringserve.types import (
     CachedContent,
     Chunk,
@@ -33,6 +39,13 @@ from ringserve.v1 import inference_pb2 as pb
 from ringserve.v1 import inference_pb2_grpc as pb_grpc
 
 _UNSET = object()
+# Builds a request given how to place media parts (`types.Resolve`).
+Build = Callable[[types.Resolve], object]
+
+
+def _lost_upload(error: NotFound, names: list[str]) -> bool:
+    """Whether the server no longer has one of this client's uploads (its message names it)."""
+    return any(name in error.details for name in names)
 
 
 class Client:
@@ -40,13 +53,17 @@ class Client:
 
     target: "HOST:PORT". credentials: `grpc.ChannelCredentials` for TLS (plaintext when None).
     options: extra gRPC channel options, as `[(name, value), ...]`.
+    max_inline_bytes: media bytes one request may carry inline; media past it are uploaded
+    first (default 4 MiB less 256 KiB, under gRPC's default 4 MiB message limit).
     """
 
     def __init__(self, target: str, *, timeout: float | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, object]] | None = None):
+                 options: Sequence[tuple[str, object]] | None = None,
+                 max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES):
         self.target = target
         self.timeout = timeout
+        self._media = upload.MediaPlanner(max_inline_bytes)
         options = list(options or [])
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -74,6 +91,39 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
+    # ---- media parts in requests --------------------------------------------------------------
+
+    def _resolve(self, build: Build, timeout) -> tuple[object, list[str]]:
+        """The request `build` makes, its media placed: inline, or uploaded now (large ones not
+        uploaded before). Also returns the names of this client's uploads it refers to."""
+        request, found = upload.collect_media(build)
+        if not found:
+            return request, []
+        placements = self._media.plan(found)
+        for i, p in enumerate(placements):
+            if p.part is None:
+                info = self._media.lookup(p.upload.sha256)  # the same bytes twice in a request
+                if info is None:
+                    info = self._upload(p.upload, p.media.display_name, DEFAULT_CHUNK_SIZE,
+                                        timeout)
+                    self._media.remember(p.upload, info)
+                placements[i] = upload.Placement(p.media, part=p.media.file_part(info.name))
+        request = build(upload.placed_resolver([p.part for p in placements]))
+        return request, upload.auto_uploaded(placements)
+
+    def _unary_media(self, method, build: Build, timeout):
+        """A unary call whose request may hold media; uploads the server lost are sent again,
+        once."""
+        request, names = self._resolve(build, timeout)
+        try:
+            return self._unary(method, request, timeout)
+        except NotFound as e:
+            if not _lost_upload(e, names):
+                raise
+            self._media.forget(names)
+            request, _ = self._resolve(build, timeout)
+            return self._unary(method, request, timeout)
+
     def generate(
         self,
         contents: Contents,
@@ -92,8 +142,15 @@ class Client:
         """Streams the answer to `contents` as `Chunk`s; the last carries finish_reason and usage.
 
         contents: a str (one user turn), or a sequence of turns, each a str (a user turn), a
-        `(role, text)` tuple with role "user" or "model", a dict `{"role", "parts" | "text"}` or a
-        `Content`. Options left as None take the server's defaults (temperature 0 is greedy).
+        list of parts (one user turn: strings and `Image` / `Audio` / `Video`, e.g.
+        `["Describe this", Image.from_file("cat.png")]`), a `(role, text)` tuple with role "user"
+        or "model" (or `(role, [parts])`), a dict `{"role", "parts" | "text"}` or a `Content`.
+        Options left as None take the server's defaults (temperature 0 is greedy).
+
+        Media: files and bytes go inline while the request's media fit `max_inline_bytes`;
+        larger ones are uploaded here, before the call (once per content; with this call's
+        timeout), and named by `file_data`. Should the server have lost such an upload, it is
+        uploaded again and the call retried, once.
 
         cached_content: a named cache (its name, or the `CachedContent` from `create_cache`); its
         contents and system instruction come before `contents`, so `system_instruction` must be
@@ -102,23 +159,40 @@ class Client:
         The call starts on the first `next()`. Leaving the loop early (`break`), or calling the
         iterator's `close()`, cancels the call on the server, which stops generating at once.
         """
-        request = types.generate_request(
-            contents, system_instruction=system_instruction, max_output_tokens=max_output_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop_sequences=stop_sequences, request_id=request_id, cached_content=cached_content)
-        return self._stream(request, self._deadline(timeout))
+        def build(resolve: types.Resolve) -> pb.GenerateRequest:
+            return types.generate_request(
+                contents, system_instruction=system_instruction,
+                max_output_tokens=max_output_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, seed=seed, stop_sequences=stop_sequences, request_id=request_id,
+                cached_content=cached_content, resolve=resolve)
 
-    def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[Chunk]:
+        # Media are placed (and large ones uploaded) now, so a bad file fails here.
+        request, names = self._resolve(build, timeout)
+        return self._stream(request, self._deadline(timeout), build, names)
+
+    def _stream(self, request: pb.GenerateRequest, timeout: float | None,
+                build: Build | None = None, names: Sequence[str] = ()) -> Iterator[Chunk]:
         call = self._stub.Generate(request, timeout=timeout)
+        started = lost = False
         try:
             for response in call:
+                started = True
                 yield types.to_chunk(response)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            error = from_rpc_error(e)
+            lost = (not started and build is not None and isinstance(error, NotFound)
+                    and _lost_upload(error, names))
+            if not lost:
+                raise error from None
         finally:
             # A no-op when the stream ended; otherwise (break, close(), an exception in the
             # consumer, garbage collection) it tells the server to stop generating.
             call.cancel()
+        if lost:
+            # The server lost an upload before generating anything: upload again, retry once.
+            self._media.forget(names)
+            request, _ = self._resolve(build, timeout)
+            yield from self._stream(request, timeout)
 
     def generate_text(self, contents: Contents, **options) -> Result:
         """Runs `generate` to the end and returns the whole answer. Takes `generate`'s options."""
@@ -139,9 +213,13 @@ class Client:
                             system_instruction: str | Turn | None = None, *,
                             cached_content: str | CachedContent | None = None,
                             timeout: float | None = _UNSET) -> TokenCount:
-        """`count_tokens` in full: `TokenCount(total_tokens, cached_content_token_count)`."""
-        request = types.count_tokens_request(contents, system_instruction, cached_content)
-        return types.to_token_count(self._unary(self._stub.CountTokens, request, timeout))
+        """`count_tokens` in full: `TokenCount(total_tokens, cached_content_token_count,
+        prompt_tokens_details)`, the last split by modality ({"TEXT": n, "IMAGE": m, ...})."""
+        def build(resolve: types.Resolve) -> pb.CountTokensRequest:
+            return types.count_tokens_request(contents, system_instruction, cached_content,
+                                              resolve=resolve)
+
+        return types.to_token_count(self._unary_media(self._stub.CountTokens, build, timeout))
 
     # ---- named context caches -------------------------------------------------------------
 
@@ -155,10 +233,12 @@ class Client:
         its `name`) as `cached_content=` to `generate`, `generate_text`, `count_tokens`; delete
         it with `delete_cache` when done, or let it expire.
         """
-        request = types.create_cache_request(
-            contents, system_instruction=system_instruction, ttl=ttl, expire_time=expire_time,
-            display_name=display_name)
-        return types.to_cached_content(self._unary(self._stub.CreateCache, request, timeout))
+        def build(resolve: types.Resolve) -> pb.CreateCacheRequest:
+            return types.create_cache_request(
+                contents, system_instruction=system_instruction, ttl=ttl,
+                expire_time=expire_time, display_name=display_name, resolve=resolve)
+
+        return types.to_cached_content(self._unary_media(self._stub.CreateCache, build, timeout))
 
     def get_cache(self, name: str | CachedContent, *,
                   timeout: float | None = _UNSET) -> CachedContent:
@@ -182,6 +262,55 @@ class Client:
         """Deletes the cache and frees its pages at once; `NotFound` if it is not live."""
         self._unary(self._stub.DeleteCache, pb.DeleteCacheRequest(name=types.cache_name(name)),
                     timeout)
+
+    # ---- uploaded media -----------------------------------------------------------------------
+
+    def upload_media(self, source: str | os.PathLike | bytes, mime_type: str | None = None, *,
+                     display_name: str = "", chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     timeout: float | None = _UNSET) -> MediaInfo:
+        """Uploads an image, audio or video file (a path, or bytes) in `chunk_size` chunks.
+
+        A file is hashed in a first pass (the header carries its SHA-256), then streamed from
+        disk; it is never read into memory whole. The MIME type comes from the extension unless
+        given (bytes need it). Returns the server's `MediaInfo` (name "media/...", duration, size,
+        token count, expiry); use it with `Image.from_upload(info)` and the like. Uploads live
+        until `delete_media` or the server's media TTL. A file larger than the server takes gives
+        `ResourceExhausted`; bytes that are not what the MIME type says, `InvalidArgument`.
+        """
+        upload.check_chunk_size(chunk_size)
+        source = upload.upload_source(source, mime_type)
+        info = self._upload(source, display_name, chunk_size, timeout)
+        self._media.remember(source, info)  # a part with the same bytes will name this upload
+        return info
+
+    def _upload(self, source: upload.UploadSource, display_name: str, chunk_size: int,
+                timeout) -> MediaInfo:
+        requests = upload.CapturingIterator(
+            upload.upload_requests(source, display_name=display_name, chunk_size=chunk_size))
+        try:
+            media = self._stub.UploadMedia(requests, timeout=self._deadline(timeout))
+        except grpc.RpcError as e:
+            if requests.error is not None:  # reading the file failed: that is the news
+                raise requests.error from None
+            raise from_rpc_error(e) from None
+        return upload.to_media_info(media)
+
+    def get_media(self, name: str | MediaInfo, *, timeout: float | None = _UNSET) -> MediaInfo:
+        """Uploaded media by name; `NotFound` when never uploaded, deleted or expired."""
+        request = pb.GetMediaRequest(name=upload.media_name(name))
+        return upload.to_media_info(self._unary(self._stub.GetMedia, request, timeout))
+
+    def list_media(self, *, timeout: float | None = _UNSET) -> list[MediaInfo]:
+        """Every live upload on the server (all clients'), oldest first."""
+        response = self._unary(self._stub.ListMedia, pb.ListMediaRequest(), timeout)
+        return [upload.to_media_info(m) for m in response.media]
+
+    def delete_media(self, name: str | MediaInfo, *, timeout: float | None = _UNSET) -> None:
+        """Deletes an upload (its disk space is freed at once); `NotFound` if it is not live.
+        Requests that name it afterwards fail with `NotFound`."""
+        name = upload.media_name(name)
+        self._unary(self._stub.DeleteMedia, pb.DeleteMediaRequest(name=name), timeout)
+        self._media.forget([name])
 
     def model_info(self, *, timeout: float | None = _UNSET) -> ModelInfo:
         """The served model's name, limits, vocabulary and modalities."""

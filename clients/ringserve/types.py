@@ -8,17 +8,37 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Union
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from ringserve.media import Media
 from ringserve.v1 import inference_pb2 as pb
 
-# What `contents` may hold, turn by turn: a bare string is one user turn.
-Turn = Union[str, tuple[str, str], Mapping, pb.Content]
-Contents = Union[str, Sequence[Turn]]
+# What `contents` may hold, turn by turn: a bare string is one user turn; a list of parts (text
+# and media) is one user turn; a (role, text | part | list of parts) pair is a turn of that role.
+PartLike = Union[str, Media, Mapping, pb.Part]
+Turn = Union[str, list[PartLike], tuple[str, Union[str, Media, list[PartLike]]], Mapping,
+             pb.Content]
+Contents = Union[str, Media, Sequence[Turn]]
 ROLES = ("user", "model")
+# Turns a media part into its wire form; the clients pass one that uploads large files. The
+# default sends everything inline (a file is read whole).
+Resolve = Callable[[Media], pb.Part]
+
+
+def _inline(media: Media) -> pb.Part:
+    return media.inline_part()
+
+
+def modality_counts(details) -> dict[str, int]:
+    """repeated ModalityTokenCount as {"TEXT": n, "IMAGE": m, ...} (repeats summed)."""
+    counts: dict[str, int] = {}
+    for d in details:
+        name = pb.Modality.Name(d.modality)
+        counts[name] = counts.get(name, 0) + d.token_count
+    return counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +49,9 @@ class Usage:
     candidates_token_count: int
     cached_content_token_count: int
     total_token_count: int
+    # prompt_token_count by modality, e.g. {"TEXT": 40, "IMAGE": 256}; a video's sound counts as
+    # AUDIO and its timestamps as TEXT. Empty from a server that does not split the count.
+    prompt_tokens_details: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +94,12 @@ class ModelInfo:
     supported_modalities: list[str]
     parameter_count: int
     dtype: str
+    # Tokens per image (and per video frame) and per second of audio, when the model takes those
+    # (markers and timestamps add a few: use count_tokens for exact numbers); 0 otherwise.
+    tokens_per_image: int = 0
+    audio_tokens_per_second: int = 0
+    max_media_bytes: int = 0  # largest media accepted, inline or uploaded; 0: none / unknown
+    max_media_duration: float | None = None  # seconds of audio or video; None: unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,24 +157,37 @@ class TokenCount:
 
     total_tokens: int  # prompt tokens, chat template included
     cached_content_token_count: int  # of total_tokens, those the named cache holds
+    # total_tokens by modality, e.g. {"TEXT": 12, "IMAGE": 256, "AUDIO": 100}
+    prompt_tokens_details: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 # ---- requests ----------------------------------------------------------------------------------
 
-def to_content(turn: Turn, *, default_role: str = "user") -> pb.Content:
+def to_content(turn: Turn, *, default_role: str = "user",
+               resolve: Resolve | None = None) -> pb.Content:
     """One turn as a `Content`.
 
-    Accepts a string (a `default_role` turn), a `(role, text)` pair, a dict shaped like the proto
-    (`{"role": "model", "parts": [{"text": "..."}]}`, or the shorthand `{"role": ..., "text": ...}`)
-    or a `Content` message.
+    Accepts a string (a `default_role` turn), a media part (`Image`, `Audio`, `Video`) or a list
+    of parts (strings and media, e.g. `["Describe this", Image.from_file("cat.png")]`), each a
+    `default_role` turn; a `(role, text)` pair, or `(role, part)` / `(role, [parts])`; a dict
+    shaped like the proto (`{"role": "model", "parts": [{"text": "..."}]}`, or the shorthand
+    `{"role": ..., "text": ...}`) or a `Content` message. `resolve` turns media parts into their
+    wire form (default: inline).
     """
+    resolve = resolve or _inline
     if isinstance(turn, pb.Content):
         return turn
     if isinstance(turn, str):
         return pb.Content(role=default_role, parts=[pb.Part(text=turn)])
+    if isinstance(turn, (Media, list)):
+        return pb.Content(role=default_role, parts=_to_parts(turn, resolve))
     if isinstance(turn, tuple) and len(turn) == 2 and all(isinstance(x, str) for x in turn):
         role, text = turn
         return pb.Content(role=role, parts=[pb.Part(text=text)])
+    if (isinstance(turn, tuple) and len(turn) == 2 and isinstance(turn[0], str)
+            and isinstance(turn[1], (Media, list))):
+        role, parts = turn
+        return pb.Content(role=role, parts=_to_parts(parts, resolve))
     if isinstance(turn, Mapping):
         extra = set(turn) - {"role", "parts", "text"}
         if extra or ("parts" in turn) == ("text" in turn):
@@ -155,40 +197,61 @@ def to_content(turn: Turn, *, default_role: str = "user") -> pb.Content:
         if "text" in turn:
             parts = [pb.Part(text=turn["text"])]
         else:
-            parts = [_to_part(p) for p in turn["parts"]]
+            parts = _to_parts(list(turn["parts"]), resolve)
         return pb.Content(role=turn.get("role", default_role), parts=parts)
     raise TypeError(
-        f"cannot use {type(turn).__name__} as a turn; pass a str, a (role, text) tuple, "
-        "a dict or a ringserve.v1.inference_pb2.Content")
+        f"cannot use {type(turn).__name__} as a turn; pass a str, a list of parts, a (role, text) "
+        "tuple, a dict or a ringserve.v1.inference_pb2.Content")
 
 
-def _to_part(part) -> pb.Part:
+def _to_parts(parts: Media | list, resolve: Resolve) -> list[pb.Part]:
+    if isinstance(parts, Media):
+        parts = [parts]
+    if not parts:
+        raise ValueError("a turn's list of parts is empty; give at least one str or media part")
+    return [_to_part(p, resolve) for p in parts]
+
+
+def _to_part(part, resolve: Resolve) -> pb.Part:
     if isinstance(part, pb.Part):
         return part
     if isinstance(part, str):
         return pb.Part(text=part)
+    if isinstance(part, Media):
+        return resolve(part)
     if isinstance(part, Mapping) and set(part) == {"text"}:
         return pb.Part(text=part["text"])
-    raise TypeError(f"cannot use {part!r} as a part; pass a str or {{'text': str}}")
+    raise TypeError(f"cannot use {part!r} as a part; pass a str, {{'text': str}}, an Image, "
+                    "Audio or Video, or a ringserve.v1.inference_pb2.Part")
 
 
-def to_contents(contents: Contents) -> list[pb.Content]:
-    """`contents` as a list of `Content`: a string is one user turn; a sequence is turn by turn."""
-    if isinstance(contents, (str, pb.Content, Mapping)) or (
+def to_contents(contents: Contents, resolve: Resolve | None = None) -> list[pb.Content]:
+    """`contents` as a list of `Content`: a string (or one media part) is one user turn; a
+    sequence is turn by turn, where a list inside it is one turn of several parts."""
+    if isinstance(contents, (str, Media, pb.Content, Mapping)) or (
             isinstance(contents, tuple) and len(contents) == 2 and contents[0] in ROLES
-            and isinstance(contents[1], str)):
+            and isinstance(contents[1], (str, Media, list))):
         # A single turn passed bare.
-        return [to_content(contents)]
+        return [to_content(contents, resolve=resolve)]
     if not isinstance(contents, Iterable):
         raise TypeError(
             f"contents must be a str or a sequence of turns, not {type(contents).__name__}")
-    return [to_content(turn) for turn in contents]
+    turns = list(contents)
+    for i, turn in enumerate(turns):
+        if isinstance(turn, Media):
+            # ["Describe this", image] would be two user turns: say how to make it one.
+            raise TypeError(
+                f"contents[{i}] is a bare {type(turn).__name__} in a list of turns; put media "
+                "in a turn with its text, as a list: [['Describe this', image]] (one user "
+                "turn), or ('user', ['Describe this', image])")
+    return [to_content(turn, resolve=resolve) for turn in turns]
 
 
-def _system_content(system_instruction: str | Turn | None) -> pb.Content | None:
+def _system_content(system_instruction: str | Turn | None,
+                    resolve: Resolve | None = None) -> pb.Content | None:
     if system_instruction is None:
         return None
-    return to_content(system_instruction, default_role="")
+    return to_content(system_instruction, default_role="", resolve=resolve)
 
 
 def generate_request(
@@ -203,25 +266,27 @@ def generate_request(
     stop_sequences: Sequence[str] | None = None,
     request_id: str | None = None,
     cached_content: str | CachedContent | None = None,
+    resolve: Resolve | None = None,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest; options left as None stay unset so the server applies its defaults."""
+    """A GenerateRequest; options left as None stay unset so the server applies its defaults.
+    `resolve` places media parts (default: inline)."""
     if isinstance(stop_sequences, str):
         stop_sequences = [stop_sequences]
     config = pb.GenerationConfig(
         max_output_tokens=max_output_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         seed=seed, stop_sequences=stop_sequences or [])
     return pb.GenerateRequest(
-        request_id=request_id or "", contents=to_contents(contents),
-        system_instruction=_system_content(system_instruction), generation_config=config,
+        request_id=request_id or "", contents=to_contents(contents, resolve),
+        system_instruction=_system_content(system_instruction, resolve), generation_config=config,
         cached_content=cache_name(cached_content))
 
 
 def count_tokens_request(contents: Contents,
                          system_instruction: str | Turn | None = None,
                          cached_content: str | CachedContent | None = None,
-                         ) -> pb.CountTokensRequest:
-    return pb.CountTokensRequest(contents=to_contents(contents),
-                                 system_instruction=_system_content(system_instruction),
+                         resolve: Resolve | None = None) -> pb.CountTokensRequest:
+    return pb.CountTokensRequest(contents=to_contents(contents, resolve),
+                                 system_instruction=_system_content(system_instruction, resolve),
                                  cached_content=cache_name(cached_content))
 
 
@@ -267,10 +332,12 @@ def _timestamp(when: datetime.datetime) -> timestamp_pb2.Timestamp:
 
 def create_cache_request(contents: Contents, *, system_instruction: str | Turn | None = None,
                          ttl: Ttl | None = None, expire_time: datetime.datetime | None = None,
-                         display_name: str = "") -> pb.CreateCacheRequest:
+                         display_name: str = "",
+                         resolve: Resolve | None = None) -> pb.CreateCacheRequest:
     """A CreateCacheRequest; with neither ttl nor expire_time the server's default (1 h) holds."""
     return pb.CreateCacheRequest(
-        contents=to_contents(contents), system_instruction=_system_content(system_instruction),
+        contents=to_contents(contents, resolve),
+        system_instruction=_system_content(system_instruction, resolve),
         ttl=None if ttl is None else _duration(ttl),
         expire_time=None if expire_time is None else _timestamp(expire_time),
         display_name=display_name or "")
@@ -301,7 +368,8 @@ def to_cached_content(message: pb.CachedContent) -> CachedContent:
 
 def to_token_count(response: pb.CountTokensResponse) -> TokenCount:
     return TokenCount(total_tokens=response.total_tokens,
-                      cached_content_token_count=response.cached_content_token_count)
+                      cached_content_token_count=response.cached_content_token_count,
+                      prompt_tokens_details=modality_counts(response.prompt_tokens_details))
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -311,7 +379,8 @@ def to_chunk(response: pb.GenerateResponse) -> Chunk:
     if response.HasField("usage_metadata"):
         u = response.usage_metadata
         usage = Usage(u.prompt_token_count, u.candidates_token_count,
-                      u.cached_content_token_count, u.total_token_count)
+                      u.cached_content_token_count, u.total_token_count,
+                      modality_counts(u.prompt_tokens_details))
     ttft = None
     if response.HasField("time_to_first_token"):
         ttft = response.time_to_first_token.ToNanoseconds() / 1e9
@@ -351,7 +420,12 @@ def to_model_info(info: pb.ModelInfo) -> ModelInfo:
         name=info.name, input_token_limit=info.input_token_limit,
         output_token_limit=info.output_token_limit, vocab_size=info.vocab_size,
         supported_modalities=[pb.Modality.Name(m) for m in info.supported_modalities],
-        parameter_count=info.parameter_count, dtype=info.dtype)
+        parameter_count=info.parameter_count, dtype=info.dtype,
+        tokens_per_image=info.tokens_per_image,
+        audio_tokens_per_second=info.audio_tokens_per_second,
+        max_media_bytes=info.max_media_bytes,
+        max_media_duration=(info.max_media_duration.ToNanoseconds() / 1e9
+                            if info.HasField("max_media_duration") else None))
 
 
 def to_server_stats(stats: pb.ServerStats) -> ServerStats:
