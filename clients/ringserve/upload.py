@@ -280,7 +280,6 @@ class MediaPlanner:
                 del self._uploaded[sha]
 
 
-
 def collect_media(build: Callable[[Callable[[Media], pb.Part]], T]) -> tuple[T, list[Media]]:
     """Runs `build(resolve)` with a `resolve` that records each media part (in order) and
     returns an empty placeholder part. Returns the request and the parts: with none, the request
