@@ -6,6 +6,9 @@ ringserve's format is a directory with `ringserve_config.json` (ModelConfig.to_j
 Two older layouts still load, converted on the way in: per-head 'attn.q_proj' [N, D, H] ... with
 'mlp.gate' and 'mlp.up' (the first), and fused 2-D 'attn.qkv_proj' [D, (N + 2K) * H] with
 'mlp.gate_up' [D, 2F] (before the tensor-parallel layout grouped query heads by kv head).
+Media encoders (config.vision / config.audio) are ordinary parameters under 'vision.' and 'audio.'.
+Hugging Face SigLIP vision and Whisper encoder weights come in through siglip_vision_params /
+whisper_encoder_params and assign_params (into model.vision.tower / model.audio.tower).
 
 Loading builds an abstract model (shapes only, no random init) and fills it one tensor at a time,
 so at most one parameter (with the few source tensors a fused one is built from) exists twice
@@ -25,9 +28,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from model.config import HF_MODEL_TYPES, ModelConfig
+from model.audio_encoder import AudioTower
+from model.config import HF_MODEL_TYPES, AudioConfig, ModelConfig, VisionConfig
 from model.layers import group_qkv
 from model.transformer import Transformer
+from model.vision import VisionTower
 
 CONFIG_FILE = 'ringserve_config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -221,6 +226,138 @@ def _fused_v1_sources(config: ModelConfig) -> Sources:
 def _check_covers(config: ModelConfig, sources: Sources) -> None:
     expected = {name for name, _ in param_specs(config)}
     assert set(sources) == expected, sorted(set(sources) ^ expected)  # the mapping covers every parameter
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face media encoders (SigLIP vision tower, Whisper encoder).
+# ------------------------------------------------------------------------------------------------
+def siglip_vision_params(hf_state: dict[str, np.ndarray], cfg: VisionConfig, prefix: str | None = None) -> dict:
+    """Nested params for VisionTower(cfg) from a SigLIP state dict (SiglipVisionModel / SiglipModel /
+    a VLM holding one): names '<prefix>embeddings.patch_embedding.weight', '<prefix>encoder.layers.N.
+    self_attn.q_proj.weight', ... The prefix ('', 'vision_model.', ...) is found unless given; other
+    tensors (the pooling head, a text model) are ignored. Put the result in with
+    `assign_params(model.vision.tower, params)`."""
+    if prefix is None:
+        prefix = _find_prefix(hf_state, 'embeddings.patch_embedding.weight', 'SigLIP vision')
+    sources: Sources = {
+        'patch_kernel': ((f'{prefix}embeddings.patch_embedding.weight',), lambda w: w.transpose(2, 3, 1, 0)),
+        'patch_bias': ((f'{prefix}embeddings.patch_embedding.bias',), _same),
+        'positions': ((f'{prefix}embeddings.position_embedding.weight',), _same),
+        **_layer_norm('post_norm', f'{prefix}post_layernorm'),
+    }
+    for i in range(cfg.n_layers):
+        hf, ours = f'{prefix}encoder.layers.{i}.', f'layers.{i}.'
+        sources.update({
+            **_layer_norm(f'{ours}attn_norm', f'{hf}layer_norm1'),
+            **_layer_norm(f'{ours}mlp_norm', f'{hf}layer_norm2'),
+            **_dense(f'{ours}fc1', f'{hf}mlp.fc1'),
+            **_dense(f'{ours}fc2', f'{hf}mlp.fc2'),
+        })
+        for ours_proj, hf_proj in (('q', 'q_proj'), ('k', 'k_proj'), ('v', 'v_proj'), ('o', 'out_proj')):
+            sources.update(_dense(f'{ours}attn.{ours_proj}', f'{hf}self_attn.{hf_proj}'))
+    specs = _module_specs(lambda: VisionTower(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    return _convert_state(hf_state, sources, specs, 'SigLIP vision')
+
+
+def whisper_encoder_params(hf_state: dict[str, np.ndarray], cfg: AudioConfig, prefix: str | None = None) -> dict:
+    """Nested params for AudioTower(cfg) from a Whisper encoder state dict (WhisperEncoder, or
+    WhisperModel / WhisperForConditionalGeneration, whose encoder sits under 'encoder.' /
+    'model.encoder.'; found unless `prefix` is given). Decoder tensors are ignored. Real Whisper has
+    1500 positions: use AudioConfig(window_frames=3000) for it. Put the result in with
+    `assign_params(model.audio.tower, params)`."""
+    if prefix is None:
+        prefix = _find_prefix(hf_state, 'conv1.weight', 'Whisper encoder')
+
+    def taps_first(w):  # torch Conv1d [W, C, 3] -> ours [3, C, W]
+        return w.transpose(2, 1, 0)
+
+    sources: Sources = {
+        'conv1_kernel': ((f'{prefix}conv1.weight',), taps_first),
+        'conv1_bias': ((f'{prefix}conv1.bias',), _same),
+        'conv2_kernel': ((f'{prefix}conv2.weight',), taps_first),
+        'conv2_bias': ((f'{prefix}conv2.bias',), _same),
+        'positions': ((f'{prefix}embed_positions.weight',), _same),
+        **_layer_norm('final_norm', f'{prefix}layer_norm'),
+    }
+    for i in range(cfg.n_layers):
+        hf, ours = f'{prefix}layers.{i}.', f'layers.{i}.'
+        sources.update({
+            **_layer_norm(f'{ours}attn_norm', f'{hf}self_attn_layer_norm'),
+            **_layer_norm(f'{ours}mlp_norm', f'{hf}final_layer_norm'),
+            **_dense(f'{ours}fc1', f'{hf}fc1'),
+            **_dense(f'{ours}fc2', f'{hf}fc2'),
+            **_dense(f'{ours}attn.q', f'{hf}self_attn.q_proj'),
+            **_dense(f'{ours}attn.k', f'{hf}self_attn.k_proj', bias=False),  # Whisper's keys have no bias
+            **_dense(f'{ours}attn.v', f'{hf}self_attn.v_proj'),
+            **_dense(f'{ours}attn.o', f'{hf}self_attn.out_proj'),
+        })
+    specs = _module_specs(lambda: AudioTower(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    return _convert_state(hf_state, sources, specs, 'Whisper encoder')
+
+
+def assign_params(module: nnx.Module, params: dict) -> None:
+    """Copy nested `params` (a converter's result, or any dict shaped like the module's Param
+    state) into `module` in place, each cast to its parameter's dtype. Every parameter must be
+    given, with its exact shape; ValueError names what is missing, extra or mis-shaped."""
+    pure = nnx.state(module, nnx.Param).to_pure_dict()
+    expected = dict(_flatten(pure))
+    given = dict(_flatten(params))
+    if set(given) != set(expected):
+        raise ValueError(f'params do not match {type(module).__name__}: missing {sorted(set(expected) - set(given))}, '
+                         f'unexpected {sorted(set(given) - set(expected))}.')
+    for name, value in given.items():
+        if tuple(np.shape(value)) != tuple(expected[name].shape):
+            raise ValueError(f'param {name!r} has shape {tuple(np.shape(value))}, expected '
+                             f'{tuple(expected[name].shape)} for {type(module).__name__}.')
+        _set(pure, name, jnp.asarray(value, dtype=expected[name].dtype))
+    nnx.update(module, pure)
+
+
+def _layer_norm(ours: str, hf: str) -> Sources:
+    return {f'{ours}.scale': ((f'{hf}.weight',), _same), f'{ours}.bias': ((f'{hf}.bias',), _same)}
+
+
+def _dense(ours: str, hf: str, bias: bool = True) -> Sources:
+    """torch Linear weight [out, in] -> our kernel [in, out]; its bias as is."""
+    sources = {f'{ours}.kernel': ((f'{hf}.weight',), _columns)}
+    if bias:
+        sources[f'{ours}.bias'] = ((f'{hf}.bias',), _same)
+    return sources
+
+
+def _find_prefix(hf_state: dict, anchor: str, what: str) -> str:
+    prefixes = sorted({name[:-len(anchor)] for name in hf_state
+                       if name.endswith(anchor) and (name == anchor or name[-len(anchor) - 1] == '.')})
+    if len(prefixes) != 1:
+        found = f'several ({prefixes}): pass prefix=' if prefixes else 'none: is this a ' + what + ' state dict?'
+        raise ValueError(f'Looking for the {what} tensors by a name ending in {anchor!r}, found {found}.')
+    return prefixes[0]
+
+
+def _module_specs(build: Callable[[], nnx.Module]) -> dict[str, jax.ShapeDtypeStruct]:
+    return dict(_flatten(nnx.state(nnx.eval_shape(build), nnx.Param).to_pure_dict()))
+
+
+def _convert_state(hf_state: dict, sources: Sources, specs: dict, what: str) -> dict:
+    """Nested dict (integer keys for layer lists, as nnx's pure state) of converted numpy arrays."""
+    assert set(sources) == set(specs), sorted(set(sources) ^ set(specs))  # the mapping covers every parameter
+    missing = sorted(name for names, _ in sources.values() for name in names if name not in hf_state)
+    if missing:
+        more = f' and {len(missing) - 4} more' if len(missing) > 4 else ''
+        raise ValueError(f'{what} state dict lacks {len(missing)} tensors the config expects: {missing[:4]}{more} '
+                         '(check n_layers and the prefix).')
+    out: dict = {}
+    for ours, (names, convert) in sources.items():
+        array = convert(*(np.asarray(hf_state[name]) for name in names))
+        if tuple(array.shape) != tuple(specs[ours].shape):
+            raise ValueError(f'{what} tensor {names[0]!r} gives {ours!r} shape {tuple(array.shape)}, but the config '
+                             f'expects {tuple(specs[ours].shape)}: match the config to the checkpoint.')
+        node = out
+        *parents, leaf = (int(part) if part.isdigit() else part for part in ours.split('.'))
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = array
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

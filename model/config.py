@@ -2,6 +2,8 @@
 
 Axis alphabet (see docs/design.md): B batch, T query length, S key length, N query heads,
 K kv heads, H head dim, D model dim, F MLP hidden, V vocabulary, L layers.
+VisionConfig and AudioConfig describe the optional media encoders (model/vision.py,
+model/audio_encoder.py) whose outputs, projected to D, replace token embeddings.
 """
 
 from __future__ import annotations
@@ -27,6 +29,139 @@ _HF_ACTIVATIONS = {
     'gelu_new': 'gelu_tanh',
 }
 HF_MODEL_TYPES = ('llama', 'qwen2', 'gemma')
+
+# Whisper's log-mel features: 100 frames per second (hop 160 at 16 kHz); its conv2 halves that.
+MEL_FRAMES_PER_SECOND = 100
+AUDIO_CONV_STRIDE = 2
+
+
+def _check_positive_ints(owner: object, fields: tuple[str, ...]) -> None:
+    for field in fields:
+        value = getattr(owner, field)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f'{type(owner).__name__}.{field}={value!r}: must be a positive int.')
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """A SigLIP vision tower and a Gemma-3-style projector (average pool, RMSNorm, linear to D).
+
+    Letters for the encoder (model/vision.py): S image side in pixels, P patches (grid * grid),
+    W tower width.
+    """
+
+    image_size: int = 64  # S: input images are S x S x 3, channels last, already normalised
+    patch_size: int = 8
+    width: int = 128  # W
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_dim: int = 512
+    norm_eps: float = 1e-6  # LayerNorm in the tower; the projector's RMSNorm uses it too (as Gemma 3)
+    tokens_per_image: int = 16  # decoder tokens per image after pooling: a square m * m
+
+    def __post_init__(self):
+        _check_positive_ints(self, ('image_size', 'patch_size', 'width', 'n_layers', 'n_heads', 'mlp_dim',
+                                    'tokens_per_image'))
+        if self.image_size % self.patch_size:
+            raise ValueError(f'VisionConfig.image_size={self.image_size} is not a multiple of patch_size='
+                             f'{self.patch_size}: patches must tile the image exactly.')
+        if self.width % self.n_heads:
+            raise ValueError(f'VisionConfig.width={self.width} is not a multiple of n_heads={self.n_heads}: '
+                             'every head gets width // n_heads channels.')
+        if not self.norm_eps > 0:
+            raise ValueError(f'VisionConfig.norm_eps={self.norm_eps}: must be > 0.')
+        side = math.isqrt(self.tokens_per_image)
+        if side * side != self.tokens_per_image or self.grid % side:
+            allowed = [d * d for d in _divisors(self.grid)]
+            raise ValueError(
+                f'VisionConfig.tokens_per_image={self.tokens_per_image}: must be a square m * m whose side m '
+                f'divides the patch grid {self.grid} (image_size // patch_size); use one of {allowed}.')
+
+    @property
+    def grid(self) -> int:
+        """Patches per image side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """P: tower positions per image."""
+        return self.grid * self.grid
+
+    @property
+    def pool(self) -> int:
+        """Side of the projector's average-pool window, in patches."""
+        return self.grid // math.isqrt(self.tokens_per_image)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioConfig:
+    """A Whisper encoder over fixed windows of log-mel frames and a projector (average pool over
+    time, RMSNorm, linear to D).
+
+    Mel frames come at MEL_FRAMES_PER_SECOND (100/s); conv2's stride 2 leaves 50 positions/s, which
+    the projector pools by `pool` into `tokens_per_second`. Letters for the encoder (model/audio_encoder.py):
+    M mel bins, A mel frames per window, W width.
+    """
+
+    n_mels: int = 80  # M
+    window_frames: int = 1000  # A: mel frames per window (10 s); Whisper's own is 3000
+    width: int = 128  # W
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_dim: int = 512
+    norm_eps: float = 1e-5  # LayerNorm (Whisper uses torch's default); the projector's RMSNorm too
+    tokens_per_second: int = 10
+
+    def __post_init__(self):
+        _check_positive_ints(self, ('n_mels', 'window_frames', 'width', 'n_layers', 'n_heads', 'mlp_dim',
+                                    'tokens_per_second'))
+        if self.window_frames % MEL_FRAMES_PER_SECOND:
+            raise ValueError(f'AudioConfig.window_frames={self.window_frames}: must be whole seconds, a multiple '
+                             f'of {MEL_FRAMES_PER_SECOND} mel frames.')
+        if self.width % self.n_heads:
+            raise ValueError(f'AudioConfig.width={self.width} is not a multiple of n_heads={self.n_heads}: '
+                             'every head gets width // n_heads channels.')
+        if self.width % 2 or self.width < 4:
+            raise ValueError(f'AudioConfig.width={self.width}: Whisper\'s sinusoidal positions need an even '
+                             'width of at least 4.')
+        if not self.norm_eps > 0:
+            raise ValueError(f'AudioConfig.norm_eps={self.norm_eps}: must be > 0.')
+        per_second = MEL_FRAMES_PER_SECOND // AUDIO_CONV_STRIDE
+        if per_second % self.tokens_per_second:
+            raise ValueError(f'AudioConfig.tokens_per_second={self.tokens_per_second}: must divide the encoder\'s '
+                             f'{per_second} positions per second; use one of {_divisors(per_second)}.')
+
+    @property
+    def positions(self) -> int:
+        """Encoder positions per window (after conv2's stride)."""
+        return self.window_frames // AUDIO_CONV_STRIDE
+
+    @property
+    def pool(self) -> int:
+        """Encoder positions averaged into one decoder token."""
+        return MEL_FRAMES_PER_SECOND // AUDIO_CONV_STRIDE // self.tokens_per_second
+
+    @property
+    def tokens_per_window(self) -> int:
+        return self.window_frames // MEL_FRAMES_PER_SECOND * self.tokens_per_second
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +222,8 @@ class ModelConfig:
     dtype: str = 'float32'
     bos_id: int = 1
     eos_ids: tuple[int, ...] = (2,)
+    vision: VisionConfig | None = None  # an image encoder feeding Transformer.encode_images
+    audio: AudioConfig | None = None  # an audio encoder feeding Transformer.encode_audio
 
     def __post_init__(self):
         # JSON gives lists and dicts; normalise so equality and hashing behave.
@@ -96,6 +233,17 @@ class ModelConfig:
             object.__setattr__(self, 'eos_ids', tuple(int(i) for i in self.eos_ids))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, 'rope_scaling', RopeScaling(**self.rope_scaling))
+        for field, kind in (('vision', VisionConfig), ('audio', AudioConfig)):
+            value = getattr(self, field)
+            if isinstance(value, dict):
+                known = {f.name for f in dataclasses.fields(kind)}
+                if set(value) - known:
+                    raise ValueError(f'Unknown {kind.__name__} fields {sorted(set(value) - known)}; known fields '
+                                     f'are {sorted(known)}.')
+                object.__setattr__(self, field, kind(**value))
+            elif value is not None and not isinstance(value, kind):
+                raise ValueError(f'ModelConfig.{field}={value!r}: use a {kind.__name__}, a dict of its fields, '
+                                 'or None (no encoder).')
         for field in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
                       'max_context'):
             value = getattr(self, field)

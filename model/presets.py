@@ -10,7 +10,7 @@ from pathlib import Path
 from flax import nnx
 
 from model import checkpoint
-from model.config import ModelConfig
+from model.config import AudioConfig, ModelConfig, VisionConfig
 from model.transformer import Transformer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +25,8 @@ def default_config() -> ModelConfig:
 
     Its context limit is 1M tokens (2**20), with RoPE theta 5e7 (LWM's setting for 1M): model/rope.py
     keeps angles exact there, and the paged pool only spends memory on tokens actually held.
+    It has tiny image (64 x 64 -> 16 tokens) and audio (10 s -> 100 tokens) encoders, about 1M
+    parameters together, so media requests work end to end without downloads.
     """
     return ModelConfig(
         name='ringserve-default',
@@ -48,6 +50,8 @@ def default_config() -> ModelConfig:
         dtype='float32',
         bos_id=1,
         eos_ids=(2,),
+        vision=VisionConfig(),
+        audio=AudioConfig(),
     )
 
 

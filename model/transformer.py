@@ -1,4 +1,5 @@
-"""The decoder-only transformer: embed, L blocks, final norm, logits."""
+"""The decoder-only transformer: embed, L blocks, final norm, logits; optional image and audio
+encoders whose outputs replace token embeddings at chosen positions."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import rope as rope_lib
+from model.audio_encoder import AudioEncoder
 from model.config import ModelConfig
 from model.layers import Block, Embedder, RMSNorm, normal_param, unembed
+from model.vision import VisionEncoder
 
 # flax >= 0.12 wants lists of submodules wrapped so it can see their state; 0.11 takes a plain list.
 _ModuleList = getattr(nnx, 'List', list)
@@ -28,6 +31,10 @@ class Transformer(nnx.Module):
       power-of-two bucket covering its longest sequence rather than the whole cache.
     - `logits_at` (i32[B, M]): compute logits only at these indices of the T axis (not absolute
       positions); the result is then [B, M, V] and equals the full logits gathered there.
+    Media: `embeds` ([B, T, D]) with `embed_mask` (bool[B, T]) replace the token embedding wherever
+    the mask is true (after Gemma's sqrt(D) scale, which media embeddings do not get); the tokens
+    there are ignored. `encode_images` / `encode_audio` produce such rows when config.vision /
+    config.audio are set (submodules `vision` / `audio`, each a `tower` and a `projector`).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -41,6 +48,22 @@ class Transformer(nnx.Module):
         else:
             self.unembed = normal_param(rngs, (config.vocab_size, config.d_model), config.d_model**-0.5,
                                         config.jnp_dtype, axes=('vocab', 'embed'))  # [V, D]
+        # Encoders last, so a seed gives the decoder the same weights with or without them.
+        encoder = dict(dtype=config.jnp_dtype, rngs=rngs)
+        self.vision = VisionEncoder(config.vision, config.d_model, **encoder) if config.vision is not None else None
+        self.audio = AudioEncoder(config.audio, config.d_model, **encoder) if config.audio is not None else None
+
+    def encode_images(self, pixels: jax.Array) -> jax.Array:
+        """f32[B, S, S, 3] images (channels last, normalised) -> [B, tokens_per_image, D] in the model dtype."""
+        if self.vision is None:
+            raise ValueError(f'model {self.config.name!r} has no image encoder (config.vision is None).')
+        return self.vision(pixels).astype(self.config.jnp_dtype)
+
+    def encode_audio(self, mel: jax.Array) -> jax.Array:
+        """f32[B, n_mels, window_frames] log-mel windows -> [B, tokens_per_window, D] in the model dtype."""
+        if self.audio is None:
+            raise ValueError(f'model {self.config.name!r} has no audio encoder (config.audio is None).')
+        return self.audio(mel).astype(self.config.jnp_dtype)
 
     def __call__(
         self,
@@ -50,6 +73,8 @@ class Transformer(nnx.Module):
         *,
         kv_span: int | None = None,
         logits_at: jax.Array | None = None,
+        embeds: jax.Array | None = None,  # [B, T, D]
+        embed_mask: jax.Array | None = None,  # bool[B, T]
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         # Trace-time constants; at least 64K positions so small test configs never clamp.
@@ -57,6 +82,13 @@ class Transformer(nnx.Module):
         if cache is not None and kv_span is not None and not 0 < kv_span <= cache.span_limit:
             raise ValueError(f'kv_span={kv_span} must be in [1, cache.max_len={cache.span_limit}].')
         x = self.embedder.encode(tokens)  # [B, T, D]
+        if (embeds is None) != (embed_mask is None):
+            raise ValueError('embeds and embed_mask go together: pass both (media rows) or neither.')
+        if embeds is not None:
+            if tuple(embeds.shape) != tuple(x.shape) or tuple(embed_mask.shape) != tuple(tokens.shape):
+                raise ValueError(f'embeds {tuple(embeds.shape)} and embed_mask {tuple(embed_mask.shape)} must be '
+                                 f'[B, T, D] = {tuple(x.shape)} and [B, T] = {tuple(tokens.shape)}.')
+            x = jnp.where(embed_mask[:, :, None], embeds.astype(x.dtype), x)
         for i, block in enumerate(self.layers):
             x, cache = block(x, positions, rope, cache, i, kv_span)
         if logits_at is not None:
