@@ -88,6 +88,8 @@ class PagedEngine:
         self.widths = width_buckets(self.pages_per_seq, s)
         self.num_pages = num_pages
         self.pages_per_device = num_pages // s
+        self._media = getattr(config, 'vision', None) is not None or getattr(
+            config, 'audio', None) is not None
 
         self._graphdef, state = nnx.split(model)
         self.param_count = int(sum(np.size(x) for x in jax.tree.leaves(
@@ -120,11 +122,14 @@ class PagedEngine:
         self._seeds[slot] = s[0]
 
     def prefill(self, slot: int, token_ids: Sequence[int], start: int,
-                block_table: Sequence[int]) -> int:
+                block_table: Sequence[int], embeds: np.ndarray | None = None) -> int:
         """Computes tokens at positions [start, start + len(token_ids)) of one request.
 
         Returns the token sampled after the last of them (callers drop it when the chunk does not
         end the known tokens). `block_table` must cover every position up to the chunk's end.
+        Media: ids < 0 are placeholders whose input is the same row of `embeds` (f32[T, D])
+        instead of a token embedding (a model with encoders always gets an embeds array, zeros
+        for text, so media need no program of their own).
         """
         n = len(token_ids)
         if not 0 < n <= self.prefill_chunk:
@@ -132,11 +137,12 @@ class PagedEngine:
         if start + n > self.max_len:
             raise ValueError(f"positions up to {start + n} pass max_len={self.max_len}")
         bucket = next(b for b in self.buckets if b >= n)
-        tokens, positions, last = self._stripe(token_ids, start, bucket)
+        tokens, positions, last, rows = self._stripe(token_ids, start, bucket, embeds)
         sl = slice(slot, slot + 1)
         seq = self._sharding(P(None, SEQ))
+        rows = None if rows is None else self._put(rows, self._sharding(P(None, SEQ, None)))
         token, self._pages = self._prefill_step(
-            self._state, self._pages, self._put(tokens, seq), self._put(positions, seq),
+            self._state, self._pages, self._put(tokens, seq), self._put(positions, seq), rows,
             self._local_tables([block_table], self.table_width), np.int32(start), np.int32(last),
             self._temperature[sl], self._top_k[sl], self._top_p[sl], self._seeds[sl])
         return int(_host(token))
@@ -181,26 +187,39 @@ class PagedEngine:
         pages = -(-(g - 1 + bucket) // g)  # pages a chunk of `bucket` tokens can touch
         return min(bucket, g * -(-pages // s))
 
-    def _stripe(self, token_ids: Sequence[int], start: int, bucket: int):
+    def _stripe(self, token_ids: Sequence[int], start: int, bucket: int,
+                embeds: np.ndarray | None = None):
         """Lay a chunk out for the sequence axis: device r's stripe holds the chunk's tokens whose
         page is on r (page j on j % S), in order, padded with position -1. Returns (tokens, positions)
-        i32[1, S * T_l] and the index of the chunk's last token in that layout."""
+        i32[1, S * T_l], the index of the chunk's last token in that layout, and the embeddings in
+        the same layout (f32[1, S * T_l, D]; None for a model without encoders)."""
         s, g, n = self.seq_size, self.page_len, len(token_ids)
         t_local = self._stripe_len(bucket)
         tokens = np.zeros((s, t_local), np.int32)
         positions = np.full((s, t_local), -1, np.int32)
+        rows = np.zeros((s, t_local, self.config.d_model), self.config.jnp_dtype) if (
+            self._media) else None
+        if embeds is not None and rows is None:
+            raise ValueError(f"{self.config.name} has no media encoders: it takes no embeddings")
         pos = np.arange(start, start + n)
         rank = (pos // g) % s
+        # Media placeholders are 64-bit ids (< 0); on device any negative id means "take the row".
+        ids = np.asarray(token_ids, np.int64)
+        ids = np.where(ids < 0, -1, ids).astype(np.int32)
         last = 0
         for r in range(s):
             mine = np.nonzero(rank == r)[0]
             if len(mine) > t_local:
                 raise AssertionError(f"stripe of {len(mine)} tokens > {t_local}")  # _stripe_len's bound
-            tokens[r, :len(mine)] = np.asarray(token_ids, np.int32)[mine]
+            tokens[r, :len(mine)] = ids[mine]
             positions[r, :len(mine)] = pos[mine]
+            if embeds is not None:
+                rows[r, :len(mine)] = embeds[mine]
             if len(mine) and mine[-1] == n - 1:
                 last = r * t_local + len(mine) - 1
-        return tokens.reshape(1, -1), positions.reshape(1, -1), last
+        if rows is not None:
+            rows = rows.reshape(1, s * t_local, -1)
+        return tokens.reshape(1, -1), positions.reshape(1, -1), last, rows
 
     def _local_tables(self, tables: Sequence[Sequence[int]], width: int, rows: int | None = None):
         """Global page ids, i32[B, width] -> per-device local ids i32[B, S, width / S], sharded over
@@ -231,14 +250,19 @@ class PagedEngine:
         return ShardedPagedCache(k_pages=pages[0], v_pages=pages[1], local_tables=tables,
                                  start=jnp.asarray(start, jnp.int32), mesh=self.mesh, prefill=prefill)
 
-    def _prefill_fn(self, state, pages, tokens, positions, tables, start, last, temperature, top_k,
-                    top_p, seeds):
-        """tokens, positions i32[1, S * T_l] striped (padding at -1) -> (token i32[], pages)."""
+    def _prefill_fn(self, state, pages, tokens, positions, rows, tables, start, last, temperature,
+                    top_k, top_p, seeds):
+        """tokens, positions i32[1, S * T_l] striped (padding at -1), rows f32[1, S * T_l, D] or
+        None (media embeddings where tokens < 0) -> (token i32[], pages)."""
         self._traces += 1  # Python runs only while tracing: one count per compilation
         model = nnx.merge(self._graphdef, state)
         cache = self._cache(pages, tables, start, prefill=True)
+        media = {}
+        if rows is not None:
+            media = dict(embeds=rows, embed_mask=tokens < 0)
+            tokens = jnp.maximum(tokens, 0)
         # Logits only where we sample: the chunk's last real token (not all T positions).
-        logits, cache = model(tokens, positions, cache, logits_at=last[None, None])
+        logits, cache = model(tokens, positions, cache, logits_at=last[None, None], **media)
         sampled_at = positions[0, last] + 1  # the sampled token's position
         keys = row_keys(seeds, sampled_at[None])
         return (sample(logits[:, 0], temperature, top_k, top_p, keys)[0],

@@ -11,6 +11,7 @@ special tokens do with the full template string.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, Union
 
 from preprocess.tokenizer import Tokenizer
 
@@ -20,8 +21,18 @@ START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 
 
+class MediaSegment(Protocol):
+    """Media inside a turn, already laid out as prompt ids (server/media.py makes them)."""
+
+    ids: tuple[int, ...]
+
+
+# A turn's content: plain text, or text and media in order.
+TurnContent = Union[str, Sequence[Union[str, MediaSegment]]]
+
+
 def render(
-    contents: Sequence[tuple[str, str]],
+    contents: Sequence[tuple[str, TurnContent]],
     system_instruction: str | None,
     tokenizer: Tokenizer,
 ) -> list[int]:
@@ -37,9 +48,11 @@ def render(
     end = tokenizer.token_id(END_OF_TURN)
     ids = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
     if start is None or end is None:
+        if any(not isinstance(text, str) for _, text in turns):
+            raise ValueError("this tokenizer has no turn pieces; media needs a chat template")
         return ids + tokenizer.encode("\n".join(text for _, text in turns))
     for i, (role, text) in enumerate(turns):
-        ids += [start, *tokenizer.encode(f"{role}\n{text}")]
+        ids += [start, *_encode_turn(role, text, tokenizer)]
         if i == len(turns) - 1 and role == MODEL:
             return ids  # pre-filled answer: the model goes on from here
         ids += [end, *tokenizer.encode("\n")]
@@ -47,7 +60,7 @@ def render(
 
 
 def render_prefix(
-    contents: Sequence[tuple[str, str]],
+    contents: Sequence[tuple[str, TurnContent]],
     system_instruction: str | None,
     tokenizer: Tokenizer,
 ) -> list[int]:
@@ -65,7 +78,7 @@ def render_prefix(
                          "token prefix to cache")
     ids = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
     for role, text in turns:
-        ids += [start, *tokenizer.encode(f"{role}\n{text}"), end, *tokenizer.encode("\n")]
+        ids += [start, *_encode_turn(role, text, tokenizer), end, *tokenizer.encode("\n")]
     return ids
 
 
@@ -75,9 +88,26 @@ def stop_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
     return frozenset(i for i in ids if i is not None and i >= 0)
 
 
+def _encode_turn(role: str, content: TurnContent, tokenizer: Tokenizer) -> list[int]:
+    """Ids of "{role}\n{content}": each run of text between media encoded whole, media ids as laid
+    out. Text-only content encodes exactly as the plain template always has."""
+    if isinstance(content, str):
+        return tokenizer.encode(f"{role}\n{content}")
+    ids, text = [], f"{role}\n"
+    for segment in content:
+        if isinstance(segment, str):
+            text += segment
+            continue
+        if text:
+            ids += tokenizer.encode(text)
+            text = ""
+        ids += segment.ids
+    return ids + tokenizer.encode(text) if text else ids
+
+
 def _turns(
-    contents: Sequence[tuple[str, str]], system_instruction: str | None
-) -> list[tuple[str, str]]:
+    contents: Sequence[tuple[str, TurnContent]], system_instruction: str | None
+) -> list[tuple[str, TurnContent]]:
     if not contents:
         raise ValueError("contents is empty: a prompt needs at least one (role, text) turn")
     turns = []
@@ -90,7 +120,9 @@ def _turns(
         turns.append((role, text))
     if system_instruction:
         if turns[0][0] == USER:
-            turns[0] = (USER, f"{system_instruction}\n\n{turns[0][1]}")
+            first = turns[0][1]
+            turns[0] = (USER, f"{system_instruction}\n\n{first}" if isinstance(first, str)
+                        else (f"{system_instruction}\n\n", *first))
         else:
             turns.insert(0, (USER, system_instruction))
     return turns

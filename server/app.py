@@ -70,6 +70,7 @@ async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
     expiry.cancel()
     await server.stop(grace_period)
     await asyncio.to_thread(rt.engine_loop.stop)
+    rt.close()
     rt.metrics.close()
     print("ringserve: stopped", flush=True)
 

@@ -36,6 +36,7 @@ class CacheEntry:
     turns: tuple[tuple[str, str], ...]
     system: str | None
     token_ids: tuple[int, ...]
+    media: tuple  # (media key, f32[rows, D]) of the media in its turns (server/media.py)
     pinned_tokens: int
     create_time: datetime.datetime
     update_time: datetime.datetime
@@ -129,9 +130,10 @@ class CacheRegistry:
         entry.update_time = _now()
 
     @staticmethod
-    def entry(name: str, display_name: str, turns, system, token_ids, pinned_tokens,
+    def entry(name: str, display_name: str, turns, system, token_ids, media, pinned_tokens,
               expire_time: datetime.datetime) -> CacheEntry:
         now = _now()
         return CacheEntry(name=name, display_name=display_name, turns=tuple(turns), system=system,
-                          token_ids=tuple(token_ids), pinned_tokens=pinned_tokens,
+                          token_ids=tuple(token_ids), media=tuple(media),
+                          pinned_tokens=pinned_tokens,
                           create_time=now, update_time=now, expire_time=expire_time)

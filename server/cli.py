@@ -11,6 +11,7 @@ import sys
 
 from model.sharding import MeshShape
 from server import app, distributed, runtime
+from server.media import MediaLimits
 from server.runtime import RuntimeOptions
 
 
@@ -59,6 +60,15 @@ def parser() -> argparse.ArgumentParser:
                         "heads and MLP; data must be 1. Sizes multiply to the devices used: "
                         "with several processes, all their devices (on CPU set XLA_FLAGS="
                         "--xla_force_host_platform_device_count=N). KV budgets are per device")
+    media = p.add_argument_group("media (images, audio, video)")
+    media.add_argument("--media-dir", help="where uploaded media are kept (default: a temporary "
+                       "directory removed on exit)")
+    media.add_argument("--max-media-mib", type=float, default=2048.0,
+                       help="largest image, audio or video accepted, inline or uploaded")
+    media.add_argument("--max-media-seconds", type=float, default=4 * 3600.0,
+                       help="longest audio or video accepted")
+    media.add_argument("--media-store-gib", type=float, default=20.0,
+                       help="uploads kept at once; past it UploadMedia answers RESOURCE_EXHAUSTED")
     p.add_argument("--log-level", default="INFO")
     group = p.add_argument_group(
         "several processes (one per host)",
@@ -91,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             prefill_chunk=args.prefill_chunk, token_budget=args.max_num_batched_tokens,
             kv_cache_gib=args.kv_cache_gib, kv_cache_fraction=args.kv_cache_fraction,
             page_len=args.page_len,
-            prefix_caching=not args.no_prefix_caching, warmup=not args.no_warmup, mesh=args.mesh)
+            prefix_caching=not args.no_prefix_caching, warmup=not args.no_warmup, mesh=args.mesh,
+            media_dir=args.media_dir, media_store_gib=args.media_store_gib,
+            media_limits=MediaLimits(max_bytes=int(args.max_media_mib * 2**20),
+                                     max_seconds=args.max_media_seconds))
         group = distributed.ProcessGroup(args.coordinator, args.num_processes, args.process_id,
                                          args.step_port)
         channel = distributed.setup(group)  # before anything touches a device

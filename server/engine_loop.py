@@ -43,6 +43,7 @@ from preprocess.detokenize import IncrementalDetokenizer
 from preprocess.tokenizer import Tokenizer
 from server.errors import EngineFailure, RequestError, ResourceExhausted, Unavailable
 from server.kv_manager import KVCacheManager, KVStats
+from server.media_rows import rows_for
 from server.metrics import Metrics
 from server.scheduler import Scheduler, SeqState
 from server.validation import GenerationRequest
@@ -322,7 +323,10 @@ class EngineLoop:
                 decodes.append(work)
                 continue
             tokens = active.seq.token_ids[work.start:work.start + work.count]
-            token = self._engine.prefill(work.slot, tokens, work.start, work.block_table)
+            media = active.request.media
+            embeds = rows_for(tokens, media, media[0][1].shape[1]) if media else None
+            token = self._engine.prefill(work.slot, tokens, work.start, work.block_table,
+                                         **({} if embeds is None else {"embeds": embeds}))
             if work.samples:
                 sampled[work.request_id] = token
         if decodes:

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from model import checkpoint, presets
 from model.config import ModelConfig
 from model.kv_pages import pages_for_budget
+from model.media_encoder import MediaEncoder
 from model.paged_engine import PagedEngine
 from model.sharding import MeshShape, make_mesh
 from preprocess import prompt as prompt_lib
@@ -24,6 +25,8 @@ from preprocess.tokenizer import Tokenizer
 from server.distributed import MirroredEngine, StepLeader
 from server.engine_loop import EngineLoop
 from server.kv_manager import KVCacheManager
+from server.media import MediaEmbedder, MediaLimits, MediaResolver
+from server.media_store import MediaStore
 from server.metrics import Metrics
 from server.validation import Limits
 
@@ -48,6 +51,9 @@ class RuntimeOptions:
     warmup: bool = True
     mesh: MeshShape = MeshShape()  # devices: all of one process's, or of every process's
     steps: StepLeader | None = None  # process 0 of several: mirror every engine call to the others
+    media_dir: str | None = None  # uploaded media; default: a temporary directory
+    media_limits: MediaLimits = MediaLimits()
+    media_store_gib: float = 20.0  # uploads kept at once, bytes
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -67,6 +73,13 @@ class Runtime:
     param_count: int
     prefix_caching: bool
     metrics: Metrics
+    media_store: MediaStore
+    media: MediaResolver  # media parts -> prompt ids
+    embedder: MediaEmbedder  # media -> encoder embeddings
+
+    def close(self) -> None:
+        self.embedder.close()
+        self.media_store.close()
 
 
 def resolve_model_dir(model: str) -> pathlib.Path:
@@ -171,6 +184,7 @@ def build(options: RuntimeOptions,
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
                          f"is {config.vocab_size}: they do not belong together")
     mesh = build_mesh(options.mesh, config)
+    encoder = MediaEncoder(config, model)  # before the engine takes the model
     max_len = min(options.max_len or config.max_context, config.max_context)
     num_pages = pool_pages(options, config)
     factory = functools.partial(PagedEngine, config, model, mesh=mesh)
@@ -185,6 +199,7 @@ def build(options: RuntimeOptions,
                                 engine_identity(config, options.mesh))
     if options.warmup:
         engine.warmup()
+        encoder.warmup()
     kv = KVCacheManager(num_pages, options.page_len,
                         enable_prefix_caching=options.prefix_caching,
                         num_ranks=options.mesh.sequence)
@@ -196,7 +211,11 @@ def build(options: RuntimeOptions,
              "KV pool: %d pages of %d tokens", config.name, model_dir, time.monotonic() - started,
              engine.compile_count, options.mesh, jax.process_count(),
              num_pages - options.mesh.sequence, options.page_len)  # a null page per rank
+    store = MediaStore(options.media_dir, budget_bytes=int(options.media_store_gib * 2**30),
+                       max_bytes=options.media_limits.max_bytes)
     return Runtime(
+        media_store=store, media=MediaResolver(config, tokenizer, store, options.media_limits),
+        embedder=MediaEmbedder(encoder, options.media_limits),
         config=config, tokenizer=tokenizer, engine=engine, engine_loop=loop,
         limits=Limits(context_length=max_len,
                       default_max_output_tokens=options.default_max_output_tokens),

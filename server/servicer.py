@@ -7,6 +7,7 @@ statuses and counts every call's outcome for the metrics.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import time
@@ -17,10 +18,22 @@ from model.sampling import SamplingParams
 from preprocess import prompt as prompt_lib
 from ringserve.v1 import inference_pb2 as pb
 from ringserve.v1 import inference_pb2_grpc as pb_grpc
+from preprocess.errors import MediaError, MediaTooLarge
 from server import caches as caches_lib
-from server.errors import FailedPrecondition, InvalidArgument, RequestError, abort
+from server import media as media_lib
+from server.errors import (FailedPrecondition, InvalidArgument, RequestError, ResourceExhausted,
+                           abort)
 from server.runtime import Runtime
-from server.validation import GenerationRequest, conversation, render_prompt, validate_generate
+from server.validation import (GenerationRequest, conversation, media_of, render_prompt,
+                               validate_generate)
+
+_MODALITY = {"TEXT": pb.TEXT, "IMAGE": pb.IMAGE, "AUDIO": pb.AUDIO, "VIDEO": pb.VIDEO}
+
+
+def _details(total: int, media) -> list[pb.ModalityTokenCount]:
+    counts = media_lib.token_details(total, media)
+    return [pb.ModalityTokenCount(modality=_MODALITY[m], token_count=n)
+            for m, n in counts.items() if n]
 
 _FINISH = {name: pb.GenerateResponse.FinishReason.Value(name)
            for name in ("STOP", "MAX_TOKENS", "STOP_SEQUENCE", "CANCELLED")}
@@ -90,8 +103,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         received = time.monotonic()
         # Tokenising a long prompt is CPU work: keep it off the event loop.
         cache = await self._cache(request)
-        work = await asyncio.to_thread(validate_generate, request, self._rt.tokenizer,
-                                       self._rt.limits, cache)
+        work, media = await asyncio.to_thread(validate_generate, request, self._rt.tokenizer,
+                                              self._rt.limits, cache, self._rt.media)
+        if media:
+            rows = await self._rt.embedder.embed_all(media, cache.media if cache else ())
+            work = dataclasses.replace(work, media=rows)
         stream = self._rt.engine_loop.submit(work, received)
         ttft = None
         try:
@@ -113,7 +129,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         prompt_token_count=event.prompt_tokens,
                         candidates_token_count=event.generated_tokens,
                         cached_content_token_count=event.cached_tokens,
-                        total_token_count=event.prompt_tokens + event.generated_tokens))
+                        total_token_count=event.prompt_tokens + event.generated_tokens,
+                        prompt_tokens_details=_details(event.prompt_tokens, media)))
                 yield response
         finally:
             # Client cancel, disconnect, deadline and shutdown all land here: free the slot now.
@@ -122,24 +139,31 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @_rpc
     async def CountTokens(self, request: pb.CountTokensRequest, context):
         cache = await self._cache(request)
-        ids = await asyncio.to_thread(render_prompt, request, self._rt.tokenizer, cache)
+        ids, media = await asyncio.to_thread(render_prompt, request, self._rt.tokenizer, cache,
+                                             self._rt.media)
         return pb.CountTokensResponse(
             total_tokens=len(ids),
-            cached_content_token_count=len(cache.token_ids) if cache else 0)
+            cached_content_token_count=len(cache.token_ids) if cache else 0,
+            prompt_tokens_details=_details(len(ids), media))
 
 
     @_rpc
     async def GetModelInfo(self, request, context):
         rt = self._rt
-        return pb.ModelInfo(
+        info = pb.ModelInfo(
             name=rt.model_name,
             input_token_limit=rt.limits.context_length,
             output_token_limit=rt.limits.context_length - 1,
             vocab_size=rt.config.vocab_size,
-            supported_modalities=[pb.TEXT],
+            supported_modalities=[_MODALITY[m] for m in rt.media.modalities],
             parameter_count=rt.param_count,
             dtype=rt.config.dtype,
+            tokens_per_image=rt.config.vision.tokens_per_image if rt.config.vision else 0,
+            audio_tokens_per_second=rt.config.audio.tokens_per_second if rt.config.audio else 0,
+            max_media_bytes=rt.media.limits.max_bytes,
         )
+        info.max_media_duration.FromMilliseconds(int(rt.media.limits.max_seconds * 1000))
+        return info
 
     @_rpc
     async def GetStats(self, request, context):
@@ -172,7 +196,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not rt.prefix_caching:
             raise FailedPrecondition("named caches need prefix caching, which this server "
                                      "runs without (--no-prefix-caching)")
-        turns, system = conversation(request)
+        turns, system = await asyncio.to_thread(conversation, request, rt.media)
         try:
             ids = await asyncio.to_thread(prompt_lib.render_prefix, turns, system,
                                           rt.tokenizer)
@@ -185,10 +209,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         expire_time = caches_lib.expiry(
             request.ttl if request.HasField("ttl") else None,
             request.expire_time if request.HasField("expire_time") else None)
+        rows = await rt.embedder.embed_all(media_of(turns))
         name = caches_lib.new_name()
         work = GenerationRequest(request_id=name, prompt_ids=tuple(ids),
                                  params=SamplingParams(temperature=0.0), max_new_tokens=1,
-                                 stop_sequences=(), pin_as=name)
+                                 stop_sequences=(), pin_as=name, media=rows)
         stream = rt.engine_loop.submit(work, time.monotonic())
         entry = None
         try:
@@ -199,7 +224,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     # The TTL runs from now, when the cache exists. No await between the pin and
                     # this: a cancel cannot strand the pages.
                     entry = caches_lib.CacheRegistry.entry(
-                        name, request.display_name, turns, system, ids, event.pinned_tokens,
+                        name, request.display_name, turns, system, ids, rows, event.pinned_tokens,
                         max(expire_time, caches_lib.expiry(
                             request.ttl if request.HasField("ttl") else None,
                             request.expire_time if request.HasField("expire_time") else None)))
@@ -230,3 +255,68 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def DeleteCache(self, request: pb.DeleteCacheRequest, context):
         await self.caches.delete(request.name)
         return pb.DeleteCacheResponse()
+
+    # ---- media ----------------------------------------------------------------------------------
+
+    @_rpc
+    async def UploadMedia(self, requests, context):
+        rt = self._rt
+        stream = requests.__aiter__()
+        first = await anext(stream, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument("UploadMedia: the first message must carry the header "
+                                  "(mime_type, size_bytes, optional sha256)")
+        header = first.header
+        modality = media_lib.modality_of(header.mime_type)
+        if modality is None:
+            raise InvalidArgument(f"UploadMedia: header.mime_type {header.mime_type!r} is not a "
+                                  "supported image, audio or video type")
+        upload = rt.media_store.begin(header.mime_type, header.size_bytes, header.sha256)
+        stored = None
+        try:
+            async for message in stream:
+                if message.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument("UploadMedia: only the first message may be a header")
+                upload.write(message.chunk)
+            sha = upload.finish()
+            source = media_lib.MediaSource(
+                modality, header.mime_type, sha, path=upload.path,
+                video=media_lib.VideoRead() if modality == media_lib.VIDEO else None)
+            try:
+                tokens = await asyncio.to_thread(rt.media.describe, source)
+            except MediaTooLarge as error:
+                raise ResourceExhausted(f"UploadMedia: {error}") from None
+            except MediaError as error:
+                raise InvalidArgument(f"UploadMedia: {error}") from None
+            stored = rt.media_store.commit(upload, sha, header.display_name, tokens)
+        finally:
+            if stored is None:
+                rt.media_store.abandon(upload)
+        return _media_proto(stored)
+
+    @_rpc
+    async def GetMedia(self, request: pb.GetMediaRequest, context):
+        return _media_proto(self._rt.media_store.get(request.name))
+
+    @_rpc
+    async def ListMedia(self, request, context):
+        return pb.ListMediaResponse(media=[_media_proto(m) for m in self._rt.media_store.list()])
+
+    @_rpc
+    async def DeleteMedia(self, request: pb.DeleteMediaRequest, context):
+        self._rt.media_store.delete(request.name)
+        return pb.DeleteMediaResponse()
+
+
+def _media_proto(stored) -> pb.Media:
+    tokens = stored.info
+    message = pb.Media(
+        name=stored.name, display_name=stored.display_name, mime_type=stored.mime_type,
+        modality=_MODALITY[tokens.source.modality], size_bytes=stored.size_bytes,
+        sha256=stored.sha256, width=tokens.width, height=tokens.height,
+        token_count=len(tokens.ids))
+    if tokens.duration_s is not None:
+        message.duration.FromNanoseconds(int(tokens.duration_s * 1e9))
+    message.create_time.FromDatetime(stored.create_time)
+    message.expire_time.FromDatetime(stored.expire_time)
+    return message

@@ -51,10 +51,20 @@ class GenerationRequest:
     max_new_tokens: int
     stop_sequences: tuple[str, ...]
     pin_as: str | None = None  # compute the prompt only and pin its pages as this named cache
+    # (media key, f32[rows, D] embeddings) of every media item whose placeholder ids (< 0) are in
+    # prompt_ids; set by the servicer once the media are encoded (server/media.py).
+    media: tuple = ()
 
 
-def _contents(contents, field: str) -> list[tuple[str, str]]:
-    """Checks `contents` and returns it as (role, text) pairs, one per turn."""
+class MediaParts(Protocol):
+    """Resolves media parts to laid-out ids (server/media.MediaResolver)."""
+
+    def resolve(self, part, field: str): ...
+
+
+def _contents(contents, field: str, media: MediaParts | None = None) -> list[tuple]:
+    """Checks `contents` and returns it as (role, content) pairs, one per turn: content is the
+    text when the turn is text only, else a tuple of texts and laid-out media in order."""
     turns = []
     for i, content in enumerate(contents):
         role = content.role or "user"
@@ -63,17 +73,29 @@ def _contents(contents, field: str) -> list[tuple[str, str]]:
                 f"{field}[{i}].role: {content.role!r} is not a role; use 'user' or 'model'")
         if not content.parts:
             raise InvalidArgument(f"{field}[{i}].parts: empty; a Content needs at least one Part")
-        texts = []
+        segments = []
         for j, part in enumerate(content.parts):
+            where = f"{field}[{i}].parts[{j}]"
             kind = part.WhichOneof("data")
             if kind is None:
-                raise InvalidArgument(f"{field}[{i}].parts[{j}]: no data set (set text)")
-            if kind != "text":
-                raise InvalidArgument(f"{field}[{i}].parts[{j}]: {kind} parts are not supported")
-            if not part.text:
-                raise InvalidArgument(f"{field}[{i}].parts[{j}].text: empty")
-            texts.append(part.text)
-        turns.append((role, "".join(texts)))
+                raise InvalidArgument(f"{where}: no data set (set text, inline_data or file_data)")
+            if kind == "text":
+                if not part.text:
+                    raise InvalidArgument(f"{where}.text: empty")
+                if part.HasField("video_metadata"):
+                    raise InvalidArgument(f"{where}.video_metadata: only for video parts")
+                if segments and isinstance(segments[-1], str):
+                    segments[-1] += part.text
+                else:
+                    segments.append(part.text)
+                continue
+            if media is None:
+                raise InvalidArgument(f"{where}: {kind} parts are not accepted here (text only)")
+            segments.append(media.resolve(part, where))
+        if len(segments) == 1 and isinstance(segments[0], str):
+            turns.append((role, segments[0]))
+        else:
+            turns.append((role, tuple(segments)))
     return turns
 
 
@@ -81,22 +103,31 @@ def _system(request) -> str | None:
     if not request.HasField("system_instruction"):
         return None
     turns = _contents([request.system_instruction], "system_instruction")
+    if not isinstance(turns[0][1], str):
+        raise InvalidArgument("system_instruction: text parts only")
     return turns[0][1]
 
 
-def conversation(request) -> tuple[list[tuple[str, str]], str | None]:
-    """The (role, text) turns and system instruction of a request, checked."""
+def conversation(request, media: MediaParts | None = None) -> tuple[list[tuple], str | None]:
+    """The (role, content) turns and system instruction of a request, checked; media parts are
+    resolved by `media` (none accepted without it)."""
     if not request.contents:
         raise InvalidArgument("contents: empty; a request needs at least one Content")
-    return _contents(request.contents, "contents"), _system(request)
+    return _contents(request.contents, "contents", media), _system(request)
 
 
-def render_prompt(request, tokenizer: Tokenizer, cache: CachedPrefix | None = None) -> list[int]:
-    """The prompt token ids of a Generate or CountTokens request (chat template applied).
+def media_of(turns) -> list:
+    """The laid-out media items of some turns, in order."""
+    return [s for _, content in turns if not isinstance(content, str)
+            for s in content if not isinstance(s, str)]
 
-    With a named cache, its turns and system instruction come first.
-    """
-    turns, system = conversation(request)
+
+def render_prompt(request, tokenizer: Tokenizer, cache: CachedPrefix | None = None,
+                  media: MediaParts | None = None) -> tuple[list[int], list]:
+    """The prompt token ids of a Generate or CountTokens request (chat template applied), and
+    its media items (the cache's first). With a named cache, its turns and system instruction
+    come first."""
+    turns, system = conversation(request, media)
     if cache is not None:
         if system is not None:
             raise InvalidArgument(
@@ -105,7 +136,7 @@ def render_prompt(request, tokenizer: Tokenizer, cache: CachedPrefix | None = No
     ids = prompt_lib.render(turns, system, tokenizer)
     if cache is not None and tuple(ids[:len(cache.token_ids)]) != cache.token_ids:
         raise InvalidArgument(f"cached_content: {cache.name} is not a prefix of this prompt")
-    return ids
+    return ids, media_of(turns)
 
 
 def _seed(config: pb.GenerationConfig) -> int:
@@ -145,7 +176,8 @@ def _stop_sequences(config: pb.GenerationConfig) -> tuple[str, ...]:
 
 
 def validate_generate(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limits,
-                      cache: CachedPrefix | None = None) -> GenerationRequest:
+                      cache: CachedPrefix | None = None,
+                      media: MediaParts | None = None) -> tuple[GenerationRequest, list]:
     """Validates and tokenises a Generate call; raises InvalidArgument naming the field."""
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument(
@@ -156,7 +188,7 @@ def validate_generate(request: pb.GenerateRequest, tokenizer: Tokenizer, limits:
     if config.HasField("max_output_tokens") and config.max_output_tokens <= 0:
         raise InvalidArgument(
             f"generation_config.max_output_tokens: {config.max_output_tokens}; must be at least 1")
-    prompt_ids = render_prompt(request, tokenizer, cache)
+    prompt_ids, media_items = render_prompt(request, tokenizer, cache, media)
     room = limits.context_length - len(prompt_ids)
     if room < 1:
         raise InvalidArgument(
@@ -177,4 +209,4 @@ def validate_generate(request: pb.GenerateRequest, tokenizer: Tokenizer, limits:
         params=params,
         max_new_tokens=max_new,
         stop_sequences=stops,
-    )
+    ), media_items

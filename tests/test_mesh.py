@@ -84,7 +84,7 @@ def _logits_fn(engine):
 
     def chunk(token_ids, start, table):
         bucket = next(b for b in engine.buckets if b >= len(token_ids))
-        tokens, positions, _ = engine._stripe(token_ids, start, bucket)
+        tokens, positions, _, _ = engine._stripe(token_ids, start, bucket)
         seq = engine._sharding(jax.sharding.PartitionSpec(None, 'sequence'))
         logits, engine._pages = run(engine._state, engine._pages, engine._put(tokens, seq),
                                     engine._put(positions, seq),

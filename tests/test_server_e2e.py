@@ -155,7 +155,7 @@ def test_model_info(stub):
     assert info.name == presets.default_config().name
     assert info.input_token_limit == presets.default_config().max_context
     assert info.vocab_size == presets.default_config().vocab_size
-    assert list(info.supported_modalities) == [pb.TEXT]
+    assert set(info.supported_modalities) == {pb.TEXT, pb.IMAGE, pb.AUDIO, pb.VIDEO}
     assert info.parameter_count > 0
 
 

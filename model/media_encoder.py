@@ -1,0 +1,89 @@
+"""The model's image and audio encoders, compiled for a few batch sizes, on one local device.
+
+The serving engine shards the decoder over the mesh; the encoders are small and run where the
+media are decoded (process 0), so they get their own copy of just their weights on one device,
+and their outputs travel to the engine as host arrays (rows of the prompt's embeddings).
+Batches are padded up to a bucket so a new batch size never compiles again after warm-up.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+IMAGE_BATCHES = (1, 4, 16)
+AUDIO_BATCHES = (1, 4)
+
+
+class MediaEncoder:
+    """`images(f32[B, S, S, 3]) -> f32[B, tokens_per_image, D]` and
+    `audio(f32[B, n_mels, frames]) -> f32[B, tokens_per_window, D]`, thread-safe."""
+
+    def __init__(self, config, model, device: jax.Device | None = None):
+        self.config = config
+        self.width = config.d_model
+        device = device or jax.local_devices()[0]
+        self._lock = threading.Lock()  # one encoder call at a time: they share the device
+        self._traces = 0
+        self._vision = self._audio = None
+        if config.vision is not None:
+            self.image_size = config.vision.image_size
+            self.tokens_per_image = config.vision.tokens_per_image
+            self._vision = self._compile(model.vision, device)
+        if config.audio is not None:
+            self.n_mels, self.window_frames = config.audio.n_mels, config.audio.window_frames
+            self.tokens_per_window = config.audio.tokens_per_window
+            self._audio = self._compile(model.audio, device)
+
+    @property
+    def compile_count(self) -> int:
+        return self._traces
+
+    def _compile(self, module, device):
+        graphdef, state = nnx.split(module)
+        state = jax.device_put(state, device)
+
+        def run(state, x):
+            self._traces += 1
+            out = nnx.merge(graphdef, state)(x)
+            return out.astype(jnp.float32)
+
+        step = jax.jit(run)
+        return lambda x: step(state, jax.device_put(x, device))
+
+    @staticmethod
+    def _batched(fn, x: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
+        out = []
+        for i in range(0, len(x), buckets[-1]):
+            part = x[i:i + buckets[-1]]
+            size = next(b for b in buckets if b >= len(part))
+            padded = np.zeros((size, *part.shape[1:]), np.float32)
+            padded[:len(part)] = part
+            out.append(np.asarray(fn(padded))[:len(part)])
+        return np.concatenate(out)
+
+    def images(self, pixels: np.ndarray) -> np.ndarray:
+        if self._vision is None:
+            raise ValueError(f"{self.config.name} has no image encoder")
+        with self._lock:
+            return self._batched(self._vision, pixels, IMAGE_BATCHES)
+
+    def audio(self, mel: np.ndarray) -> np.ndarray:
+        if self._audio is None:
+            raise ValueError(f"{self.config.name} has no audio encoder")
+        with self._lock:
+            return self._batched(self._audio, mel, AUDIO_BATCHES)
+
+    def warmup(self) -> None:
+        """Compiles every batch bucket of both encoders."""
+        if self._vision is not None:
+            side = self.image_size
+            for b in IMAGE_BATCHES:
+                self.images(np.zeros((b, side, side, 3), np.float32))
+        if self._audio is not None:
+            for b in AUDIO_BATCHES:
+                self.audio(np.zeros((b, self.n_mels, self.window_frames), np.float32))

@@ -1,0 +1,533 @@
+"""Media parts -> prompt ids (cheap, from probes) and encoder embeddings (streamed, cached).
+
+How an image, audio clip or video enters a prompt:
+
+1. `MediaResolver.resolve(part)` reads the part (inline bytes or an uploaded id), probes it (image
+   header, audio header, `ffmpeg -i` for video: no decoding) and lays it out as prompt ids:
+       image  <|media_start|> [tokens_per_image rows] <|media_end|>
+       audio  <|media_start|> [ceil(seconds * audio_tokens_per_second) rows] <|media_end|>
+       video  <|media_start|> for each sampled frame: "MM:SS" text, the frame's rows, the rows of
+              its sound from that frame to the next <|media_end|>
+   Rows are placeholder ids: negative ints derived from the media's key (content hash plus what
+   is read: offsets, fps), so equal media gives equal ids and the prefix cache and named caches
+   work on media prompts unchanged, while different media never share a page hash. CountTokens
+   stops here: it needs no decoding.
+2. `MediaEmbedder.embed(media)` decodes and encodes, streaming: frames come from ffmpeg in chunks
+   of 16, sound in 10 s windows, and each chunk is encoded at once, so decoded media never sit in
+   memory whole. Image decoding runs in a process pool, video and audio in threads driving ffmpeg
+   and libsndfile. Results are cached by key (LRU, bounded bytes), and concurrent requests for
+   the same media share one computation.
+3. The engine loop, prefilling a chunk, maps each placeholder id back to its row (`rows_for`): the
+   model takes those embeddings instead of token embeddings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import math
+import multiprocessing
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from preprocess import audio as audio_lib
+from preprocess import image as image_lib
+from preprocess import video as video_lib
+from preprocess.errors import MediaError, MediaTooLarge
+from preprocess.tokenizer import Tokenizer
+from server.errors import InvalidArgument, NotFound, ResourceExhausted
+from server.media_rows import KEY_SPACE, placeholder_ids
+from server.media_store import MediaStore
+
+log = logging.getLogger(__name__)
+
+IMAGE, AUDIO, VIDEO, TEXT = "IMAGE", "AUDIO", "VIDEO", "TEXT"
+MEDIA_START, MEDIA_END = "<|media_start|>", "<|media_end|>"
+_FRAME_BATCH = 16  # frames decoded and encoded together
+_AUDIO_BATCH = 4  # 10 s windows encoded together
+
+
+def modality_of(mime_type: str) -> str | None:
+    base = mime_type.split(";")[0].strip().lower()
+    if base in image_lib.MIME_TYPES:
+        return IMAGE
+    if base in audio_lib.MIME_TYPES:
+        return AUDIO
+    if base in video_lib.MIME_TYPES:
+        return VIDEO
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaLimits:
+    max_bytes: int = 2 << 30  # one media item, inline or uploaded
+    max_seconds: float = 4 * 3600.0  # audio and video
+    max_pixels: int = image_lib.DEFAULT_MAX_PIXELS
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoRead:
+    """Which part of a video to read (Gemini's videoMetadata)."""
+
+    start: float = 0.0
+    end: float | None = None
+    fps: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MediaSource:
+    """Where a media item's bytes are: inline `data` or an uploaded file at `path`."""
+
+    modality: str
+    mime_type: str
+    sha256: str
+    data: bytes | None = None
+    path: Path | None = None
+    video: VideoRead | None = None
+    field: str = ""  # the request field it came from, for error messages
+
+    def bytes(self) -> bytes:
+        return self.data if self.data is not None else Path(self.path).read_bytes()
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoLayout:
+    """The sampled frames and where their rows and their sound's rows go."""
+
+    times: tuple[float, ...]  # frame timestamps, seconds
+    end: float  # the end of the read span, seconds
+    audio_rows: int  # total sound rows (0 without sound)
+    # Per frame: the slice of sound rows that follow its image rows.
+    audio_slices: tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaTokens:
+    """One media item laid out as prompt ids (a `preprocess.prompt.MediaSegment`)."""
+
+    key: int
+    ids: tuple[int, ...]
+    rows: int  # placeholder rows (ids < 0), the embeddings to compute
+    counts: tuple[tuple[str, int], ...]  # tokens by modality (markers and timestamps: TEXT)
+    source: MediaSource = dataclasses.field(compare=False, repr=False)
+    video: VideoLayout | None = dataclasses.field(default=None, compare=False, repr=False)
+    duration_s: float | None = dataclasses.field(default=None, compare=False)
+    width: int = dataclasses.field(default=0, compare=False)
+    height: int = dataclasses.field(default=0, compare=False)
+
+
+def token_details(total: int, media: Sequence[MediaTokens]) -> dict[str, int]:
+    """A prompt's `total` tokens by modality: media's own rows under theirs, the rest TEXT."""
+    counts = {TEXT: total}
+    for item in media:
+        for modality, n in item.counts:
+            if modality != TEXT:
+                counts[modality] = counts.get(modality, 0) + n
+                counts[TEXT] -= n
+    return counts
+
+
+def media_key(source: MediaSource, salt: str) -> int:
+    """62 bits naming what the embeddings depend on: bytes, what is read of them, the encoders."""
+    read = source.video or VideoRead()
+    text = f"{salt}|{source.modality}|{source.sha256}|{read.start!r}|{read.end!r}|{read.fps!r}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % KEY_SPACE
+
+
+def timestamp(seconds: float) -> str:
+    """'MM:SS', or 'H:MM:SS' from an hour on (the text before each video frame)."""
+    whole = int(seconds)
+    h, rest = divmod(whole, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class MediaResolver:
+    """Parts -> `MediaTokens`, from probes only. Raises RequestErrors naming the part."""
+
+    def __init__(self, config, tokenizer: Tokenizer, store: MediaStore,
+                 limits: MediaLimits = MediaLimits()):
+        self.vision, self.audio = config.vision, config.audio
+        self.tokenizer, self.store, self.limits = tokenizer, store, limits
+        self._start = tokenizer.token_id(MEDIA_START)
+        self._end = tokenizer.token_id(MEDIA_END)
+        # Encoders' identity: embeddings cached under one config are not reused under another.
+        self._salt = hashlib.sha256(repr((config.vision, config.audio, config.d_model,
+                                          config.name)).encode()).hexdigest()[:16]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        found = [TEXT]
+        if self.vision is not None:
+            found.append(IMAGE)
+        if self.audio is not None:
+            found.append(AUDIO)
+        if self.vision is not None:
+            found.append(VIDEO)
+        return tuple(found)
+
+    def resolve(self, part, field: str) -> MediaTokens:
+        """A Part with inline_data or file_data -> its layout (probing; no decoding)."""
+        source = self._source(part, field)
+        try:
+            return self._layout(source)
+        except MediaTooLarge as error:
+            raise ResourceExhausted(f"{field}: {error}") from None
+        except MediaError as error:
+            raise InvalidArgument(f"{field}: {error}") from None
+
+    def describe(self, source: MediaSource) -> MediaTokens:
+        """Layout of a whole media item (an upload's token count); MediaErrors propagate."""
+        return self._layout(source)
+
+    # ----- reading a part -----
+
+    def _source(self, part, field: str) -> MediaSource:
+        kind = part.WhichOneof("data")
+        if kind == "inline_data":
+            blob = part.inline_data
+            mime = blob.mime_type
+            where = f"{field}.inline_data"
+            if not blob.data:
+                raise InvalidArgument(f"{where}.data: empty")
+            if len(blob.data) > self.limits.max_bytes:
+                raise ResourceExhausted(f"{where}.data: {len(blob.data)} bytes; media up to "
+                                        f"{self.limits.max_bytes} bytes are accepted")
+            data, path, sha = blob.data, None, hashlib.sha256(blob.data).hexdigest()
+        else:
+            where = f"{field}.file_data"
+            try:
+                stored = self.store.get(part.file_data.file_uri, field=f"{where}.file_uri")
+            except NotFound as error:  # in a prompt, a bad id is a bad argument
+                raise InvalidArgument(error.message) from None
+            if part.file_data.mime_type and part.file_data.mime_type != stored.mime_type:
+                raise InvalidArgument(
+                    f"{where}.mime_type: {part.file_data.mime_type!r}, but "
+                    f"{stored.name} was uploaded as {stored.mime_type!r}")
+            mime, data, path, sha = stored.mime_type, None, stored.path, stored.sha256
+        modality = modality_of(mime) if mime else None
+        if modality is None:
+            raise InvalidArgument(f"{where}.mime_type: {mime!r} is not a supported media type "
+                                  f"(images: {', '.join(image_lib.MIME_TYPES)}; audio: "
+                                  f"{', '.join(audio_lib.MIME_TYPES)}; video: "
+                                  f"{', '.join(video_lib.MIME_TYPES)})")
+        if modality not in self.modalities:
+            raise InvalidArgument(f"{where}: this model takes no {modality.lower()} input "
+                                  f"(it takes {', '.join(m.lower() for m in self.modalities)})")
+        video = None
+        if part.HasField("video_metadata"):
+            if modality != VIDEO:
+                raise InvalidArgument(f"{field}.video_metadata: only for video parts; this part "
+                                      f"is {modality.lower()} ({mime})")
+            video = _video_read(part.video_metadata, f"{field}.video_metadata")
+        elif modality == VIDEO:
+            video = VideoRead()
+        if modality == VIDEO and path is None:
+            # ffmpeg seeks in files (an mp4's index may sit at its end): spool the encoded bytes
+            # once, content-addressed. Decoded frames never touch the disk.
+            path = self._spool(data, sha)
+        return MediaSource(modality, mime, sha, data=data, path=path, video=video, field=where)
+
+    def _spool(self, data: bytes, sha: str) -> Path:
+        path = self.store.directory / f"inline-{sha}"
+        if not path.exists():
+            tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        return path
+
+    # ----- layouts -----
+
+    def _wrap(self, key: int, body: list[int], rows: int, counts: dict, source: MediaSource,
+              **extra) -> MediaTokens:
+        markers = [i for i in (self._start, self._end) if i is not None]
+        ids = ([self._start] if self._start is not None else []) + body + (
+            [self._end] if self._end is not None else [])
+        counts = dict(counts)
+        counts[TEXT] = counts.get(TEXT, 0) + len(markers)
+        return MediaTokens(key, tuple(int(i) for i in ids), rows,
+                           tuple((m, n) for m, n in counts.items() if n), source, **extra)
+
+    def _layout(self, source: MediaSource) -> MediaTokens:
+        key = media_key(source, self._salt)
+        if source.modality == IMAGE:
+            info = image_lib.probe_image(source.bytes(), source.mime_type,
+                                         max_pixels=self.limits.max_pixels)
+            rows = self.vision.tokens_per_image
+            return self._wrap(key, placeholder_ids(key, rows).tolist(), rows, {IMAGE: rows},
+                              source, width=info.width, height=info.height)
+        if source.modality == AUDIO:
+            info = audio_lib.probe_audio(source.data if source.data is not None else source.path,
+                                         source.mime_type, max_seconds=self.limits.max_seconds)
+            rows = audio_lib.token_count(info.duration_s, self.audio.tokens_per_second)
+            return self._wrap(key, placeholder_ids(key, rows).tolist(), rows, {AUDIO: rows},
+                              source, duration_s=info.duration_s)
+        return self._video_layout(key, source)
+
+    def _video_layout(self, key: int, source: MediaSource) -> MediaTokens:
+        info = video_lib.probe_video(source.path, source.mime_type,
+                                     max_seconds=self.limits.max_seconds)
+        read = source.video
+        try:
+            times = video_lib.sample_times(info.duration_s, fps=read.fps, start=read.start,
+                                           end=read.end)
+        except ValueError as error:
+            raise MediaError(str(error)) from None
+        if len(times) == 0:
+            raise MediaError(f"no frame to sample between {read.start} s and "
+                             f"{read.end if read.end is not None else info.duration_s} s")
+        end = min(read.end, info.duration_s) if read.end is not None else info.duration_s
+        per_frame = self.vision.tokens_per_image
+        audio_rows = 0
+        if info.has_audio and self.audio is not None:
+            audio_rows = audio_lib.token_count(end - read.start, self.audio.tokens_per_second)
+        # Sound row k covers [start + k / tps, start + (k + 1) / tps); it follows the last frame
+        # shown at or before its start.
+        slices, first = [], 0
+        for i in range(len(times)):
+            last = audio_rows
+            if i + 1 < len(times) and audio_rows:
+                tps = self.audio.tokens_per_second
+                last = min(audio_rows, math.ceil((times[i + 1] - read.start) * tps - 1e-9))
+            slices.append((first, last))
+            first = last
+        body, row, text = [], 0, 0
+        rows_ids = placeholder_ids(key, len(times) * per_frame + audio_rows)
+        for t, (a0, a1) in zip(times, slices):
+            stamp = self.tokenizer.encode(timestamp(t))
+            text += len(stamp)
+            body += stamp
+            n = per_frame + (a1 - a0)
+            body += rows_ids[row:row + n].tolist()
+            row += n
+        layout = VideoLayout(tuple(float(t) for t in times), float(end), audio_rows,
+                             tuple(slices))
+        counts = {TEXT: text, VIDEO: len(times) * per_frame, AUDIO: audio_rows}
+        return self._wrap(key, body, row, counts, source, video=layout,
+                          duration_s=info.duration_s, width=info.width, height=info.height)
+
+
+def _video_read(metadata, field: str) -> VideoRead:
+    start = metadata.start_offset.ToTimedelta().total_seconds() if metadata.HasField(
+        "start_offset") else 0.0
+    end = metadata.end_offset.ToTimedelta().total_seconds() if metadata.HasField(
+        "end_offset") else None
+    fps = metadata.fps or 1.0
+    if not (math.isfinite(fps) and 0 < fps <= 24):
+        raise InvalidArgument(f"{field}.fps: {metadata.fps}; use a rate in (0, 24] frames/s")
+    if start < 0:
+        raise InvalidArgument(f"{field}.start_offset: {start} s is negative")
+    if end is not None and end <= start:
+        raise InvalidArgument(f"{field}.end_offset: {end} s is not after start_offset ({start} s)")
+    return VideoRead(start, end, float(fps))
+
+
+def _decode_image(data: bytes, mime_type: str, size: int, max_pixels: int) -> np.ndarray:
+    """Process-pool job: bytes -> f32[S, S, 3] (top level, so it pickles)."""
+    return image_lib.load_image(data, mime_type, image_lib.ImageSpec(size=size),
+                                max_pixels=max_pixels)
+
+
+class Cancelled(Exception):
+    """The request that wanted these embeddings went away."""
+
+
+class MediaEmbedder:
+    """Embeddings of laid-out media: decode, encode, cache. See the module note."""
+
+    def __init__(self, encoder, limits: MediaLimits = MediaLimits(), *,
+                 cache_bytes: int = 1 << 30, processes: int = 2):
+        self.encoder, self.limits = encoder, limits
+        self.mel_spec = (audio_lib.MelSpec(n_mels=encoder.n_mels, window_frames=encoder.window_frames)
+                         if getattr(encoder, "n_mels", None) else None)
+        self.cache_bytes = cache_bytes
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._cached_bytes = 0
+        self._inflight: dict[int, asyncio.Future] = {}
+        self._processes = processes
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None  # made on first image
+        self.encoded = 0  # media items computed (not served from the cache), for tests
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _decoders(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn, not fork: the server process holds JAX's threads.
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self._processes, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def cached(self, key: int) -> np.ndarray | None:
+        rows = self._cache.get(key)
+        if rows is not None:
+            self._cache.move_to_end(key)
+        return rows
+
+    async def embed(self, media: MediaTokens) -> np.ndarray:
+        """f32[rows, D] for one media item. Callers wanting the same media share one computation;
+        when the last of them goes away (cancel, deadline), it stops and its ffmpeg is killed."""
+        rows = self.cached(media.key)
+        if rows is not None:
+            return rows
+        shared = self._inflight.get(media.key)
+        if shared is None:
+            shared = self._inflight[media.key] = _Shared(asyncio.ensure_future(self._compute(media)))
+            shared.future.add_done_callback(lambda _: self._inflight.pop(media.key, None))
+        shared.waiters += 1
+        try:
+            return await asyncio.shield(shared.future)
+        finally:
+            shared.waiters -= 1
+            if shared.waiters == 0 and not shared.future.done():
+                shared.future.cancel()
+
+    async def embed_all(self, media: Sequence[MediaTokens],
+                        known: Sequence[tuple[int, np.ndarray]] = ()) -> tuple:
+        """(key, rows) for each distinct media item, in order; `known` ones (a named cache's) are
+        taken as they are. Decoding errors become RequestErrors naming the part."""
+        out = dict(known)
+        for item in media:
+            if item.key in out:
+                continue
+            try:
+                out[item.key] = await self.embed(item)
+            except MediaTooLarge as error:
+                raise ResourceExhausted(f"{item.source.field}: {error}") from None
+            except MediaError as error:
+                raise InvalidArgument(f"{item.source.field}: {error}") from None
+        return tuple(out.items())
+
+    async def _compute(self, media: MediaTokens) -> np.ndarray:
+        source = media.source
+        if source.modality == IMAGE:
+            pixels = await asyncio.get_running_loop().run_in_executor(
+                self._decoders(), _decode_image, source.bytes(), source.mime_type,
+                self.encoder.image_size, self.limits.max_pixels)
+            rows = await asyncio.to_thread(self.encoder.images, pixels[None])
+            rows = rows[0]
+        else:
+            cancel = _Cancel()
+            try:
+                work = self._audio if source.modality == AUDIO else self._video
+                rows = await asyncio.to_thread(work, media, cancel)
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
+        self.encoded += 1
+        self._remember(media.key, rows)
+        return rows
+
+    def _remember(self, key: int, rows: np.ndarray) -> None:
+        if rows.nbytes > self.cache_bytes:
+            return
+        self._cache[key] = rows
+        self._cached_bytes += rows.nbytes
+        while self._cached_bytes > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.nbytes
+
+    # ----- streamed decoding (worker threads) -----
+
+    def _sound_rows(self, windows, total_rows: int, cancel: _Cancel) -> np.ndarray:
+        out = np.zeros((total_rows, self.encoder.width), np.float32)
+        filled, batch = 0, []
+
+        def flush():
+            nonlocal filled
+            encoded = self.encoder.audio(np.stack(batch))  # [b, tokens_per_window, D]
+            flat = encoded.reshape(-1, encoded.shape[-1])
+            take = min(len(flat), total_rows - filled)
+            out[filled:filled + take] = flat[:take]
+            filled += take
+            batch.clear()
+
+        for window in windows:
+            cancel.check()
+            batch.append(window)
+            if len(batch) == _AUDIO_BATCH:
+                flush()
+        if batch:
+            flush()
+        if filled < total_rows:  # the stream ran short of the probed duration: silence's rows
+            log.warning("sound gave %d of %d rows; the rest stay zero", filled, total_rows)
+        return out
+
+    def _audio(self, media: MediaTokens, cancel: _Cancel) -> np.ndarray:
+        source = media.source
+        windows = audio_lib.load_windows(source.data if source.data is not None else source.path,
+                                         source.mime_type, self.mel_spec,
+                                         max_seconds=self.limits.max_seconds)
+        try:
+            return self._sound_rows(windows, media.rows, cancel)
+        finally:
+            windows.close()
+
+    def _video(self, media: MediaTokens, cancel: _Cancel) -> np.ndarray:
+        source, layout = media.source, media.video
+        info = video_lib.probe_video(source.path, source.mime_type,
+                                     max_seconds=self.limits.max_seconds)
+        read = source.video
+        per_frame = self.encoder.tokens_per_image
+        frames = np.zeros((len(layout.times), per_frame, self.encoder.width), np.float32)
+        stream = video_lib.frames(source.path, info, size=self.encoder.image_size, fps=read.fps,
+                                  start=read.start, end=read.end, chunk=_FRAME_BATCH,
+                                  process_hook=cancel.watch)
+        done = 0
+        try:
+            for _, chunk in stream:
+                cancel.check()
+                pixels = image_lib.normalize(chunk, image_lib.ImageSpec(size=self.encoder.image_size))
+                frames[done:done + len(chunk)] = self.encoder.images(pixels)
+                done += len(chunk)
+        finally:
+            stream.close()
+        sound = np.zeros((0, self.encoder.width), np.float32)
+        if layout.audio_rows:
+            chunks = video_lib.sound(source.path, info, start=read.start, end=layout.end,
+                                     process_hook=cancel.watch)
+            windows = audio_lib.mel_windows(chunks, self.mel_spec)
+            try:
+                sound = self._sound_rows(windows, layout.audio_rows, cancel)
+            finally:
+                chunks.close()
+        pieces = []
+        for i, (a0, a1) in enumerate(layout.audio_slices):
+            pieces += [frames[i], sound[a0:a1]]
+        return np.concatenate(pieces)
+
+
+@dataclasses.dataclass
+class _Shared:
+    future: asyncio.Future
+    waiters: int = 0
+
+
+class _Cancel:
+    """Cancels a worker thread's decoding: checked between chunks, and kills running ffmpeg."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._procs = []
+
+    def watch(self, process) -> None:
+        self._procs.append(process)
+        if self._event.is_set():
+            process.cancel()
+
+    def set(self) -> None:
+        self._event.set()
+        for process in self._procs:
+            process.cancel()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("the request was cancelled")

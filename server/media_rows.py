@@ -1,0 +1,41 @@
+"""Placeholder ids <-> media embedding rows: how a prompt names media rows without tensors.
+
+Row j of the media item with key K (62 bits of a hash of its bytes and of what is read of them)
+stands in the prompt as the id -1 - ((K + j) mod 2**62). Ids are negative, so they never collide
+with a vocabulary id; they are content-derived, so the prefix cache's page hashes and a named
+cache's token prefix tell media apart with no extra keys; and the engine loop maps them back to
+rows with arithmetic alone, for whichever chunk it prefills.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+KEY_SPACE = 1 << 62
+
+
+def placeholder_ids(key: int, rows: int) -> np.ndarray:
+    """i64[rows]: the prompt ids standing for rows 0..rows-1 of the media with this key."""
+    return -1 - ((key + np.arange(rows, dtype=np.int64)) % KEY_SPACE)
+
+
+def rows_for(token_ids: Sequence[int], media: Sequence[tuple[int, np.ndarray]],
+             width: int) -> np.ndarray | None:
+    """f32[T, width] embeddings for a chunk's ids (zeros at text ids), or None when the chunk
+    holds no placeholder. `media` is (key, rows [n, width]) for every media item of the request."""
+    ids = np.asarray(token_ids, np.int64)
+    holes = ids < 0
+    if not holes.any():
+        return None
+    out = np.zeros((len(ids), width), np.float32)
+    left = holes.copy()
+    for key, rows in media:
+        index = (-1 - ids - key) % KEY_SPACE  # the row this id would be, were it this media's
+        mine = left & (index < len(rows))
+        out[mine] = rows[index[mine]]
+        left &= ~mine
+    if left.any():
+        raise AssertionError(f"{int(left.sum())} placeholder ids belong to no media of the request")
+    return out
