@@ -179,9 +179,9 @@ class MediaResolver:
         try:
             return self._layout(source)
         except MediaTooLarge as error:
-            raise ResourceExhausted(f"{field}: {error}") from None
+            raise ResourceExhausted(f"{source.field}: {error}") from None
         except MediaError as error:
-            raise InvalidArgument(f"{field}: {error}") from None
+            raise InvalidArgument(f"{source.field}: {error}") from None
 
     def describe(self, source: MediaSource) -> MediaTokens:
         """Layout of a whole media item (an upload's token count); MediaErrors propagate."""
