@@ -299,7 +299,7 @@ class EngineLoop:
     def _add(self, stream: Stream) -> None:
         request = stream.request
         seq = SeqState(request_id=f"{next(self._ids)}", prompt_ids=request.prompt_ids,
-                       max_new_tokens=request.max_new_tokens)
+                       max_new_tokens=request.max_new_tokens, ready=request.ready)
         self._active[seq.request_id] = _Active(stream, seq, self._tokenizer)
         self._scheduler.add(seq)
 

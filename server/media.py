@@ -372,59 +372,71 @@ class MediaEmbedder:
             self._cache.move_to_end(key)
         return rows
 
-    async def embed(self, media: MediaTokens) -> np.ndarray:
-        """f32[rows, D] for one media item. Callers wanting the same media share one computation;
-        when the last of them goes away (cancel, deadline), it stops and its ffmpeg is killed."""
+    def start(self, media: MediaTokens) -> Progress:
+        """Starts (or joins) computing one media item's rows; returns at once. The rows fill in
+        prompt order (`Progress.ready`), so prefill can run behind the decoding."""
         rows = self.cached(media.key)
         if rows is not None:
-            return rows
+            return Progress(media.key, rows, len(rows))
         shared = self._inflight.get(media.key)
         if shared is None:
-            shared = self._inflight[media.key] = _Shared(asyncio.ensure_future(self._compute(media)))
+            shared = Progress(media.key, np.zeros((media.rows, self.encoder.width), np.float32))
+            shared.future = asyncio.ensure_future(self._compute(media, shared))
+            self._inflight[media.key] = shared
             shared.future.add_done_callback(lambda _: self._inflight.pop(media.key, None))
-        shared.waiters += 1
+        return shared
+
+    async def wait(self, progress: Progress, field: str = "") -> np.ndarray:
+        """The finished rows. Callers wanting the same media share one computation; when the
+        last of them goes away (cancel, deadline), it stops and its ffmpeg is killed. Decoding
+        errors become RequestErrors naming `field`."""
+        if progress.future is None:
+            return progress.rows
+        progress.waiters += 1
         try:
-            return await asyncio.shield(shared.future)
+            return await asyncio.shield(progress.future)
+        except MediaTooLarge as error:
+            raise ResourceExhausted(f"{field}: {error}") from None
+        except MediaError as error:
+            raise InvalidArgument(f"{field}: {error}") from None
         finally:
-            shared.waiters -= 1
-            if shared.waiters == 0 and not shared.future.done():
-                shared.future.cancel()
+            progress.waiters -= 1
+            if progress.waiters == 0 and not progress.future.done():
+                progress.future.cancel()
+
+    async def embed(self, media: MediaTokens) -> np.ndarray:
+        """f32[rows, D] for one media item, once complete."""
+        return await self.wait(self.start(media), media.source.field)
 
     async def embed_all(self, media: Sequence[MediaTokens],
                         known: Sequence[tuple[int, np.ndarray]] = ()) -> tuple:
-        """(key, rows) for each distinct media item, in order; `known` ones (a named cache's) are
-        taken as they are. Decoding errors become RequestErrors naming the part."""
+        """(key, rows) for each distinct media item, in order, complete; `known` ones (a named
+        cache's) are taken as they are."""
         out = dict(known)
         for item in media:
-            if item.key in out:
-                continue
-            try:
+            if item.key not in out:
                 out[item.key] = await self.embed(item)
-            except MediaTooLarge as error:
-                raise ResourceExhausted(f"{item.source.field}: {error}") from None
-            except MediaError as error:
-                raise InvalidArgument(f"{item.source.field}: {error}") from None
         return tuple(out.items())
 
-    async def _compute(self, media: MediaTokens) -> np.ndarray:
+    async def _compute(self, media: MediaTokens, progress: Progress) -> np.ndarray:
         source = media.source
         if source.modality == IMAGE:
             pixels = await asyncio.get_running_loop().run_in_executor(
                 self._decoders(), _decode_image, source.bytes(), source.mime_type,
                 self.encoder.image_size, self.limits.max_pixels)
-            rows = await asyncio.to_thread(self.encoder.images, pixels[None])
-            rows = rows[0]
+            progress.rows[:] = (await asyncio.to_thread(self.encoder.images, pixels[None]))[0]
+            progress.ready = len(progress.rows)
         else:
             cancel = _Cancel()
             try:
                 work = self._audio if source.modality == AUDIO else self._video
-                rows = await asyncio.to_thread(work, media, cancel)
+                await asyncio.to_thread(work, media, progress, cancel)
             except asyncio.CancelledError:
                 cancel.set()
                 raise
         self.encoded += 1
-        self._remember(media.key, rows)
-        return rows
+        self._remember(media.key, progress.rows)
+        return progress.rows
 
     def _remember(self, key: int, rows: np.ndarray) -> None:
         if rows.nbytes > self.cache_bytes:
@@ -437,78 +449,97 @@ class MediaEmbedder:
 
     # ----- streamed decoding (worker threads) -----
 
-    def _sound_rows(self, windows, total_rows: int, cancel: _Cancel) -> np.ndarray:
-        out = np.zeros((total_rows, self.encoder.width), np.float32)
-        filled, batch = 0, []
-
-        def flush():
-            nonlocal filled
-            encoded = self.encoder.audio(np.stack(batch))  # [b, tokens_per_window, D]
-            flat = encoded.reshape(-1, encoded.shape[-1])
-            take = min(len(flat), total_rows - filled)
-            out[filled:filled + take] = flat[:take]
-            filled += take
-            batch.clear()
-
+    def _sound(self, windows, cancel: _Cancel):
+        """Encoded sound rows, f32[n, D] per batch of windows, in order."""
+        batch = []
         for window in windows:
             cancel.check()
             batch.append(window)
             if len(batch) == _AUDIO_BATCH:
-                flush()
+                yield self.encoder.audio(np.stack(batch)).reshape(-1, self.encoder.width)
+                batch = []
         if batch:
-            flush()
-        if filled < total_rows:  # the stream ran short of the probed duration: silence's rows
-            log.warning("sound gave %d of %d rows; the rest stay zero", filled, total_rows)
-        return out
+            yield self.encoder.audio(np.stack(batch)).reshape(-1, self.encoder.width)
 
-    def _audio(self, media: MediaTokens, cancel: _Cancel) -> np.ndarray:
+    def _audio(self, media: MediaTokens, progress: Progress, cancel: _Cancel) -> None:
         source = media.source
         windows = audio_lib.load_windows(source.data if source.data is not None else source.path,
                                          source.mime_type, self.mel_spec,
                                          max_seconds=self.limits.max_seconds)
         try:
-            return self._sound_rows(windows, media.rows, cancel)
+            for rows in self._sound(windows, cancel):
+                take = min(len(rows), media.rows - progress.ready)
+                progress.rows[progress.ready:progress.ready + take] = rows[:take]
+                progress.ready += take  # after the rows are written: readers trust `ready`
         finally:
             windows.close()
+        if progress.ready < media.rows:  # ran short of the probed duration: silence's rows
+            log.warning("sound gave %d of %d rows; the rest stay zero", progress.ready, media.rows)
+            progress.ready = media.rows
 
-    def _video(self, media: MediaTokens, cancel: _Cancel) -> np.ndarray:
-        source, layout = media.source, media.video
+    def _video(self, media: MediaTokens, progress: Progress, cancel: _Cancel) -> None:
+        """Frames and sound decoded side by side (two ffmpeg processes), so rows complete in
+        prompt order: frame i's rows, then its sound's, then frame i + 1's."""
+        source, layout, read = media.source, media.video, media.source.video
         info = video_lib.probe_video(source.path, source.mime_type,
                                      max_seconds=self.limits.max_seconds)
-        read = source.video
         per_frame = self.encoder.tokens_per_image
-        frames = np.zeros((len(layout.times), per_frame, self.encoder.width), np.float32)
-        stream = video_lib.frames(source.path, info, size=self.encoder.image_size, fps=read.fps,
+        # Where each frame's rows start in the media's rows, and where each sound row goes.
+        starts = np.cumsum([0] + [per_frame + a1 - a0 for a0, a1 in layout.audio_slices])
+        sound_at = np.concatenate([np.arange(a1 - a0) + starts[i] + per_frame
+                                   for i, (a0, a1) in enumerate(layout.audio_slices)] or [[]])
+        spec = image_lib.ImageSpec(size=self.encoder.image_size)
+        frames = video_lib.frames(source.path, info, size=spec.size, fps=read.fps,
                                   start=read.start, end=read.end, chunk=_FRAME_BATCH,
                                   process_hook=cancel.watch)
-        done = 0
-        try:
-            for _, chunk in stream:
-                cancel.check()
-                pixels = image_lib.normalize(chunk, image_lib.ImageSpec(size=self.encoder.image_size))
-                frames[done:done + len(chunk)] = self.encoder.images(pixels)
-                done += len(chunk)
-        finally:
-            stream.close()
-        sound = np.zeros((0, self.encoder.width), np.float32)
+        chunks, sound = None, iter(())
         if layout.audio_rows:
             chunks = video_lib.sound(source.path, info, start=read.start, end=layout.end,
                                      process_hook=cancel.watch)
-            windows = audio_lib.mel_windows(chunks, self.mel_spec)
-            try:
-                sound = self._sound_rows(windows, layout.audio_rows, cancel)
-            finally:
+            sound = self._sound(audio_lib.mel_windows(chunks, self.mel_spec), cancel)
+        frames_done = sound_done = 0
+        try:
+            for _, chunk in frames:
+                cancel.check()
+                encoded = self.encoder.images(image_lib.normalize(chunk, spec))
+                for j, rows in enumerate(encoded, frames_done):
+                    progress.rows[starts[j]:starts[j] + per_frame] = rows
+                frames_done += len(chunk)
+                # Sound up to the end of the last decoded frame's slice.
+                need = layout.audio_slices[frames_done - 1][1]
+                while sound_done < need:
+                    rows = next(sound, None)
+                    if rows is None:
+                        break
+                    rows = rows[:layout.audio_rows - sound_done]
+                    progress.rows[sound_at[sound_done:sound_done + len(rows)]] = rows
+                    sound_done += len(rows)
+                if sound_done < need:  # the sound ran short: its missing rows stay zero
+                    sound_done = need
+                # Complete: every frame before frames_done with its whole sound slice.
+                done = frames_done
+                while done > 0 and layout.audio_slices[done - 1][1] > sound_done:
+                    done -= 1
+                progress.ready = int(starts[done])
+            for rows in sound:  # the remaining sound (a last slice longer than a chunk)
+                rows = rows[:layout.audio_rows - sound_done]
+                progress.rows[sound_at[sound_done:sound_done + len(rows)]] = rows
+                sound_done += len(rows)
+        finally:
+            frames.close()
+            if chunks is not None:
                 chunks.close()
-        pieces = []
-        for i, (a0, a1) in enumerate(layout.audio_slices):
-            pieces += [frames[i], sound[a0:a1]]
-        return np.concatenate(pieces)
+        progress.ready = len(progress.rows)
 
 
-@dataclasses.dataclass
-class _Shared:
-    future: asyncio.Future
-    waiters: int = 0
+class Progress:
+    """One media item's rows as they are computed: `rows[:ready]` are final. `future` completes
+    with the rows (None when they came from the cache)."""
+
+    def __init__(self, key: int, rows: np.ndarray, ready: int = 0):
+        self.key, self.rows, self.ready = key, rows, ready
+        self.future: asyncio.Future | None = None
+        self.waiters = 0
 
 
 class _Cancel:

@@ -39,3 +39,31 @@ def rows_for(token_ids: Sequence[int], media: Sequence[tuple[int, np.ndarray]],
     if left.any():
         raise AssertionError(f"{int(left.sum())} placeholder ids belong to no media of the request")
     return out
+
+
+class PromptReadiness:
+    """How many leading prompt tokens have their inputs: text always, media rows once computed.
+
+    `progress` items have `key`, `rows` (their row count) and `ready` (rows final so far, in
+    order; another thread raises it). Calling the object returns the first prompt position whose
+    row is not final yet (len(prompt) when all are): the scheduler prefills up to there, so a long
+    video's first minutes are prefilled while the rest still decodes.
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], progress: Sequence):
+        ids = np.asarray(prompt_ids, np.int64)
+        self._length = len(ids)
+        self._items = []
+        for item in progress:
+            n = len(item.rows)
+            index = (-1 - ids - item.key) % KEY_SPACE
+            at = np.nonzero((ids < 0) & (index < n))[0]
+            # first[r]: the earliest position holding row r; suffix min: the earliest position
+            # needing any row >= r, i.e. the limit while rows [0, r) are final.
+            first = np.full(n + 1, self._length, np.int64)
+            np.minimum.at(first, index[at], at)
+            self._items.append((item, np.minimum.accumulate(first[::-1])[::-1]))
+
+    def __call__(self) -> int:
+        return int(min((limit[item.ready] for item, limit in self._items),
+                       default=self._length))

@@ -4,7 +4,8 @@ Each sequence has `num_computed` tokens in the KV cache and `num_tokens` known t
 sampled output). Every step the scheduler grants each sequence some of its missing tokens, within
 a token budget: a decoding sequence needs one, a prefilling one gets a chunk. That single rule gives
 chunked prefill interleaved with decode, prefix caching (a hit simply starts `num_computed` above
-zero) and preemption by recompute (free the blocks, reset `num_computed` to zero, queue again).
+zero), preemption by recompute (free the blocks, reset `num_computed` to zero, queue again) and
+prefill that follows media decoding (a sequence is granted only tokens whose inputs exist).
 
 The scheduler never touches tensors: it hands the engine request ids, slots, token counts and
 block tables, and the engine hands back one sampled token per sequence whose step reached the end
@@ -16,7 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from server.kv_manager import KVCacheManager
 
@@ -35,6 +36,8 @@ class SeqState:
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
     extra_keys: tuple = ()
+    # Prompt tokens whose inputs exist so far (media rows still decoding); None: all of them.
+    ready: Callable[[], int] | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_cached: int = 0  # of the prompt, served by the prefix cache on admission
@@ -49,6 +52,16 @@ class SeqState:
     @property
     def token_ids(self) -> list[int]:
         return [*self.prompt_ids, *self.output_ids]
+
+    def available(self) -> int:
+        """Tokens that may be computed now: all known ones, or the prompt up to its first media
+        row still being decoded."""
+        if self.ready is not None:
+            limit = self.ready()
+            if limit < len(self.prompt_ids):
+                return limit
+            self.ready = None  # the prompt's inputs are complete for good
+        return self.num_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +123,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            count = min(seq.num_tokens - seq.num_computed, budget, self.max_chunk)
+            count = min(seq.available() - seq.num_computed, budget, self.max_chunk)
+            if count <= 0:  # waits for its media's next rows
+                i += 1
+                continue
             table = self.kv.allocate(seq.request_id, seq.num_computed + count)
             while table is None:
                 victim = self.running[-1]
@@ -125,15 +141,20 @@ class Scheduler:
             budget -= count
             i += 1
         # 2. Then waiting sequences, while there are slots, budget and blocks.
-        while self.waiting and budget > 0 and self._free_slots and not preempted:
-            seq = self.waiting[0]
-            hit = self.kv.lookup(seq.token_ids, seq.extra_keys)
-            start = hit.num_cached_tokens
-            count = min(seq.num_tokens - start, budget, self.max_chunk)
+        j = 0
+        while j < len(self.waiting) and budget > 0 and self._free_slots and not preempted:
+            seq = self.waiting[j]
+            available = seq.available()
+            hit = self.kv.lookup(seq.token_ids, seq.extra_keys) if available else None
+            start = hit.num_cached_tokens if hit else 0
+            count = min(available - start, budget, self.max_chunk)
+            if count <= 0:  # its media have no rows yet: let the next one by
+                j += 1
+                continue
             table = self.kv.allocate(seq.request_id, start + count, hit)
             if table is None:
                 break  # wait for blocks; admitting out of order would starve long prompts
-            self.waiting.popleft()
+            del self.waiting[j]
             seq.status = Status.RUNNING
             seq.slot = self._free_slots.pop()
             seq.num_computed = start

@@ -16,13 +16,14 @@ import grpc
 
 from model.sampling import SamplingParams
 from preprocess import prompt as prompt_lib
+from preprocess.errors import MediaError, MediaTooLarge
 from ringserve.v1 import inference_pb2 as pb
 from ringserve.v1 import inference_pb2_grpc as pb_grpc
-from preprocess.errors import MediaError, MediaTooLarge
 from server import caches as caches_lib
 from server import media as media_lib
 from server.errors import (FailedPrecondition, InvalidArgument, RequestError, ResourceExhausted,
                            abort)
+from server.media_rows import PromptReadiness
 from server.runtime import Runtime
 from server.validation import (GenerationRequest, conversation, media_of, render_prompt,
                                validate_generate)
@@ -105,13 +106,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         cache = await self._cache(request)
         work, media = await asyncio.to_thread(validate_generate, request, self._rt.tokenizer,
                                               self._rt.limits, cache, self._rt.media)
+        decoding = None
         if media:
-            rows = await self._rt.embedder.embed_all(media, cache.media if cache else ())
-            work = dataclasses.replace(work, media=rows)
+            work, decoding = self._start_media(work, media, cache)
         stream = self._rt.engine_loop.submit(work, received)
+        if decoding is not None:
+            # A media item failing to decode ends the request (the pages it holds are freed).
+            decoding.add_done_callback(lambda task: task.cancelled() or (
+                task.exception() is not None and stream.cancel()))
         ttft = None
         try:
             async for event in stream:
+                if decoding is not None and decoding.done() and not decoding.cancelled() and (
+                        decoding.exception() is not None):
+                    raise decoding.exception()
                 if event.error is not None:
                     raise event.error
                 if event.first_token_time is not None:
@@ -133,8 +141,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         prompt_tokens_details=_details(event.prompt_tokens, media)))
                 yield response
         finally:
-            # Client cancel, disconnect, deadline and shutdown all land here: free the slot now.
+            # Client cancel, disconnect, deadline and shutdown all land here: free the slot now,
+            # and stop decoding media nobody else waits for.
             stream.cancel()
+            if decoding is not None:
+                decoding.cancel()
+
+    def _start_media(self, work: GenerationRequest, media, cache):
+        """Starts decoding the request's media; the engine prefills behind it (`ready`). Returns
+        the request with its rows and a task that fails when a media item does."""
+        embedder = self._rt.embedder
+        known = dict(cache.media) if cache else {}
+        started = {}
+        for item in media:
+            if item.key not in known and item.key not in started:
+                started[item.key] = (embedder.start(item), item.source.field)
+        rows = (*known.items(), *((key, p.rows) for key, (p, _) in started.items()))
+        ready = PromptReadiness(work.prompt_ids, [p for p, _ in started.values()])
+        decoding = asyncio.ensure_future(asyncio.gather(
+            *(embedder.wait(p, field) for p, field in started.values())))
+        return dataclasses.replace(work, media=rows, ready=ready), decoding
 
     @_rpc
     async def CountTokens(self, request: pb.CountTokensRequest, context):

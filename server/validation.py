@@ -10,7 +10,7 @@ import dataclasses
 import math
 import secrets
 import uuid
-from typing import Protocol
+from typing import Callable, Protocol
 
 from model.sampling import SamplingParams
 from preprocess import prompt as prompt_lib
@@ -52,8 +52,10 @@ class GenerationRequest:
     stop_sequences: tuple[str, ...]
     pin_as: str | None = None  # compute the prompt only and pin its pages as this named cache
     # (media key, f32[rows, D] embeddings) of every media item whose placeholder ids (< 0) are in
-    # prompt_ids; set by the servicer once the media are encoded (server/media.py).
+    # prompt_ids, set by the servicer (server/media.py); rows may still be filling, and `ready`
+    # then says how many leading prompt tokens have their inputs (server/media_rows.py).
     media: tuple = ()
+    ready: Callable[[], int] | None = None
 
 
 class MediaParts(Protocol):
