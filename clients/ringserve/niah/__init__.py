@@ -6,6 +6,11 @@ token length with CountTokens and placing needles), `scoring`, `runner` (the gri
 server), `results` (the JSON-lines file and summary table), `progress`, `plot` (the heatmap,
 with the optional Pillow) and `command` (the CLI flags).
 
+Video and audio (`--modality`): `media_tasks` (the secret word, per duration, depth and trial),
+`media_runner` (build, upload, count, ask, delete, per cell), `frames` (the needle frame and
+generated pictures), `video` and `audio` (the haystack builders), `ffmpeg` (the bundled ffmpeg as
+pipes) and `deps` (the optional packages they need, which nothing else here imports).
+
     from ringserve import Client
     from ringserve.niah import Grid, Runner, Settings, haystack, tasks
 

@@ -1,4 +1,8 @@
-"""`ringserve niah`: the flags, and running or re-plotting a grid from them."""
+"""`ringserve niah`: the flags, and running or re-plotting a grid from them.
+
+The media modules (`media_runner` and the builders it loads) are imported only for a video or
+audio run, so the text test and the SDK need grpcio and protobuf alone.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,25 @@ import re
 import sys
 
 from ringserve.client import Client
+from ringserve.niah import deps, media_tasks, plot, results, tasks
 from ringserve.niah import haystack as haystack_lib
-from ringserve.niah import plot, results, tasks
 from ringserve.niah.runner import Grid, Runner, Settings
 
 _LENGTH = re.compile(r"(\d+(?:\.\d+)?)([kKmM]?)")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhSMH]?)")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
+MODALITIES = ("text", "video", "audio")
+DEFAULT_LENGTHS = "1k,2k,4k,8k"
+DEFAULT_DURATIONS = "1m,5m,10m"
+DEFAULT_FRAME_SIZE = 256
+# Flags that only one kind of run reads (all default to None), so a flag given to a run that would
+# ignore it is refused rather than silently dropped.
+_ONLY = {"--lengths": ("text",), "--task": ("text",), "--haystack-file": ("text",),
+         "--durations": ("video", "audio"), "--needle-word": ("video", "audio"),
+         "--work-dir": ("video", "audio"), "--haystack-video": ("video",),
+         "--frame-size": ("video",), "--haystack-audio": ("audio",),
+         "--needle-audio": ("audio",)}
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -31,6 +48,23 @@ def parse_lengths(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(lengths)))
 
 
+def parse_durations(text: str) -> tuple[int, ...]:
+    """"30s,10m,1.5h" -> (30, 600, 5400): seconds, minutes or hours (a bare number is seconds),
+    each a whole number of seconds: a video has one frame a second."""
+    durations = []
+    for item in text.split(","):
+        match = _DURATION.fullmatch(item.strip())
+        if not match:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: give durations like 30s, 10m, 1.5h or 90, comma-separated")
+        seconds = float(match.group(1)) * _SECONDS[match.group(2).lower()]
+        if seconds < 1 or seconds != int(seconds):
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is {seconds:g} s: a duration is a whole number of seconds >= 1")
+        durations.append(int(seconds))
+    return tuple(sorted(set(durations)))
+
+
 def parse_depths(text: str) -> tuple[float, ...]:
     """"0,25,50,75,100" -> depths in percent of the haystack's tokens."""
     try:
@@ -44,32 +78,63 @@ def parse_depths(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modality", choices=MODALITIES,
+                        help="text (default): a needle in text, --task picks which; video: a "
+                        "frame reading 'The secret word is: WORD' in a video; audio: the "
+                        "phrase spoken in a sound track. With --plot-only, plots that modality's "
+                        "rows")
     parser.add_argument("--task", choices=list(tasks.TASKS),
                         help="classic (default), passkey, multikey or multivalue; with "
                         "--plot-only, the task to plot (default: each in the file)")
     grid = parser.add_argument_group("grid")
-    grid.add_argument("--lengths", type=parse_lengths, default=parse_lengths("1k,2k,4k,8k"),
-                      help="prompt lengths in tokens, chat template included (k = 1024, "
+    grid.add_argument("--lengths", type=parse_lengths,
+                      help="text: prompt lengths in tokens, chat template included (k = 1024, "
                       "M = 1024k; default 1k,2k,4k,8k); lengths past the server's limit are "
                       "skipped")
+    grid.add_argument("--durations", type=parse_durations,
+                      help="video and audio: haystack durations (s, m, h; default 1m,5m,10m); "
+                      "durations past the server's max_media_duration are skipped")
     grid.add_argument("--depths", type=parse_depths, default=parse_depths("0,25,50,75,100"),
-                      help="needle depths, percent of the haystack's tokens (default "
-                      "0,25,50,75,100)")
+                      help="needle depths, percent of the haystack's tokens, or of its duration "
+                      "for video and audio (default 0,25,50,75,100)")
     grid.add_argument("--trials", type=int, default=1, help="answers per cell (default 1)")
-    grid.add_argument("--seed", type=int, default=0, help="seeds pass keys, keys and values")
+    grid.add_argument("--seed", type=int, default=0,
+                      help="seeds pass keys, keys and values; secret words and generated media")
     text = parser.add_argument_group("haystack and needle")
     text.add_argument("--haystack-file", action="append", metavar="PATH",
                       help="your own UTF-8 text as the haystack (repeatable; default: Python's "
                       "standard-library docs, or the passkey filler for --task passkey)")
     text.add_argument("--needle", default=tasks.CLASSIC_NEEDLE, help="classic task's needle")
-    text.add_argument("--question", default=tasks.CLASSIC_QUESTION,
-                      help="classic task's question")
+    text.add_argument("--question", help="classic, video or audio task's question (default: "
+                      "gkamradt's, or 'What is the secret word shown in the video?' / 'spoken "
+                      "in the audio?')")
     text.add_argument("--answer", help="classic task's expected answer phrase (default: the "
-                      "default needle's phrase, or the whole --needle)")
+                      "default needle's phrase, or the whole --needle); audio: what the "
+                      "--needle-audio clip says")
     text.add_argument("--distractors", type=int, default=3,
                       help="multikey: needles with other keys besides one per depth (default 3)")
     text.add_argument("--values", type=int, default=4,
                       help="multivalue: values hidden for the one key (default 4)")
+    media = parser.add_argument_group(
+        "video and audio (need numpy, pillow, imageio-ffmpeg and, for audio, soundfile: "
+        "pip install 'ringserve-client[niah]')")
+    media.add_argument("--haystack-video", metavar="FILE",
+                       help="your video as the haystack, at 1 fps, looped or cut to each "
+                       "duration (default: generated frames of shapes and words)")
+    media.add_argument("--haystack-audio", metavar="FILE",
+                       help="your sound file as the haystack, looped or cut to each duration "
+                       "(default: synthesised pink noise with tone bursts)")
+    media.add_argument("--needle-word", help="the secret word in every cell (default: a seeded "
+                       "random word per cell)")
+    media.add_argument("--needle-audio", metavar="CLIP",
+                       help="audio: your needle clip, spliced in, with --answer saying what it "
+                       "says (default: espeak-ng speaking 'The secret word is WORD')")
+    media.add_argument("--frame-size", type=int,
+                       help=f"video: pixels on a side of each frame (even; default "
+                       f"{DEFAULT_FRAME_SIZE}; the server scales frames to its encoder's size)")
+    media.add_argument("--work-dir", metavar="DIR",
+                       help="keep built videos and sound tracks here, for reruns to reuse "
+                       "(default: a temporary directory, removed after the run)")
     run = parser.add_argument_group("answers and output")
     run.add_argument("--score", choices=["exact", "contains", "first-integer"],
                      help="contains (classic, multikey, multivalue: share found) or "
@@ -93,7 +158,8 @@ def _task(args: argparse.Namespace) -> tasks.Task:
     if name == "classic":
         custom = args.needle != tasks.CLASSIC_NEEDLE
         answer = args.answer or (args.needle if custom else tasks.CLASSIC_ANSWER)
-        return tasks.Classic(needle=args.needle, question=args.question, answer=answer)
+        return tasks.Classic(needle=args.needle, question=args.question or tasks.CLASSIC_QUESTION,
+                             answer=answer)
     if name == "passkey":
         return tasks.Passkey(seed=args.seed)
     if name == "multikey":
@@ -118,7 +184,13 @@ def _title(task: str, rows: list[results.Row]) -> str:
 
 def _plot_only(args: argparse.Namespace) -> int:
     rows = results.read_rows(args.out)
-    names = [args.task] if args.task else sorted({row["task"] for row in rows})
+    if args.modality in ("video", "audio"):
+        names = [args.modality]
+    elif args.task:
+        names = [args.task]
+    else:  # each task in the file; only the text ones with --modality text
+        names = sorted({row["task"] for row in rows
+                        if args.modality != "text" or "duration_s" not in row})
     if not any(row["task"] in names for row in rows):
         what = f"{args.task} results" if args.task else "results"
         print(f"ringserve niah: no {what} in {args.out}", file=sys.stderr)
@@ -140,8 +212,15 @@ def run(args: argparse.Namespace) -> int:
     if args.plot_only:
         return _plot_only(args)
     try:
+        _refuse_misplaced(args)
+    except ValueError as e:
+        print(f"ringserve niah: {e}", file=sys.stderr)
+        return 2
+    if args.modality in ("video", "audio"):
+        return _run_media(args)
+    try:
         task = _task(args)
-        grid = Grid(args.lengths, args.depths, args.trials)
+        grid = Grid(args.lengths or parse_lengths(DEFAULT_LENGTHS), args.depths, args.trials)
         scorer = args.score or task.scorer
         tasks.check_scorer(task, scorer)
         hay = haystack_lib.load(args.haystack_file, task.haystack)
@@ -156,5 +235,61 @@ def run(args: argparse.Namespace) -> int:
     keys = {(length, depth) for length in grid.lengths for depth in grid.depths}
     rows = [row for row in results.read_rows(args.out) if row["task"] == task.name
             and (int(row["length"]), float(row["depth"])) in keys and row["trial"] < grid.trials]
+    _report(rows, args.heatmap, _title(task.name, rows))
+    return 0
+
+
+def _refuse_misplaced(args: argparse.Namespace) -> None:
+    """ValueError naming a flag given that this run's modality does not read."""
+    modality = args.modality or "text"
+    for flag, modalities in _ONLY.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and modality not in modalities and not args.plot_only:
+            hint = {"--lengths": "; video and audio take --durations (e.g. 30s,10m,1h)",
+                    "--haystack-file": f"; use --haystack-{modality}"}.get(flag, "")
+            raise ValueError(f"{flag} is for --modality {' or '.join(modalities)} runs, not "
+                             f"{modality}{hint}")
+
+
+def _media_task(args: argparse.Namespace) -> media_tasks.SecretWord:
+    options = dict(seed=args.seed, word=args.needle_word, question=args.question,
+                   answer=args.answer)
+    if args.modality == "audio":
+        return media_tasks.AudioSecretWord(clip=args.needle_audio, **options)
+    return media_tasks.VideoSecretWord(**options)
+
+
+def _run_media(args: argparse.Namespace) -> int:
+    """A video or audio grid: durations x depths, one built media per cell."""
+    modality = args.modality
+    try:
+        deps.check(modality)
+    except deps.MissingDependency as e:
+        print(f"ringserve niah: {e}", file=sys.stderr)
+        return 2
+    from ringserve.niah.ffmpeg import BuildError
+    from ringserve.niah.media_runner import MediaHaystack, MediaRunner
+    try:
+        task = _media_task(args)
+        grid = Grid(args.durations or parse_durations(DEFAULT_DURATIONS), args.depths,
+                    args.trials)
+        scorer = args.score or task.scorer
+        if scorer == "first-integer":
+            raise ValueError("--score first-integer is for the passkey task; the secret word is "
+                             "scored with contains (default) or exact")
+        path = args.haystack_video if modality == "video" else args.haystack_audio
+        hay = MediaHaystack(modality, path, args.frame_size or DEFAULT_FRAME_SIZE)
+        settings = Settings(out=args.out, scorer=scorer,
+                            max_output_tokens=args.max_output_tokens or task.max_output_tokens)
+        with Client(args.target, timeout=args.timeout) as client:
+            MediaRunner(client, task, hay, settings, work_dir=args.work_dir).run(grid)
+    except (ValueError, OSError, BuildError) as e:
+        # a bad option, an unreadable haystack or clip, no espeak-ng (the answers got before a
+        # failure are in --out)
+        print(f"ringserve niah: {e}", file=sys.stderr)
+        return 2
+    keys = {(duration, depth) for duration in grid.lengths for depth in grid.depths}
+    rows = [row for row in results.read_rows(args.out) if row["task"] == task.name
+            and (results.column(row), float(row["depth"])) in keys and row["trial"] < grid.trials]
     _report(rows, args.heatmap, _title(task.name, rows))
     return 0

@@ -1,5 +1,6 @@
-"""The heatmap PNG: context length across, depth down, mean score per cell, colored red (0) to
-yellow (0.5) to green (1) as in gkamradt's plots, each cell labelled with its score.
+"""The heatmap PNG: context length (or media duration) across, depth down, mean score per cell,
+colored red (0) to yellow (0.5) to green (1) as in gkamradt's plots, each cell labelled with its
+score.
 
 Drawn with Pillow, an optional extra (`pip install 'ringserve-client[niah]'`), imported only
 here and only when a plot is asked for. The geometry is fixed (`Layout`), so a test can find a
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ringserve.niah.results import Row, format_depth, format_length, mean_scores
+from ringserve.niah.results import Row, axis, format_depth, mean_scores
 
 PILLOW_MISSING = ("the heatmap needs Pillow: pip install 'ringserve-client[niah]' "
                   "(or pip install pillow); results are plain JSON lines, so plot them later with "
@@ -47,7 +48,7 @@ def color(score: float) -> tuple[int, int, int]:
 class Layout:
     """Where everything goes, in pixels: margins around a grid of `columns` x `rows` cells."""
 
-    columns: int  # context lengths
+    columns: int  # context lengths or durations
     rows: int  # depths
     cell_width: int = 72
     cell_height: int = 34
@@ -75,6 +76,7 @@ def heatmap(rows: list[Row], path: str | os.PathLike, title: str) -> Layout:
     except ImportError:
         raise PillowMissing() from None
     means = mean_scores(rows)
+    names = axis(rows)
     lengths = sorted({length for length, _ in means})
     depths = sorted({depth for _, depth in means})
     layout = Layout(len(lengths), len(depths))
@@ -106,9 +108,8 @@ def heatmap(rows: list[Row], path: str | os.PathLike, title: str) -> Layout:
     grid_bottom = layout.top + layout.rows * layout.cell_height
     for i, length in enumerate(lengths):
         x0, _, x1, _ = layout.cell(i, 0)
-        text((x0 + x1) / 2, grid_bottom + 12, format_length(length))
-    text(layout.left + layout.columns * layout.cell_width / 2, height - 14,
-         "context length (tokens)")
+        text((x0 + x1) / 2, grid_bottom + 12, names.format(length))
+    text(layout.left + layout.columns * layout.cell_width / 2, height - 14, names.name)
     _color_bar(draw, text, layout)
     image.save(path, format="PNG")
     return layout

@@ -1,24 +1,32 @@
-"""The results file (JSON lines, one row per task, length, depth and trial) and its summary table.
+"""The results file (JSON lines, one row per task, column, depth and trial) and its summary table.
 
-Rows are appended and flushed one at a time, so a run that stops (Ctrl-C, a lost server) keeps
-every answer it got, and the next run with the same file skips those cells.
+A row's grid column is its prompt length in tokens (`length`, text tasks) or its media's duration
+in seconds (`duration_s`, the video and audio tasks); `column` reads either. Rows are appended
+and flushed one at a time, so a run that stops (Ctrl-C, a lost server) keeps every answer it got,
+and the next run with the same file skips those cells.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import pathlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 Row = dict
-Key = tuple[str, int, float, int]  # task, length, depth (percent), trial
+Key = tuple[str, int, float, int]  # task, column (tokens or seconds), depth (percent), trial
+
+
+def column(row: Row) -> int:
+    """The row's grid column: its media's duration in seconds, else its length in tokens."""
+    return int(row["duration_s"] if "duration_s" in row else row["length"])
 
 
 def key(row: Row) -> Key:
-    return (row["task"], int(row["length"]), float(row["depth"]), int(row["trial"]))
+    return (row["task"], column(row), float(row["depth"]), int(row["trial"]))
 
 
 def read_rows(path: str | os.PathLike) -> list[Row]:
@@ -62,36 +70,63 @@ def format_length(tokens: int) -> str:
     return str(tokens)
 
 
+def format_duration(seconds: int) -> str:
+    """3600 -> "1h", 90 -> "1m30s", 20 -> "20s": the way durations are written on the CLI."""
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if n)
+    return text or "0s"
+
+
 def format_depth(depth: float) -> str:
     return f"{depth:g}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """How the grid's columns are named: context lengths in tokens, or media durations."""
+
+    name: str  # e.g. "context length (tokens)"
+    short: str  # the same in the summary's heading
+    format: Callable[[int], str]
+
+
+LENGTHS = Axis("context length (tokens)", "context length", format_length)
+DURATIONS = Axis("duration", "duration", format_duration)
+
+
+def axis(rows: Iterable[Row]) -> Axis:
+    """DURATIONS for media rows (they hold `duration_s`), LENGTHS for text rows."""
+    return DURATIONS if any("duration_s" in row for row in rows) else LENGTHS
+
+
 def mean_scores(rows: Iterable[Row]) -> dict[tuple[int, float], float]:
-    """Mean score per (length, depth) cell, over trials."""
+    """Mean score per (column, depth) cell, over trials."""
     cells: dict[tuple[int, float], list[float]] = {}
     for row in rows:
-        cells.setdefault((int(row["length"]), float(row["depth"])), []).append(row["score"])
+        cells.setdefault((column(row), float(row["depth"])), []).append(row["score"])
     return {cell: math.fsum(scores) / len(scores) for cell, scores in cells.items()}
 
 
 def summary_table(rows: list[Row], title: str) -> str:
-    """Mean score per cell: depths down, lengths across, with each length's mean at the bottom
-    and the overall mean last."""
+    """Mean score per cell: depths down, lengths (or durations) across, with each column's mean
+    at the bottom and the overall mean last."""
     if not rows:
         return f"{title}: no results"
     means = mean_scores(rows)
+    names = axis(rows)
     lengths = sorted({length for length, _ in means})
     depths = sorted({depth for _, depth in means})
-    width = max(6, *(len(format_length(n)) + 1 for n in lengths))
-    lines = [f"{title}: mean score (depth % down, context length across)",
-             "depth".rjust(7) + "".join(format_length(n).rjust(width) for n in lengths)]
+    width = max(6, *(len(names.format(n)) + 1 for n in lengths))
+    lines = [f"{title}: mean score (depth % down, {names.short} across)",
+             "depth".rjust(7) + "".join(names.format(n).rjust(width) for n in lengths)]
     for depth in depths:
         cells = (means.get((n, depth)) for n in lengths)
         lines.append(format_depth(depth).rjust(7)
                      + "".join(("-" if m is None else f"{m:.2f}").rjust(width) for m in cells))
     column_means = []
     for n in lengths:
-        scores = [r["score"] for r in rows if int(r["length"]) == n]
+        scores = [r["score"] for r in rows if column(r) == n]
         column_means.append(math.fsum(scores) / len(scores))
     lines.append("mean".rjust(7) + "".join(f"{m:.2f}".rjust(width) for m in column_means))
     overall = math.fsum(r["score"] for r in rows) / len(rows)
