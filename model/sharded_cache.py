@@ -89,15 +89,17 @@ def _write_local(pool, layer, x, positions, table, rank, size):
     return pool.at[layer, :, page, positions % g].set(x.astype(pool.dtype), mode='drop')
 
 
-def _local_partial(q, k_pool, v_pool, table, positions, rank, size, scale) -> Partial:
-    """q [B, T, N, H] at positions [B, T] over this shard's pages (table i32[B, C_local], local
-    ids), walking blocks of KEYS_PER_BLOCK keys and stopping after the last page any query sees.
+def _local_partial(q, k_pool, v_pool, layer, table, positions, rank, size, scale) -> Partial:
+    """q [B, T, N, H] at positions [B, T] over this shard's pages of `layer` (pools [L, K, P, G, H],
+    table i32[B, C_local], local ids), walking blocks of KEYS_PER_BLOCK keys and stopping after the
+    last page any query sees. The loop gathers from the whole pool: slicing out the layer first
+    would make XLA copy that layer's pages (the whole pool, over the layers) on every call.
 
     Same maths as model/paged_attention.py's `paged_attend_partial`, in ring attention's row
     layout ([B, K, R * T, H] queries against [B, K, keys, H] blocks: one batched matmul per block,
     which XLA:CPU runs far faster than the 6-D einsum there)."""
     b, t, n, h = q.shape
-    kv_heads, _, g, _ = k_pool.shape
+    _, kv_heads, _, g, _ = k_pool.shape
     cols = table.shape[1]
     per_block = max(1, min(cols, KEYS_PER_BLOCK // g))
     blocks = -(-cols // per_block)
@@ -111,8 +113,8 @@ def _local_partial(q, k_pool, v_pool, table, positions, rank, size, scale) -> Pa
 
     def body(i, state):
         ids = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)  # [B, C]
-        kb = jnp.moveaxis(jnp.take(k_pool, ids, axis=1), 0, 3).reshape(b, per_block * g, kv_heads, h)
-        vb = jnp.moveaxis(jnp.take(v_pool, ids, axis=1), 0, 3).reshape(b, per_block * g, kv_heads, h)
+        kb = jnp.swapaxes(k_pool[layer, :, ids], 2, 3).reshape(b, per_block * g, kv_heads, h)
+        vb = jnp.swapaxes(v_pool[layer, :, ids], 2, 3).reshape(b, per_block * g, kv_heads, h)
         key_pos = ((rank + i * per_block * size) * g + offsets).reshape(-1)  # [C * G]
         key_pos = jnp.where(jnp.repeat(ids != 0, g, axis=1), key_pos[None, :], -1)  # [B, C * G]
         return fold_block(state, q_rows, pos_rows, kb, vb, key_pos, scale)
@@ -132,7 +134,7 @@ def _decode_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer,
     if table.shape[1] * k_pages.shape[3] <= GATHER_MAX_KEYS:
         part = _gathered_partial(q, k_pages[layer], v_pages[layer], table, positions, rank, size, scale)
     else:
-        part = _local_partial(q, k_pages[layer], v_pages[layer], table, positions, rank, size, scale)
+        part = _local_partial(q, k_pages, v_pages, layer, table, positions, rank, size, scale)
     m_star = jax.lax.pmax(part.m, SEQ)
     w = part.l * jnp.exp(part.m - m_star)  # 0 for shards that see no key
     o = jax.lax.psum(part.o * w[..., None], SEQ)
@@ -173,7 +175,7 @@ def _prefill_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer
     q_all = jax.lax.all_gather(q, SEQ, axis=1, tiled=True)  # [1, S * T_l, N, H]
     pos_all = jax.lax.all_gather(positions, SEQ, axis=1, tiled=True)
     before = jnp.where(pos_all >= 0, start - 1, -1)  # sees keys at positions < start only
-    part = _local_partial(q_all, k_pages[layer], v_pages[layer], table, before, rank, size, scale)
+    part = _local_partial(q_all, k_pages, v_pages, layer, table, before, rank, size, scale)
     m_star = jax.lax.pmax(part.m, SEQ)
     w = part.l * jnp.exp(part.m - m_star)
     o = jax.lax.psum_scatter(part.o * w[..., None], SEQ, scatter_dimension=1, tiled=True)  # [1, T_l, N, H]
