@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         'chunk': args.chunk, 'page_len': PAGE, 'prefill': [], 'ring': [], 'capacity': {},
     }
 
-    for length in map(int, args.lengths.split(',')):
+    for length in _ints(args.lengths):
         ids = rng.integers(16, config.vocab_size, length).tolist()
         per = -(-length // PAGE) + 2
         engine = _engine(config, net, per, length + 16, args.chunk)
@@ -93,8 +93,9 @@ def main(argv=None) -> int:
         result['prefill'].append(row)
         del engine
 
-    mesh = sharding.make_mesh(sharding.MeshShape(sequence=8), jax.devices()[:8])
-    for length in map(int, args.ring_lengths.split(',')):
+    mesh = sharding.make_mesh(sharding.MeshShape(sequence=8), jax.devices()[:8]) if _ints(
+        args.ring_lengths) else None
+    for length in _ints(args.ring_lengths):
         ids = rng.integers(16, config.vocab_size, length).tolist()
         per = -(-length // PAGE) // 8 + 2
         ring = _engine(config, net, per, length + 16, args.chunk, mesh)
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
         del ring, one
 
     ctx = args.decode_context
+    if not ctx:  # 0: skip the capacity step
+        return _write(args.out, result)
     engine = _engine(config, net, -(-ctx // PAGE) + 2, ctx, args.chunk)
     table = _tables(ctx, 1, 0)
     engine.decode([0], [5], [ctx - 1], [table])  # compile
@@ -129,8 +132,17 @@ def main(argv=None) -> int:
         'decode_step_s_at_context': round(step, 3),
     }
     print(json.dumps(result['capacity']), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
+    return _write(args.out, result)
+
+
+def _ints(text: str) -> list[int]:
+    """'4096,16384' -> [4096, 16384]; '' -> [] (that part is skipped)."""
+    return [int(x) for x in text.split(',') if x.strip()]
+
+
+def _write(path: str, result: dict) -> int:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
         json.dump(result, f, indent=2)
     return 0
 
