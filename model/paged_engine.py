@@ -14,11 +14,13 @@ Design note.
    `prefill` computes one chunk of one request: tokens [start, start + n) padded to a power-of-two
    bucket (16 ... prefill_chunk) and laid out stripe by stripe (`_stripe`); padding gets position
    -1, so its K/V are dropped, never written. `decode` computes one token for up to `max_slots`
-   requests at once; unused rows have an all-null block table and position -1, so they write nothing.
+   requests at once, padded to a row bucket (1, 2, 4, ... max_slots); padding rows have an all-null
+   block table and position -1, so they write nothing.
 4. Shapes. Prefill reads earlier pages block by block up to the chunk's start only (so a chunk near
    the start of a 1M-token table costs what its own prefix costs); decode gathers a width bucket
-   (powers of four pages, up to `pages_per_seq`) covering the longest row. `warmup` compiles every
-   bucket; after it no prompt length, table or mix of requests compiles anything (`compile_count`).
+   (powers of four pages, up to `pages_per_seq`) covering the longest row, for a row bucket.
+   `warmup` compiles every bucket and (rows, width) pair; after it no prompt length, table or
+   mix of requests compiles anything (`compile_count`).
 5. Sampling parameters live in per-slot host arrays; a token's key comes from (seed, its absolute
    position) alone, so a request preempted and recomputed, or moved to another slot, samples the
    same tokens.
@@ -47,6 +49,7 @@ from model.sampling import SamplingParams, params_arrays, row_keys, sample
 from model.sharded_cache import POOL, SEQ, ShardedPagedCache
 
 WIDTH_GROWTH = 4  # decode width buckets grow by this factor (in pages)
+ROW_GROWTH = 2  # decode row buckets grow by this factor (in requests)
 
 
 def width_buckets(pages_per_seq: int, multiple: int = 1) -> tuple[int, ...]:
@@ -57,6 +60,16 @@ def width_buckets(pages_per_seq: int, multiple: int = 1) -> tuple[int, ...]:
         w *= WIDTH_GROWTH
     last = sharding.ceil_to(pages_per_seq, multiple)
     return tuple(sorted({*(x for x in widths if x < last), last}))
+
+
+def row_buckets(max_slots: int) -> tuple[int, ...]:
+    """Decode batch sizes: 1, 2, 4, ... below max_slots, then max_slots. A step computes the
+    smallest that holds its rows, so a few running requests do not pay for every slot."""
+    rows, r = [], 1
+    while r < max_slots:
+        rows.append(r)
+        r *= ROW_GROWTH
+    return (*rows, max_slots)
 
 
 class PagedEngine:
@@ -86,6 +99,7 @@ class PagedEngine:
         self.prefill_chunk = min(prefill_chunk, max_len)
         self.buckets = prefill_buckets(self.prefill_chunk)
         self.widths = width_buckets(self.pages_per_seq, s)
+        self.row_buckets = row_buckets(max_slots)
         self.num_pages = num_pages
         self.pages_per_device = num_pages // s
         self._media = getattr(config, 'vision', None) is not None or getattr(
@@ -160,21 +174,25 @@ class PagedEngine:
             raise ValueError(f"decode position {max(positions)} passes max_len={self.max_len}")
         need = max(p // self.page_len + 1 for p in positions)
         width = width or next(w for w in self.widths if w >= need)
-        pad = self.max_slots - rows
+        padded = next(r for r in self.row_buckets if r >= rows)
+        pad = padded - rows
         tok = np.array([*tokens, *[0] * pad], np.int32)
         pos = np.array([*positions, *[-1] * pad], np.int32)
         idx = np.array([*slots, *[0] * pad])
         out, self._pages = self._decode_step(
-            self._state, self._pages, self._local_tables(block_tables, width, rows=self.max_slots),
+            self._state, self._pages, self._local_tables(block_tables, width, rows=padded),
             tok, pos, self._temperature[idx], self._top_k[idx], self._top_p[idx], self._seeds[idx])
         return _host(out)[:rows].tolist()
 
     def warmup(self) -> None:
-        """Compiles every prefill bucket and decode width (all-null tables: nothing is written)."""
+        """Compiles every prefill bucket and every decode (rows, width) pair (all-null tables:
+        nothing is written)."""
         for bucket in self.buckets:
             self.prefill(0, [self.config.bos_id] * bucket, 0, [])
-        for width in self.widths:  # position 0: the same program, without reading the whole width
-            self.decode([0], [self.config.bos_id], [0], [[]], width=width)
+        for rows in self.row_buckets:
+            for width in self.widths:  # position 0: same program, without reading the whole width
+                self.decode([0] * rows, [self.config.bos_id] * rows, [0] * rows, [[]] * rows,
+                            width=width)
 
     # ----- host-side layout -----
 

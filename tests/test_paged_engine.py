@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from _model_helpers import tiny_config, tiny_model
-from model.paged_engine import PagedEngine
+from model.paged_engine import PagedEngine, row_buckets
 
 G = 4  # page length
 
@@ -121,10 +121,37 @@ def test_no_compilation_after_warmup(model):
     engine = PagedEngine(config, net, max_slots=3, num_pages=60, page_len=G, prefill_chunk=16)
     engine.warmup()
     compiled = engine.compile_count
-    assert compiled == len(engine.buckets) + len(engine.widths)
+    assert engine.row_buckets == (1, 2, 3)
+    assert compiled == len(engine.buckets) + len(engine.widths) * len(engine.row_buckets)
     pages = Pages(60, seed=4)
     rng = np.random.default_rng(0)
+    tables = []
     for slot, length in enumerate([1, 5, 16, 17, 30]):
         prompt = rng.integers(0, config.vocab_size, length).tolist()
-        generate(engine, pages, slot % 3, prompt, 5, chunk=16)
+        _, table = generate(engine, pages, slot % 3, prompt, 5, chunk=16)
+        tables.append((table, length + 4))
+    for rows in (1, 2, 3):  # every row bucket, after requests of every length
+        engine.decode(list(range(rows)), [1] * rows, [p for _, p in tables[:rows]],
+                      [t for t, _ in tables[:rows]])
     assert engine.compile_count == compiled
+
+
+def test_row_buckets():
+    assert row_buckets(1) == (1,)
+    assert row_buckets(5) == (1, 2, 4, 5)
+    assert row_buckets(16) == (1, 2, 4, 8, 16)
+
+
+def test_row_bucket_padding_changes_no_row(model, engine):
+    """The same rows decoded in a 2-row bucket and padded into the 4-row one give equal tokens
+    (padding rows write nothing, so the pages after each call are the same too)."""
+    config, _ = model
+    pages = Pages(60, seed=5)
+    prompts = [[(3 * i + k) % config.vocab_size for i in range(n)] for k, n in enumerate((6, 13))]
+    tables = [pages.table_for([], len(p) + 1) for p in prompts]
+    first = [engine.prefill(slot, p, 0, t) for slot, (p, t) in enumerate(zip(prompts, tables))]
+    pos = [len(p) for p in prompts]
+    two = engine.decode([0, 1], first, pos, tables)  # bucket 2
+    three = engine.decode([0, 1, 0], first + [first[0]], pos + [pos[0]], tables + [tables[0]])
+    assert three[:2] == two  # bucket 4, rewriting the same K/V at the same positions
+    assert three[2] == two[0]
