@@ -10,7 +10,8 @@ Design note.
    model/sharded_cache.py's: prefill chunks are striped over `sequence` by page and use ring
    attention; decode attends each device's pages in place and merges by log-sum-exp. With one
    device all of it degenerates to plain paged attention (no collectives do anything).
-3. Two compiled steps, both over (params, pool, ...) with the pool donated so XLA updates it in place.
+3. Two compiled steps, both over (params, pool, ...) with the pool donated so XLA updates it in place,
+   each returning logits that a third program (one per row count) samples.
    `prefill` computes one chunk of one request: tokens [start, start + n) padded to a power-of-two
    bucket (16 ... prefill_chunk) and laid out stripe by stripe (`_stripe`); padding gets position
    -1, so its K/V are dropped, never written. `decode` computes one token for up to `max_slots`
@@ -116,6 +117,9 @@ class PagedEngine:
         self._traces = 0
         self._prefill_step = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._decode_step = jax.jit(self._decode_fn, donate_argnums=(1,))
+        # Sampling compiles once per row count, not once per (rows, width) and prefill bucket:
+        # it is a third of a decode program's compile time (the top-k / top-p sort).
+        self._sample_step = jax.jit(self._sample_fn)
         greedy = [SamplingParams(temperature=0.0)] * max_slots
         self._temperature, self._top_k, self._top_p, self._seeds = params_arrays(greedy)
 
@@ -155,11 +159,12 @@ class PagedEngine:
         sl = slice(slot, slot + 1)
         seq = self._sharding(P(None, SEQ))
         rows = None if rows is None else self._put(rows, self._sharding(P(None, SEQ, None)))
-        token, self._pages = self._prefill_step(
+        logits, self._pages = self._prefill_step(
             self._state, self._pages, self._put(tokens, seq), self._put(positions, seq), rows,
-            self._local_tables([block_table], self.table_width), np.int32(start), np.int32(last),
-            self._temperature[sl], self._top_k[sl], self._top_p[sl], self._seeds[sl])
-        return int(_host(token))
+            self._local_tables([block_table], self.table_width), np.int32(start), np.int32(last))
+        token = self._sample_step(logits, np.array([start + n], np.int32), self._temperature[sl],
+                                  self._top_k[sl], self._top_p[sl], self._seeds[sl])
+        return int(_host(token)[0])
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
                block_tables: Sequence[Sequence[int]], *, width: int | None = None) -> list[int]:
@@ -179,9 +184,10 @@ class PagedEngine:
         tok = np.array([*tokens, *[0] * pad], np.int32)
         pos = np.array([*positions, *[-1] * pad], np.int32)
         idx = np.array([*slots, *[0] * pad])
-        out, self._pages = self._decode_step(
-            self._state, self._pages, self._local_tables(block_tables, width, rows=padded),
-            tok, pos, self._temperature[idx], self._top_k[idx], self._top_p[idx], self._seeds[idx])
+        logits, self._pages = self._decode_step(
+            self._state, self._pages, self._local_tables(block_tables, width, rows=padded), tok, pos)
+        out = self._sample_step(logits, pos + 1, self._temperature[idx], self._top_k[idx],
+                                self._top_p[idx], self._seeds[idx])
         return _host(out)[:rows].tolist()
 
     def warmup(self) -> None:
@@ -268,10 +274,10 @@ class PagedEngine:
         return ShardedPagedCache(k_pages=pages[0], v_pages=pages[1], local_tables=tables,
                                  start=jnp.asarray(start, jnp.int32), mesh=self.mesh, prefill=prefill)
 
-    def _prefill_fn(self, state, pages, tokens, positions, rows, tables, start, last, temperature,
-                    top_k, top_p, seeds):
+    def _prefill_fn(self, state, pages, tokens, positions, rows, tables, start, last):
         """tokens, positions i32[1, S * T_l] striped (padding at -1), rows f32[1, S * T_l, D] or
-        None (media embeddings where tokens < 0) -> (token i32[], pages)."""
+        None (media embeddings where tokens < 0) -> (logits f32[1, V] at the chunk's last token,
+        pages)."""
         self._traces += 1  # Python runs only while tracing: one count per compilation
         model = nnx.merge(self._graphdef, state)
         cache = self._cache(pages, tables, start, prefill=True)
@@ -281,20 +287,21 @@ class PagedEngine:
             tokens = jnp.maximum(tokens, 0)
         # Logits only where we sample: the chunk's last real token (not all T positions).
         logits, cache = model(tokens, positions, cache, logits_at=last[None, None], **media)
-        sampled_at = positions[0, last] + 1  # the sampled token's position
-        keys = row_keys(seeds, sampled_at[None])
-        return (sample(logits[:, 0], temperature, top_k, top_p, keys)[0],
-                (cache.k_pages, cache.v_pages))
+        return logits[:, 0], (cache.k_pages, cache.v_pages)
 
-    def _decode_fn(self, state, pages, tables, tokens, positions, temperature, top_k, top_p, seeds):
-        """tokens i32[B] at positions i32[B] (-1: unused row) -> (tokens i32[B], pages)."""
+    def _decode_fn(self, state, pages, tables, tokens, positions):
+        """tokens i32[B] at positions i32[B] (-1: unused row) -> (logits f32[B, V], pages)."""
         self._traces += 1
         model = nnx.merge(self._graphdef, state)
         cache = self._cache(pages, tables, 0, prefill=False)
         logits, cache = model(tokens[:, None], positions[:, None], cache)  # [B, 1, V]
-        keys = row_keys(seeds, positions + 1)  # the sampled token's position
-        return (sample(logits[:, 0], temperature, top_k, top_p, keys),
-                (cache.k_pages, cache.v_pages))
+        return logits[:, 0], (cache.k_pages, cache.v_pages)
+
+    def _sample_fn(self, logits, sampled_at, temperature, top_k, top_p, seeds):
+        """logits f32[B, V] -> i32[B]; a row's key comes from its seed and sampled_at i32[B], the
+        position of the token it samples."""
+        self._traces += 1
+        return sample(logits, temperature, top_k, top_p, row_keys(seeds, sampled_at))
 
 
 def _host(x: jax.Array) -> np.ndarray:

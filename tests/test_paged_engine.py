@@ -122,7 +122,8 @@ def test_no_compilation_after_warmup(model):
     engine.warmup()
     compiled = engine.compile_count
     assert engine.row_buckets == (1, 2, 3)
-    assert compiled == len(engine.buckets) + len(engine.widths) * len(engine.row_buckets)
+    rows = len(engine.row_buckets)
+    assert compiled == len(engine.buckets) + len(engine.widths) * rows + rows  # + sampling
     pages = Pages(60, seed=4)
     rng = np.random.default_rng(0)
     tables = []
