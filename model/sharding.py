@@ -1,8 +1,8 @@
 """The device mesh and the one place logical axis names become mesh axes.
 
 Mesh axes (`MESH_AXES`):
-- `data`: replicas of the whole engine's batch. Reserved: only data=1 is supported so far (run
-  several servers behind a load balancer for data parallelism).
+- `data`: replicas of the whole engine, each with its own weights, pool and batch
+  (server/replicas.py); an engine itself always runs on a mesh with data=1 (`MeshShape.replica`).
 - `sequence`: context parallelism. The page pool's page axis is split over it (page j of every
   sequence lives on rank j % S), prefill chunks are split over it by page (striped), and ring
   attention (model/ring_attention.py) rotates K/V blocks along it.
@@ -55,10 +55,6 @@ class MeshShape:
             size = getattr(self, axis)
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f'mesh axis {axis}={size!r}: must be a positive integer.')
-        if self.data != 1:
-            raise ValueError(
-                f'mesh axis data={self.data}: only data=1 is supported; for data parallelism run '
-                'one server per replica behind a load balancer.')
 
     @classmethod
     def parse(cls, spec: str) -> MeshShape:
@@ -77,6 +73,11 @@ class MeshShape:
     @property
     def size(self) -> int:
         return self.data * self.sequence * self.tensor
+
+    @property
+    def replica(self) -> MeshShape:
+        """One data-parallel replica's share: the sequence and tensor axes (server/replicas.py)."""
+        return MeshShape(1, self.sequence, self.tensor)
 
     def __str__(self) -> str:
         return ','.join(f'{axis}={getattr(self, axis)}' for axis in MESH_AXES)

@@ -55,9 +55,11 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds in-flight streams get to finish on SIGTERM")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
     p.add_argument("--mesh", type=_mesh, default=MeshShape(), metavar="AXIS=SIZE,...",
-                   help="device mesh, e.g. 'sequence=8' or 'data=1,sequence=4,tensor=2' (missing "
-                        "axes are 1): sequence splits the KV pool and long prompts, tensor splits "
-                        "heads and MLP; data must be 1. Sizes multiply to the devices used: "
+                   help="device mesh, e.g. 'sequence=8' or 'data=2,sequence=2,tensor=2' (missing "
+                        "axes are 1): data makes that many engine replicas (each with its own "
+                        "weights, pool and --max-batch slots; one process only), sequence splits "
+                        "the KV pool and long prompts, tensor splits heads and MLP. Sizes multiply "
+                        "to the devices used: "
                         "with several processes, all their devices (on CPU set XLA_FLAGS="
                         "--xla_force_host_platform_device_count=N). KV budgets are per device")
     media = p.add_argument_group("media (images, audio, video)")

@@ -24,6 +24,7 @@ from preprocess import prompt as prompt_lib
 from preprocess.tokenizer import Tokenizer
 from server.distributed import MirroredEngine, StepLeader
 from server.engine_loop import EngineLoop
+from server.replicas import Replicas, replica_metrics
 from server.kv_manager import KVCacheManager
 from server.media import MediaEmbedder, MediaLimits, MediaResolver
 from server.media_store import MediaStore
@@ -66,8 +67,8 @@ class RuntimeOptions:
 class Runtime:
     config: ModelConfig
     tokenizer: Tokenizer
-    engine: PagedEngine | MirroredEngine
-    engine_loop: EngineLoop
+    engine: PagedEngine | MirroredEngine  # replica 0's
+    engine_loop: Replicas  # one EngineLoop per data-parallel replica
     limits: Limits
     model_name: str
     param_count: int
@@ -127,9 +128,10 @@ def pool_pages(options: RuntimeOptions, config: ModelConfig) -> int:
     return shape.sequence * per_rank
 
 
-def build_mesh(shape: MeshShape, config: ModelConfig) -> Mesh | None:
-    """The engine's mesh: None for one device; else over the first `shape.size` devices, or over
-    every device of every process when there are several processes."""
+def build_meshes(shape: MeshShape, config: ModelConfig) -> list[Mesh | None]:
+    """One mesh per data-parallel replica (None: one device), each over `shape.replica`'s
+    devices: the first `shape.size` devices, or every device of every process when there are
+    several processes (then data must be 1)."""
     shape.check(config)
     devices = jax.devices()
     if jax.process_count() > 1:
@@ -138,15 +140,25 @@ def build_mesh(shape: MeshShape, config: ModelConfig) -> Mesh | None:
                 f"--mesh {shape} covers {shape.size} devices, but the {jax.process_count()} "
                 f"processes have {len(devices)} ({jax.local_device_count()} each): with several "
                 "processes the mesh must use every device of every process")
-        return make_mesh(shape, devices)
+        if shape.data != 1:
+            raise ValueError(f"--mesh {shape}: data parallelism across processes is not "
+                             "supported yet; run one server group per replica")
+        return [make_mesh(shape, devices)]
     if shape.size == 1:
-        return None
+        return [None]
     if len(devices) < shape.size:
         raise ValueError(
             f"--mesh {shape} needs {shape.size} devices, but this process sees {len(devices)} "
             f"({devices[0].platform}); on CPU run with XLA_FLAGS="
             f"--xla_force_host_platform_device_count={shape.size} in the environment")
-    return make_mesh(shape, devices[:shape.size])
+    per = shape.replica.size
+    return [None if per == 1 and shape.data == 1 else
+            make_mesh(shape.replica, devices[d * per:(d + 1) * per]) for d in range(shape.data)]
+
+
+def build_mesh(shape: MeshShape, config: ModelConfig) -> Mesh | None:
+    """The mesh of a single-replica engine (worker processes: data is always 1 there)."""
+    return build_meshes(shape, config)[0]
 
 
 def load_model(options: RuntimeOptions) -> tuple[pathlib.Path, ModelConfig, nnx.Module]:
@@ -183,33 +195,41 @@ def build(options: RuntimeOptions,
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
                          f"is {config.vocab_size}: they do not belong together")
-    mesh = build_mesh(options.mesh, config)
+    meshes = build_meshes(options.mesh, config)
     encoder = MediaEncoder(config, model)  # before the engine takes the model
     max_len = min(options.max_len or config.max_context, config.max_context)
     num_pages = pool_pages(options, config)
-    factory = functools.partial(PagedEngine, config, model, mesh=mesh)
     shapes = dict(max_slots=options.max_slots, num_pages=num_pages, page_len=options.page_len,
                   max_len=max_len, prefill_chunk=options.prefill_chunk)
     if options.steps is None:
-        engine = factory(**shapes)
+        # One engine per data-parallel replica, each with its own copy of the weights.
+        engines = [PagedEngine(config, model, mesh=mesh, **shapes) for mesh in meshes]
     else:
         if on_failure is not None:
             options.steps.watch(on_failure)  # a lost worker: NOT_SERVING at once
-        engine = MirroredEngine(options.steps, factory, shapes,
-                                engine_identity(config, options.mesh))
+        factory = functools.partial(PagedEngine, config, model, mesh=meshes[0])
+        engines = [MirroredEngine(options.steps, factory, shapes,
+                                  engine_identity(config, options.mesh))]
     if options.warmup:
-        engine.warmup()
+        for engine in engines:
+            engine.warmup()
         encoder.warmup()
-    kv = KVCacheManager(num_pages, options.page_len,
-                        enable_prefix_caching=options.prefix_caching,
-                        num_ranks=options.mesh.sequence)
-    loop = EngineLoop(engine, kv, tokenizer, prompt_lib.stop_token_ids(tokenizer),
-                      max_slots=options.max_slots,
-                      token_budget=options.token_budget or engine.prefill_chunk + options.max_slots,
-                      max_waiting=options.max_waiting, metrics=metrics, on_failure=on_failure)
+    metrics = metrics or Metrics()
+    loops = []
+    for engine, view in zip(engines, replica_metrics(metrics, len(engines))):
+        kv = KVCacheManager(num_pages, options.page_len,
+                            enable_prefix_caching=options.prefix_caching,
+                            num_ranks=options.mesh.sequence)
+        loops.append(EngineLoop(
+            engine, kv, tokenizer, prompt_lib.stop_token_ids(tokenizer),
+            max_slots=options.max_slots,
+            token_budget=options.token_budget or engine.prefill_chunk + options.max_slots,
+            max_waiting=options.max_waiting, metrics=view, on_failure=on_failure))
+    engine = engines[0]
+    loop = Replicas(loops, metrics)
     log.info("loaded %s from %s in %.1fs (%d compilations); mesh %s over %d process(es); "
-             "KV pool: %d pages of %d tokens", config.name, model_dir, time.monotonic() - started,
-             engine.compile_count, options.mesh, jax.process_count(),
+             "KV pool: %d pages of %d tokens per replica", config.name, model_dir, time.monotonic() - started,
+             sum(e.compile_count for e in engines), options.mesh, jax.process_count(),
              num_pages - options.mesh.sequence, options.page_len)  # a null page per rank
     store = MediaStore(options.media_dir, budget_bytes=int(options.media_store_gib * 2**30),
                        max_bytes=options.media_limits.max_bytes)

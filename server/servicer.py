@@ -92,7 +92,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 kv.unpin(name)
             except KeyError:  # never pinned (creation cancelled before its pages were computed)
                 pass
-        return self._rt.engine_loop.call(unpin)
+        done = self._rt.engine_loop.call(unpin, affinity=name)
+        self._rt.engine_loop.forget(name)
+        return done
 
     async def _cache(self, request) -> caches_lib.CacheEntry | None:
         if not request.cached_content:
@@ -109,7 +111,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         decoding = None
         if media:
             work, decoding = self._start_media(work, media, cache)
-        stream = self._rt.engine_loop.submit(work, received)
+        stream = self._rt.engine_loop.submit(work, received,
+                                             affinity=cache.name if cache else None)
         if decoding is not None:
             # A media item failing to decode ends the request (the pages it holds are freed).
             decoding.add_done_callback(lambda task: task.cancelled() or (
