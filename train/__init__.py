@@ -1,0 +1,1 @@
+"""Training ringserve's default model on synthetic long-context data (see docs/training.md)."""
