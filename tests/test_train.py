@@ -163,6 +163,7 @@ def test_checkpoint_loads_as_the_server_loads_it_and_encoders_stay_frozen(full_r
     out, _, _ = full_run
     config, model = checkpoint.load(out)
     assert config == TINY
+    assert Tokenizer(out).vocab_size == TOK.vocab_size  # <model>/tokenizer.model, the server's default
     init = Transformer(TINY, rngs=nnx.Rngs(0))
     trained_enc, init_enc = (nnx.state(m, nnx.Param).to_pure_dict() for m in (model, init))
     for name in ('vision', 'audio'):

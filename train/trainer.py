@@ -12,8 +12,8 @@ Design:
    batches as an uninterrupted one; the only run state besides weights and optimizer is the step.
 5. Length curriculum: the steps are split evenly over `lengths`, shortest first; each length
    compiles its own step once.
-6. A checkpoint is a ringserve checkpoint directory (model/checkpoint.save, what the server loads)
-   plus optimizer.npz (optimizer state leaves in tree order) and train_state.json (step, seed),
+6. A checkpoint is a ringserve checkpoint directory (model/checkpoint.save, what the server loads,
+   with the tokenizer copied in as tokenizer.model) plus optimizer.npz (optimizer state leaves in tree order) and train_state.json (step, seed),
    written beside the directory's files and moved in, state last.
 """
 
@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -334,6 +335,8 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
         start = 0
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG_FILE).unlink(missing_ok=True)
+        # The server reads <model>/tokenizer.model by default: make the directory servable as is.
+        shutil.copyfile(tokenizer.path, out / presets.TOKENIZER_FILE)
     step_fn = make_step(graphdef, optimizer, cfg.compute_dtype)
     next_token = make_next_token(graphdef, cfg.compute_dtype)
     progress = _Progress(cfg.steps, log, cfg.progress)
