@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from _model_helpers import tiny_config, tiny_model
-from model.paged_engine import PagedEngine, row_buckets
+from model.paged_engine import PagedEngine, row_buckets, width_buckets
 
 G = 4  # page length
 
@@ -135,6 +135,14 @@ def test_no_compilation_after_warmup(model):
         engine.decode(list(range(rows)), [1] * rows, [p for _, p in tables[:rows]],
                       [t for t, _ in tables[:rows]])
     assert engine.compile_count == compiled
+
+
+def test_width_buckets():
+    # Powers of four, 3/4 points up to 256 pages, then the whole table; multiples of S on a mesh.
+    assert width_buckets(512) == (1, 4, 12, 16, 48, 64, 192, 256, 512)
+    assert width_buckets(65536)[-4:] == (1024, 4096, 16384, 65536)
+    assert width_buckets(10) == (1, 4, 10)
+    assert width_buckets(64, multiple=8) == (8, 16, 48, 64)
 
 
 def test_row_buckets():
