@@ -32,6 +32,10 @@ class Terminal:
         env.pop("NO_COLOR", None)
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: exec at once, nothing else
+            # A parent started in the background (`make test &`) ignores SIGINT, and a child
+            # inherits that: Python then installs no KeyboardInterrupt handler, and Ctrl-C in
+            # the terminal would do nothing.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(argv[0], argv, env)
         self.output = ""  # everything read so far, ANSI escapes removed
         self._pos = 0  # where the next expect() starts looking

@@ -122,8 +122,8 @@ def test_cache_gives_the_whole_prompts_tokens(client, cleanup):
     assert chunks[-1].usage.cached_content_token_count >= cache.pinned_token_count
 
     counted = client.count_tokens_detail(QUESTION, cached_content=cache)
-    assert counted == ringserve.TokenCount(with_cache.usage.prompt_token_count,
-                                           cache.total_token_count)
+    total = with_cache.usage.prompt_token_count
+    assert counted == ringserve.TokenCount(total, cache.total_token_count, {"TEXT": total})
     assert client.count_tokens(QUESTION, cached_content=cache.name) == counted.total_tokens
     assert client.count_tokens_detail(QUESTION).cached_content_token_count == 0
 
