@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 from model.config import AudioConfig
-from model.layers import RMSNorm, normal_param
-from model.vision import EncoderBlock, LayerNorm, replicated
+from model.layers import normal_param
+from model.vision import EncoderBlock, LayerNorm, PooledProjector, replicated
 
 _ModuleList = getattr(nnx, 'List', list)
 KERNEL = 3  # both convolutions
@@ -81,21 +81,16 @@ class AudioTower(nnx.Module):
         return self.final_norm(x)
 
 
-class AudioProjector(nnx.Module):
-    """[B, T, W] -> average pool over `pool` positions -> RMSNorm (1 + w) -> [B, tokens_per_window, D]."""
+class AudioProjector(PooledProjector):
+    """[B, T, W] -> average pool over `pool` positions -> [B, tokens_per_window, D]."""
 
     def __init__(self, cfg: AudioConfig, d_model: int, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.norm = RMSNorm(cfg.width, eps=cfg.norm_eps, offset=1.0, dtype=dtype)
-        self.norm.scale.set_metadata(axes=replicated(1))  # W, not the decoder's D ('embed')
-        self.proj = normal_param(rngs, (cfg.width, d_model), cfg.width**-0.5, dtype, axes=replicated(2))  # [W, D]
+        super().__init__(cfg.width, d_model, cfg.norm_eps, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def pool(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        b = x.shape[0]
-        groups = x.reshape(b, cfg.tokens_per_window, cfg.pool, cfg.width).astype(jnp.float32)
-        pooled = jnp.mean(groups, axis=2).astype(x.dtype)  # [B, tokens, W]
-        return self.norm(pooled) @ self.proj[...]  # [B, tokens, D]
+        return jnp.mean(x.reshape(x.shape[0], cfg.tokens_per_window, cfg.pool, cfg.width), axis=2)
 
 
 class AudioEncoder(nnx.Module):

@@ -135,22 +135,37 @@ class VisionTower(nnx.Module):
         return self.post_norm(x)
 
 
-class VisionProjector(nnx.Module):
-    """Gemma 3's multimodal projector: [B, P, W] -> average pool -> RMSNorm (1 + w) -> [B, tokens, D]."""
+class PooledProjector(nnx.Module):
+    """Gemma 3's multimodal projector shape: average pool (`pool`, per modality) -> RMSNorm
+    (1 + w) over W -> linear W -> D. Subclasses say how to pool."""
+
+    def __init__(self, width: int, d_model: int, eps: float, *, dtype, rngs: nnx.Rngs):
+        self.norm = RMSNorm(width, eps=eps, offset=1.0, dtype=dtype)
+        self.norm.scale.set_metadata(axes=replicated(1))  # W, not the decoder's D ('embed')
+        self.proj = normal_param(rngs, (width, d_model), width**-0.5, dtype, axes=replicated(2))  # [W, D]
+
+    def pool(self, x: jax.Array) -> jax.Array:
+        """f32[B, positions, W] -> f32[B, tokens, W]."""
+        raise NotImplementedError
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pooled = self.pool(x.astype(jnp.float32)).astype(x.dtype)  # [B, tokens, W]
+        return self.norm(pooled) @ self.proj[...]  # [B, tokens, D]
+
+
+class VisionProjector(PooledProjector):
+    """[B, P, W] -> average pool over pool x pool patches -> [B, tokens_per_image, D]."""
 
     def __init__(self, cfg: VisionConfig, d_model: int, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.norm = RMSNorm(cfg.width, eps=cfg.norm_eps, offset=1.0, dtype=dtype)
-        self.norm.scale.set_metadata(axes=replicated(1))  # W, not the decoder's D ('embed')
-        self.proj = normal_param(rngs, (cfg.width, d_model), cfg.width**-0.5, dtype, axes=replicated(2))  # [W, D]
+        super().__init__(cfg.width, d_model, cfg.norm_eps, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def pool(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         b, g, k, w = x.shape[0], cfg.grid, cfg.pool, cfg.width
         m = g // k  # tokens per side
-        grid = x.reshape(b, m, k, m, k, w).astype(jnp.float32)  # [B, Y/k, k, X/k, k, W]
-        pooled = jnp.mean(grid, axis=(2, 4)).reshape(b, m * m, w).astype(x.dtype)  # [B, tokens, W]
-        return self.norm(pooled) @ self.proj[...]  # [B, tokens, D]
+        grid = x.reshape(b, m, k, m, k, w)  # [B, Y/k, k, X/k, k, W]
+        return jnp.mean(grid, axis=(2, 4)).reshape(b, m * m, w)
 
 
 class VisionEncoder(nnx.Module):
