@@ -20,19 +20,30 @@ import jax.numpy as jnp
 MASK_VALUE = -1e30
 
 
-def causal_mask(length: int) -> jax.Array:
-    """bool[1, T, T]: query t sees keys 0..t. Used without a cache, where index = order in the batch."""
+def visible(key_pos: jax.Array, query_pos: jax.Array, window: int | None) -> jax.Array:
+    """Whether a key at `key_pos` is visible to a query at `query_pos` (broadcast together):
+    key <= query, and key > query - window for a sliding-window layer. Every attention path
+    (dense, paged, sharded, ring) masks with this one rule."""
+    ok = key_pos <= query_pos
+    if window is not None:
+        ok &= key_pos > query_pos - window
+    return ok
+
+
+def causal_mask(length: int, window: int | None = None) -> jax.Array:
+    """bool[1, T, T]: query t sees keys 0..t (t - window + 1..t with a window). Used without a cache,
+    where index = order in the batch."""
     idx = jnp.arange(length)
-    return (idx[None, :] <= idx[:, None])[None]
+    return visible(idx[None, :], idx[:, None], window)[None]
 
 
-def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
-    """bool[B, T, S]: the query at absolute position p sees cache indices s <= p.
+def cache_mask(positions: jax.Array, cache_len: int, window: int | None = None) -> jax.Array:
+    """bool[B, T, S]: the query at absolute position p sees cache indices s <= p (and s > p - window).
 
     Built from indices, never from a stored length, so stale or padded entries beyond p are invisible.
     """
     s = jnp.arange(cache_len)
-    return s[None, None, :] <= positions[:, :, None]
+    return visible(s[None, None, :], positions[:, :, None], window)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:

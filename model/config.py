@@ -198,6 +198,41 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """How one decoder layer attends. The default (global, RoPE, plain 1/sqrt(H)) is Llama's.
+
+    - `window`: a sliding window of that many keys; the query at position p sees keys at positions
+      p - window < s <= p (Mistral / Gemma 3 `sliding_window` semantics). None: every key s <= p.
+    - `rope`: False gives a NoPE layer (Llama 4's), whose queries and keys carry no position at all.
+    - `log_scale`: a base length n0; queries at position p are multiplied by log(p + 1) / log(n0), so
+      attention keeps its sharpness as the number of keys grows (scalable softmax, arXiv 2501.19399;
+      Llama 4's attention temperature tuning is the same idea). None: no extra scale.
+    Local RoPE layers plus global NoPE layers with the log scale is how the default model reaches
+    contexts far longer than it was trained on (docs/model_card.md).
+    """
+
+    window: int | None = None
+    rope: bool = True
+    log_scale: int | None = None
+
+    def __post_init__(self):
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, (int, np.integer))
+                                        or self.window <= 0):
+            raise ValueError(f'LayerKind.window={self.window!r}: use None (global) or a positive int.')
+        if not isinstance(self.rope, (bool, np.bool_)):
+            raise ValueError(f'LayerKind.rope={self.rope!r}: must be True or False.')
+        if self.log_scale is not None and (isinstance(self.log_scale, bool)
+                                           or not isinstance(self.log_scale, (int, np.integer)) or self.log_scale < 2):
+            raise ValueError(f'LayerKind.log_scale={self.log_scale!r}: use None or a base length >= 2.')
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+GLOBAL_ROPE = LayerKind()
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer (Llama / Qwen2 / Gemma family)."""
 
@@ -224,6 +259,8 @@ class ModelConfig:
     eos_ids: tuple[int, ...] = (2,)
     vision: VisionConfig | None = None  # an image encoder feeding Transformer.encode_images
     audio: AudioConfig | None = None  # an audio encoder feeding Transformer.encode_audio
+    # One LayerKind per layer (window, RoPE or not, log scale); None: every layer global with RoPE.
+    layer_kinds: tuple[LayerKind, ...] | None = None
 
     def __post_init__(self):
         # JSON gives lists and dicts; normalise so equality and hashing behave.
@@ -244,6 +281,12 @@ class ModelConfig:
             elif value is not None and not isinstance(value, kind):
                 raise ValueError(f'ModelConfig.{field}={value!r}: use a {kind.__name__}, a dict of its fields, '
                                  'or None (no encoder).')
+        if self.layer_kinds is not None:
+            kinds = tuple(LayerKind(**k) if isinstance(k, dict) else k for k in self.layer_kinds)
+            if len(kinds) != self.n_layers or not all(isinstance(k, LayerKind) for k in kinds):
+                raise ValueError(f'ModelConfig.layer_kinds: give one LayerKind (or dict of its fields) per layer, '
+                                 f'{self.n_layers} in all; got {self.layer_kinds!r}.')
+            object.__setattr__(self, 'layer_kinds', kinds)
         for field in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
                       'max_context'):
             value = getattr(self, field)
@@ -282,6 +325,9 @@ class ModelConfig:
         """Query heads sharing one kv head (N // K)."""
         return self.n_heads // self.n_kv_heads
 
+    def layer_kind(self, layer: int) -> LayerKind:
+        return GLOBAL_ROPE if self.layer_kinds is None else self.layer_kinds[layer]
+
     @property
     def jnp_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
@@ -301,6 +347,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d['eos_ids'] = list(self.eos_ids)
+        if self.layer_kinds is None:
+            del d['layer_kinds']  # configs written before layer kinds existed read back equal
         return d
 
     def to_json(self) -> str:

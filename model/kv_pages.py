@@ -142,7 +142,8 @@ class PagedKVCache:
     def span_limit(self) -> int:
         return self.max_len
 
-    def attend(self, layer: int, q, k, v, positions, scale: float, kv_span: int | None = None):
+    def attend(self, layer: int, q, k, v, positions, scale: float, kv_span: int | None = None, *,
+               window: int | None = None):
         """Write k, v into their pages, then attend; returns ([B, T, N, H], the updated cache).
 
         With `kv_span` (a static bucket), gathers the first kv_span positions and attends densely:
@@ -150,6 +151,8 @@ class PagedKVCache:
         table block by block and stops after the last page any query can see, so a chunk near the
         start of a 1M-token table costs what its own prefix costs.
         """
+        if window is not None:
+            raise NotImplementedError('sliding-window layers are not supported by this cache yet')
         cache = self.write(layer, positions, k, v)
         if kv_span is None:
             return paged_attend(q, cache.k_pages[layer], cache.v_pages[layer], cache.page_table,

@@ -24,7 +24,7 @@ import numpy as np
 
 from model import attention
 from model import rope as rope_lib
-from model.config import ModelConfig
+from model.config import GLOBAL_ROPE, LayerKind, ModelConfig
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype, axes: tuple) -> nnx.Param:
@@ -99,13 +99,21 @@ def unembed(x: jax.Array, table: jax.Array, softcap: float | None) -> jax.Array:
     return logits
 
 
-class Attention(nnx.Module):
-    """Fused q/k/v projection + RoPE + cache write + `attention.attend`."""
+def log_length_scale(positions: jax.Array, base: int) -> jax.Array:
+    """f32[B, T, 1, 1]: log(p + 1) / log(base) for queries at positions p (0 for padding, p < 0)."""
+    p = jnp.maximum(positions, 0).astype(jnp.float32)
+    return (jnp.log1p(p) / math.log(base))[:, :, None, None]
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+
+class Attention(nnx.Module):
+    """Fused q/k/v projection + RoPE + cache write + `attention.attend`, as the layer's `LayerKind`
+    says: RoPE or none (NoPE), a sliding window or global, a log-length query scale or none."""
+
+    def __init__(self, config: ModelConfig, kind: LayerKind = GLOBAL_ROPE, *, rngs: nnx.Rngs):
         d, n, k, h, dtype = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.jnp_dtype
         self.n_heads, self.n_kv_heads, self.head_dim = n, k, h
         self.scale = config.attn_scale
+        self.window, self.rope, self.log_scale = kind.window, kind.rope, kind.log_scale
         # Drawn per head in [heads, D, H] (the order and shapes of earlier ringserve versions), so a
         # seed still gives the same model, then laid out as one matrix.
         q, k_, v = (_normal(rngs, (count, d, h), d**-0.5).transpose(1, 0, 2).reshape(d, count * h)
@@ -135,13 +143,18 @@ class Attention(nnx.Module):
         qkv = qkv.reshape(b, t, kv_heads, n // kv_heads + 2, h)  # [B, T, K, R + 2, H]
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...]
-        q = apply_rope(qkv[:, :, :, :-2].reshape(b, t, n, h), positions, rope)  # [B, T, N, H]
-        k = apply_rope(qkv[:, :, :, -2], positions, rope)  # [B, T, K, H]
+        q = qkv[:, :, :, :-2].reshape(b, t, n, h)  # [B, T, N, H]
+        k = qkv[:, :, :, -2]  # [B, T, K, H]
         v = qkv[:, :, :, -1]  # [B, T, K, H]
+        if self.rope:
+            q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
+        if self.log_scale is not None:
+            q = (q.astype(jnp.float32) * log_length_scale(positions, self.log_scale)).astype(q.dtype)
         if cache is None:
-            out = attention.attend(q, k, v, attention.causal_mask(t), self.scale)
+            out = attention.attend(q, k, v, attention.causal_mask(t, self.window), self.scale)
         else:
-            out, cache = cache.attend(layer, q, k, v, positions, self.scale, kv_span)  # [B, T, N, H]
+            out, cache = cache.attend(layer, q, k, v, positions, self.scale, kv_span,
+                                      window=self.window)  # [B, T, N, H]
         return out.reshape(b, t, n * h) @ self.o_proj[...], cache
 
 
@@ -170,10 +183,10 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, kind: LayerKind = GLOBAL_ROPE, *, rngs: nnx.Rngs):
         norm = dict(eps=config.norm_eps, offset=config.norm_offset, dtype=config.jnp_dtype)
         self.attn_norm = RMSNorm(config.d_model, **norm)
-        self.attn = Attention(config, rngs=rngs)
+        self.attn = Attention(config, kind, rngs=rngs)
         self.mlp_norm = RMSNorm(config.d_model, **norm)
         self.mlp = MLP(config, rngs=rngs)
 

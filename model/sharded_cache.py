@@ -54,8 +54,11 @@ class ShardedPagedCache:
     def span_limit(self) -> int:
         return self.local_tables.shape[1] * self.local_tables.shape[2] * self.k_pages.shape[3]
 
-    def attend(self, layer: int, q, k, v, positions, scale: float, kv_span: int | None = None):
+    def attend(self, layer: int, q, k, v, positions, scale: float, kv_span: int | None = None, *,
+               window: int | None = None):
         """[B, T, N, H] and the updated cache. `kv_span` is ignored: tables are already bucketed."""
+        if window is not None:
+            raise NotImplementedError('sliding-window layers are not supported by this cache yet')
         del kv_span
         size = self.mesh.shape[SEQ]
         heads = P(None, None, TP, None)

@@ -40,7 +40,7 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embedder = Embedder(config, rngs=rngs)
-        self.layers = _ModuleList([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.layers = _ModuleList([Block(config, config.layer_kind(i), rngs=rngs) for i in range(config.n_layers)])
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, offset=config.norm_offset,
                                   dtype=config.jnp_dtype)
         if config.tie_embeddings:
