@@ -1,11 +1,12 @@
-"""train/: synthetic needle data (placement, answers, masks, lengths, seeds) and the trainer (a tiny
-run lowers the loss, resuming replays the same losses, encoders stay frozen, the checkpoint loads as
-the server loads it)."""
+"""train/: synthetic needle data (the prompt is what `ringserve niah` sends, id for id; needles,
+answers, masks, lengths, seeds) and the trainer (a tiny run lowers the loss, resuming replays the
+same losses, encoders stay frozen, the checkpoint loads as the server loads it)."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 
 import jax
@@ -17,31 +18,90 @@ from model import checkpoint
 from model.transformer import Transformer
 from preprocess import prompt
 from preprocess.tokenizer import Tokenizer
+from ringserve import types
+from ringserve.niah import scoring
+from ringserve.niah import tasks as niah_tasks
+from ringserve.niah.runner import Grid, Runner, Settings
+from ringserve.niah.sizing import Sizer
 from train import data
 from train import trainer
 
 TOK = Tokenizer.default()
 EOT = TOK.token_id(prompt.END_OF_TURN)
 CASES = [(task, filler) for task in data.TASKS for filler in data.FILLERS]
+NIAH_TASKS = {'passkey': niah_tasks.Passkey, 'classic': niah_tasks.Classic, 'multikey': niah_tasks.MultiKey,
+              'multivalue': niah_tasks.MultiValue}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def niah_home(tmp_path_factory):
+    """niah's stdlib haystack caches its text under $RINGSERVE_HOME: a temporary one, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('RINGSERVE_HOME', str(tmp_path_factory.mktemp('home')))
+        yield
+
+
+class ExactCounter:
+    """CountTokens as the server answers it: the length of the real chat template's ids."""
+
+    def count_tokens(self, contents, system_instruction=None, *, cached_content=None) -> int:
+        assert cached_content is None
+        return len(prompt.render(contents, system_instruction, TOK))
+
+
+class LocalServer(ExactCounter):
+    """Enough of `ringserve.Client` for niah's Runner: it records the ids each generate call would
+    feed the model (the server's render_prompt is prompt.render) and answers `answer`."""
+
+    def __init__(self, answer: str):
+        self.answer = answer
+        self.sent: list[list[int]] = []
+
+    def model_info(self) -> types.ModelInfo:
+        return types.ModelInfo('local', 1 << 20, (1 << 20) - 1, TOK.vocab_size, ['TEXT'], 0, 'float32')
+
+    def generate_text(self, contents, *, system_instruction=None, cached_content=None, max_output_tokens=None,
+                      temperature=None) -> types.Result:
+        assert cached_content is None and temperature == 0
+        self.sent.append(prompt.render(contents, system_instruction, TOK))
+        n = len(self.sent[-1])
+        return types.Result(self.answer, 'STOP', types.Usage(n, 8, 0, n + 8), 0.01, (), '')
+
+
+def _open_turn(ex: data.Example) -> bool:
+    return ex.origin.question.turns[-1][0] == prompt.MODEL
 
 
 def _check_example(ex: data.Example, length: int) -> None:
     ids = [int(i) for i in ex.input_ids]
-    # Lengths: never over, short by at most a word's tokens.
-    assert length - 6 <= len(ids) <= length, (ex.task, len(ids), length)
-    # The prompt is exactly what the server renders for its text (the chat template, tokenised whole).
-    shown = TOK.decode(ids[:ex.prompt_len])  # "user\n{text}\nmodel\n": turn markers dropped
-    assert shown.startswith('user\n') and shown.endswith('\nmodel\n')
-    text = shown[len('user\n'):-len('\nmodel\n')]
-    assert ids[:ex.prompt_len] == prompt.render([(prompt.USER, text)], None, TOK)
-    assert ids[ex.prompt_len - 4:ex.prompt_len] == [TOK.token_id(prompt.START_OF_TURN), *TOK.encode('model\n')]
+    assert len(ids) <= length, (ex.task, len(ids), length)
+    # Not one more haystack unit would fit (the niah Sizer's rule, with the answer's tokens set aside).
+    sizer = Sizer(ExactCounter(), data.haystack(ex.origin.filler, ex.origin.start))
+    context, question = ex.origin.context, ex.origin.question
+    units = sizer.size(context).units
+    longer = sizer.render(context, units + 1, sizer.place(context, units + 1))
+    assert len(prompt.render([('user', longer), *question.turns], context.system, TOK)) + len(ids) - ex.prompt_len \
+        > length
     # The loss mask covers exactly the answer and <end_of_turn>, at the end.
-    masked = np.flatnonzero(ex.loss_mask)
-    assert list(masked) == list(range(ex.prompt_len, len(ids)))
-    assert ids[ex.prompt_len:] == TOK.encode(ex.answer) + [EOT]
-    # Every needle is where the example says: its tokens start at the offset.
+    assert list(np.flatnonzero(ex.loss_mask)) == list(range(ex.prompt_len, len(ids)))
+    space = ' ' if _open_turn(ex) else ''
+    assert ids[ex.prompt_len:] == TOK.encode(space + ex.answer) + [EOT]
+    # The answer continues the prompt as text: the prompt's ids plus the answer's decode to the
+    # prompt's text plus the answer, and the model turn encodes whole to the same ids (what greedy
+    # decoding there can produce).
+    assert TOK.decode(ids[:-1]) == TOK.decode(ex.prompt_ids) + space + ex.answer
+    turn = ids[len(ids) - 1 - ids[::-1].index(TOK.token_id(prompt.START_OF_TURN)) + 1:-1]
+    assert turn == TOK.encode(TOK.decode(turn))
+    # niah's own scorer for the task accepts the answer.
+    task = NIAH_TASKS[ex.task]
+    assert scoring.SCORERS[task.scorer](ex.answer, ex.expected) == 1.0
+    # Every needle is where the example says: the ids before its offset decode to the text before it
+    # (the space before a needle belongs to its first token), the ids from there start with it.
+    shown = TOK.decode(ids[:ex.prompt_len])
     for text, offset in zip(ex.needles, ex.needle_offsets):
-        assert ex.prompt_len > offset > 2
+        before = TOK.decode(ids[:offset])
+        assert shown.startswith(before) and shown.count(text) == 1
+        assert len(before) in (shown.index(text), shown.index(text) - 1), (ex.task, text)
         assert TOK.decode(ids[offset:offset + len(TOK.encode(' ' + text))]).strip() == text
 
 
@@ -52,18 +112,65 @@ def test_needles_answers_masks_lengths(task, filler, length):
         _check_example(data.TASKS[task](length, depth, np.random.default_rng(7), filler=filler), length)
 
 
+@pytest.mark.parametrize('task,filler', CASES)
+def test_the_prompt_is_what_niah_sizes_and_renders(task, filler):
+    """The key property, by an independent path: niah's Sizer counting with the real template (what
+    the server's CountTokens returns, no memo), the runner's `contents(question)` and system
+    instruction rendered by the server's template, give the example's prompt ids exactly."""
+    rng = np.random.default_rng(21)
+    for length in (300, 1500):
+        ex = data.TASKS[task](length, None, rng, filler=filler)
+        context = ex.origin.context
+        sized = Sizer(ExactCounter(), data.haystack(ex.origin.filler, ex.origin.start)).size(context)
+        assert sized.prompt_tokens == ex.prompt_len
+        want = prompt.render(sized.contents(ex.origin.question), context.system, TOK)
+        assert [int(i) for i in ex.prompt_ids] == want
+        assert ex.needles == tuple(n.text for n in context.needles)
+
+
+@pytest.mark.parametrize('task', list(data.TASKS))
+def test_niahs_runner_sends_the_training_prompt_and_scores_its_answer(task, tmp_path):
+    """`ringserve niah`'s own Runner, over the task object, length, depth and haystack the example
+    came from, sends exactly the example's prompt; answered with the example's target text, its
+    scorer gives full marks. (Classic without distractors: niah's Classic has none.)"""
+    options = {'classic': dict(distractors=0)}.get(task, {})
+    filler = 'passkey' if task == 'passkey' else 'stdlib'
+    ex = data.TASKS[task](700, None, np.random.default_rng(5), filler=filler, **options)
+    answer = TOK.decode(ex.input_ids[ex.prompt_len:])  # what greedy decoding of the target prints
+    server = LocalServer(answer)
+    niah_task = ex.origin.task
+    settings = Settings(out=tmp_path / 'rows.jsonl', scorer=niah_task.scorer,
+                        max_output_tokens=niah_task.max_output_tokens)
+    runner = Runner(server, niah_task, data.haystack(ex.origin.filler, ex.origin.start), settings,
+                    log=lambda message: None, progress_stream=io.StringIO())
+    (row,) = runner.run(Grid((ex.origin.context.length,), (ex.origin.question.depth,), 1))
+    assert server.sent == [[int(i) for i in ex.prompt_ids]]
+    assert row['score'] == 1.0 and row['expected'] == list(ex.expected)
+
+
+def test_the_evals_own_classic_needle_is_one_of_the_draws():
+    task = niah_tasks.Classic()  # what `ringserve niah --task classic` asks
+    ex = data.from_niah(task, 500, 0.4, filler='stdlib', start=3)
+    assert ex.needles == (niah_tasks.CLASSIC_NEEDLE,) and ex.answer == niah_tasks.CLASSIC_ANSWER + '.'
+    drawn = {data._classic_needle(c, a) for c in data._CITIES for a in data._ACTIVITIES}
+    assert niah_tasks.CLASSIC_NEEDLE in drawn
+
+
 def test_answers_are_the_asked_needles_values():
     rng = np.random.default_rng(3)
     ex = data.passkey(500, 0.3, rng)
     key = re.fullmatch(r'The pass key is (\d{5})\. Remember it\. \1 is the pass key\.', ex.needles[0]).group(1)
-    assert ex.answer == key
+    assert ex.answer == f'{key}.' and ex.expected == (key,)
+    assert TOK.decode(ex.prompt_ids).endswith('What is the pass key?\nmodel\nThe pass key is')
     ex = data.classic(500, 0.3, rng, distractors=2)
     city, activity = re.fullmatch(r'The best thing to do in (.+) is (.+)\.', ex.needles[ex.asked]).groups()
-    assert ex.answer == activity
-    assert TOK.decode(ex.prompt_ids).rstrip().endswith(f'What is the best thing to do in {city}?\nmodel')
+    assert ex.answer == f'{activity}.' and ex.expected == (activity,)
+    question = TOK.decode(ex.prompt_ids).rsplit('\nuser\n', 1)[1]
+    assert question.startswith(f'What is the best thing to do in {city}? ') and question.endswith('\nmodel\n')
     others = [re.fullmatch(r'The best thing to do in (.+) is (.+)\.', n).groups() for i, n in enumerate(ex.needles)
               if i != ex.asked]
     assert len(others) == 2 and all(c != city and a != activity for c, a in others)
+    assert not any(c in question for c, _ in others)
 
 
 def test_multikey_distractor_keys_differ_from_the_asked_key():
@@ -74,40 +181,72 @@ def test_multikey_distractor_keys_differ_from_the_asked_key():
         keys = [k for k, _ in pairs]
         assert len(set(keys)) == 5
         asked_key, value = pairs[ex.asked]
-        assert ex.answer == value
-        question = TOK.decode(ex.prompt_ids).rsplit('\n\n', 1)[1]
+        assert ex.answer == f'{value}.'
+        question = TOK.decode(ex.prompt_ids).rsplit('\nuser\n', 1)[1]
         assert asked_key in question and not any(k in question for k in keys if k != asked_key)
+        assert question.endswith('mentioned in the provided text is')
 
 
 def test_multivalue_answers_in_order_of_appearance():
-    ex = data.multivalue(1000, 0.5, np.random.default_rng(11), values=4)
-    by_offset = [n for _, n in sorted(zip(ex.needle_offsets, ex.needles))]
-    values = [re.search(r'(\d{7})\.$', n).group(1) for n in by_offset]
-    assert ex.answer == ', '.join(values)
-    assert len(set(n.split(' is: ')[0] for n in ex.needles)) == 1  # one key
+    for seed in range(4):
+        ex = data.multivalue(1000, None, np.random.default_rng(seed), values=4)
+        by_offset = [n for _, n in sorted(zip(ex.needle_offsets, ex.needles))]
+        values = [re.search(r'(\d{7})\.$', n).group(1) for n in by_offset]
+        assert ex.answer == ', '.join(values) + '.'
+        assert sorted(ex.expected) == sorted(values)
+        assert len(set(n.split(' is: ')[0] for n in ex.needles)) == 1  # one key
 
 
 def test_depth_moves_the_needle_through_the_haystack():
-    offsets = [data.passkey(1500, d, np.random.default_rng(5)).needle_offset for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
-    assert offsets == sorted(offsets) and len(set(offsets)) == 5
-    intro = len(TOK.encode('user\n' + data.niah_tasks.PASSKEY_INTRO)) + 2
-    assert abs(offsets[0] - intro) <= 1  # depth 0: straight after the intro
-    # depth 0.5 lands within a sentence (<= 20 tokens of filler) of the middle of the haystack
-    first, last = offsets[0], offsets[-1]
-    assert abs(offsets[2] - (first + last) / 2) <= 20
+    def offsets(filler):
+        return [data.passkey(1500, d, np.random.default_rng(5), filler=filler).needle_offset
+                for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    for filler in ('passkey', 'stdlib'):
+        got = offsets(filler)
+        assert got == sorted(got) and len(set(got)) == 5
+    got = offsets('passkey')
+    intro = len(TOK.encode('user\n' + niah_tasks.PASSKEY_INTRO)) + 2
+    assert got[0] == intro  # depth 0: straight after the intro
+    # depth 0.5 lands within a filler sentence (<= 8 tokens) of the middle of the haystack
+    assert abs(got[2] - (got[0] + got[4]) / 2) <= 8
+
+
+def test_haystack_start_is_a_rotation_of_niahs_haystack():
+    base = data.haystack('stdlib')
+    units = data.haystack_units('stdlib')
+    assert len(base.units) == units
+    rotated = data.haystack('stdlib', 7)
+    assert rotated.text(0, 5) == base.text(7, 12) and rotated.text(units - 7, units - 5) == base.text(0, 2)
+    starts = {ex.origin.start for ex in data.sample_batch(np.random.default_rng(0), 8, 300, ('multikey',)).examples}
+    assert len(starts) > 4
 
 
 def test_seeded_determinism_and_batches():
-    a = data.sample_batch(np.random.default_rng(1), 4, 600)
-    b = data.sample_batch(np.random.default_rng(1), 4, 600)
-    c = data.sample_batch(np.random.default_rng(2), 4, 600)
+    a = data.sample_batch(np.random.default_rng(1), 6, 600)
+    b = data.sample_batch(np.random.default_rng(1), 6, 600)
+    c = data.sample_batch(np.random.default_rng(2), 6, 600)
     assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.loss_mask, b.loss_mask)
     assert not np.array_equal(a.tokens, c.tokens)
-    assert a.tokens.shape == (4, 600) and a.tokens.dtype == np.int32 and a.loss_mask.dtype == bool
+    assert a.tokens.shape == (6, 600) and a.tokens.dtype == np.int32 and a.loss_mask.dtype == bool
     for row, ex in enumerate(a.examples):
         n = len(ex.input_ids)
         assert np.array_equal(a.tokens[row, :n], ex.input_ids)
         assert (a.tokens[row, n:] == TOK.pad_id).all() and not a.loss_mask[row, n:].any()
+    # Passkey keeps its filler; the other tasks take the others, or the passkey filler when alone.
+    for ex in data.sample_batch(np.random.default_rng(4), 16, 300).examples:
+        assert (ex.origin.filler == 'passkey') == (ex.task == 'passkey'), (ex.task, ex.origin.filler)
+    alone = data.sample_batch(np.random.default_rng(4), 4, 300, ('classic', 'multikey'), ('passkey',))
+    assert {ex.origin.filler for ex in alone.examples} == {'passkey'}
+
+
+def test_local_counter_counts_as_the_tokenizer():
+    counter = data.LocalCounter(TOK)
+    texts = ['user\nThe pass key is 12345.', 'a  b   c', ' leading', 'trailing ', 'x\n\n y\nz', '',
+             data.haystack('corpus').text(100, 160), 'caf\u00e9 \u2014 na\u00efve \U0001f600 ok']
+    for text in texts:
+        assert counter.count_text(text) == len(TOK.encode(text)), repr(text)
+    turns = [('user', texts[6]), ('model', 'The pass key is')]
+    assert counter.count_tokens(turns, 'Be brief.') == len(prompt.render(turns, 'Be brief.', TOK))
 
 
 def test_bad_inputs_name_the_limit():
@@ -117,6 +256,8 @@ def test_bad_inputs_name_the_limit():
         data.passkey(300, 1.5, np.random.default_rng(0))
     with pytest.raises(ValueError, match='filler'):
         data.passkey(300, 0.5, np.random.default_rng(0), filler='nope')
+    with pytest.raises(ValueError, match='filler'):
+        data.sample_batch(np.random.default_rng(0), 2, 300, fillers=('nope',))
     with pytest.raises(ValueError, match='more than the batch length'):
         data.pad_batch([data.passkey(300, 0.5, np.random.default_rng(0))], 200)
 
