@@ -146,19 +146,20 @@ class PagedKVCache:
                window: int | None = None):
         """Write k, v into their pages, then attend; returns ([B, T, N, H], the updated cache).
 
-        With `kv_span` (a static bucket), gathers the first kv_span positions and attends densely:
-        one fused pass, fastest for single-token decode on CPU. Without it, `paged_attend` walks the
-        table block by block and stops after the last page any query can see, so a chunk near the
-        start of a 1M-token table costs what its own prefix costs.
+        The query at position p sees keys at positions <= p (and > p - window for a sliding-window
+        layer: `window`, static, per layer). With `kv_span` (a static bucket), gathers the first
+        kv_span positions and attends densely: one fused pass, fastest for single-token decode on
+        CPU. Without it, `paged_attend` walks only the table's blocks some query can see (up to the
+        last page any query sees, from the first page inside any query's window), so a chunk near
+        the start of a 1M-token table costs what its own prefix costs, and a window layer what its
+        window costs.
         """
-        if window is not None:
-            raise NotImplementedError('sliding-window layers are not supported by this cache yet')
         cache = self.write(layer, positions, k, v)
         if kv_span is None:
             return paged_attend(q, cache.k_pages[layer], cache.v_pages[layer], cache.page_table,
-                                positions, scale), cache
+                                positions, scale, window=window), cache
         k_all, v_all = cache.read(layer, kv_span)  # [B, S, K, H]
-        mask = attention.cache_mask(positions, k_all.shape[1])
+        mask = attention.cache_mask(positions, k_all.shape[1], window)  # [B, T, S]
         return attention.attend(q, k_all, v_all, mask, scale), cache
 
 

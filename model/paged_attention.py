@@ -1,11 +1,14 @@
 """Paged attention: attend straight from the page pool, one block of pages at a time.
 
 Same contract as `attention.attend` over a dense cache with `cache_mask` (the query at absolute
-position p sees keys at positions <= p), but it never gathers the [B, S, K, H] copy: a loop over
-blocks of page-table columns gathers one [K, B, pages_per_block, G, H] slice per step and folds it
-into an online softmax (running max m, denominator l, accumulator o, all fp32). The loop stops after
-the last page any query of the batch can see; pages past a row's own length are masked (their table
-entries are the null page, so the gather is cheap).
+position p sees keys at positions <= p, and > p - window for a sliding-window layer), but it never
+gathers the [B, S, K, H] copy: a loop over blocks of page-table columns gathers one
+[K, B, pages_per_block, G, H] slice per step and folds it into an online softmax (running max m,
+denominator l, accumulator o, all fp32). The loop runs only over the blocks some query of the batch
+can see (`needed_columns`): it stops after the last page any query sees and, with a window, starts
+at the first page inside any query's window, so a window layer costs its window, not the prefix.
+Pages past a row's own length are masked (their table entries are the null page, so the gather is
+cheap).
 
 Alphabet: B T N K H as in docs/design.md, R query heads per kv head (N = K * R), P page, G page
 length; C is a block of page-table columns inside the loop.
@@ -17,15 +20,50 @@ log-sum-exp merge), instead of moving K/V between devices.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from model.attention import MASK_VALUE
+from model.attention import MASK_VALUE, visible
 
 # Keys folded in per loop step when pages_per_block is not given (rounded to whole pages).
 _KEYS_PER_BLOCK = 256
+_BIG = jnp.iinfo(jnp.int32).max
+
+
+def check_window(window: int | None, where: str) -> None:
+    """Raise ValueError unless `window` is None (global) or a positive int (static: one per layer)."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral)
+                               or window <= 0):
+        raise ValueError(f'{where}: window={window!r} must be None (global attention) or a positive int.')
+
+
+def key_bounds(positions: jax.Array, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """(first, last) i32[]: the lowest and highest key positions any real query (position >= 0)
+    of `positions` can see under `attention.visible`. last = -1 when no query is real; first is 0
+    without a window and int32 max when no query is real."""
+    positions = positions.astype(jnp.int32)
+    last = jnp.max(positions)
+    if window is None:
+        return jnp.int32(0), last
+    first = jnp.min(jnp.where(positions >= 0, positions - (window - 1), _BIG))
+    return jnp.maximum(first, 0), last
+
+
+def needed_columns(first_key, last_key, page_len: int, cols: int, page_offset=0,
+                   page_stride: int = 1) -> tuple[jax.Array, jax.Array]:
+    """[first_col, end_col) i32[]: the columns of a table (column j holds the sequence's page
+    `page_offset + j * page_stride`) that hold a key in [first_key, last_key]; empty when none do.
+
+    A page p holds keys [p * G, (p + 1) * G): it is needed iff first_key // G <= p <= last_key // G.
+    """
+    first_page = first_key // page_len - page_offset
+    last_page = last_key // page_len - page_offset
+    first_col = jnp.clip(-(-first_page // page_stride), 0, cols)  # ceil: first column at or after it
+    end_col = jnp.clip(last_page // page_stride + 1, 0, cols)
+    return first_col, jnp.maximum(end_col, first_col)
 
 
 class Partial(NamedTuple):
@@ -50,14 +88,16 @@ def paged_attend(
     scale: float,
     *,
     pages_per_block: int | None = None,
+    window: int | None = None,
 ) -> jax.Array:
-    """[B, T, N, H] in q's dtype: query at absolute position p attends keys at positions <= p.
+    """[B, T, N, H] in q's dtype: query at absolute position p attends keys at positions <= p (and
+    > p - window when `window` is given: a sliding-window layer).
 
-    Equals `attend(q, k, v, cache_mask(positions, S), scale)` on the dense gather of the same pages for
-    every query that sees at least one key; a query that sees none (position < 0) gets zeros.
+    Equals `attend(q, k, v, cache_mask(positions, S, window), scale)` on the dense gather of the same
+    pages for every query that sees at least one key; a query that sees none (position < 0) gets zeros.
     """
     part = paged_attend_partial(q, k_pages, v_pages, page_table, positions, scale,
-                                pages_per_block=pages_per_block)
+                                pages_per_block=pages_per_block, window=window)
     return part.o.astype(q.dtype)
 
 
@@ -72,6 +112,7 @@ def paged_attend_partial(
     page_offset: int | jax.Array = 0,
     page_stride: int = 1,
     pages_per_block: int | None = None,
+    window: int | None = None,
 ) -> Partial:
     """Attention of q over the pages in `page_table`, as an unmerged `Partial`.
 
@@ -81,8 +122,12 @@ def paged_attend_partial(
     (offset 0, stride 1) and (offset C/2, stride 1); round-robin over S ranks is (offset rank, stride S).
     `page_offset` may be traced (e.g. `lax.axis_index`); `page_stride` is static.
 
+    `window` (static, None = global): the query at position p sees keys p - window < s <= p; the loop
+    starts at the first block holding such a key for some query.
+
     `scale` (1/sqrt(H)) is applied here, to the scores, and nowhere else.
     """
+    check_window(window, 'paged_attend')
     b, t, n, h = q.shape
     kv_heads, _, g, _ = k_pages.shape
     cols = page_table.shape[1]
@@ -100,11 +145,11 @@ def paged_attend_partial(
     positions = positions.astype(jnp.int32)
     page_offset = jnp.asarray(page_offset, jnp.int32)
 
-    # Blocks past the last page any query sees are skipped: column j is needed iff its first key
-    # position (page_offset + j * page_stride) * G <= max position.
-    last_page = jnp.max(positions) // g  # the highest page number any query sees
-    needed_cols = jnp.clip((last_page - page_offset) // page_stride + 1, 0, cols)
-    needed_blocks = (needed_cols + per_block - 1) // per_block
+    # Only blocks holding a key some query sees are walked: past the last page any query sees, and
+    # (with a window) before the first page inside any query's window, nothing is visible.
+    first_col, end_col = needed_columns(*key_bounds(positions, window), g, cols, page_offset, page_stride)
+    first_block = first_col // per_block
+    end_block = jnp.where(end_col > first_col, (end_col + per_block - 1) // per_block, first_block)
 
     offsets_in_block = jnp.arange(per_block)[:, None] * (page_stride * g) + jnp.arange(g)[None, :]  # [C, G]
 
@@ -116,13 +161,13 @@ def paged_attend_partial(
         vb = jnp.take(v_pages, ids, axis=1)  # [K, B, C, G, H]
         key_pos = (page_offset + start * page_stride) * g + offsets_in_block  # [C, G]
         col_ok = (start + jnp.arange(per_block)) < cols  # [C]
-        visible = (key_pos[None, None] <= positions[:, :, None, None]) & col_ok[None, None, :, None]  # [B, T, C, G]
-        visible = visible[:, None, None]  # [B, 1, 1, T, C, G]
+        seen = visible(key_pos[None, None], positions[:, :, None, None], window)  # [B, T, C, G]
+        seen = (seen & col_ok[None, None, :, None])[:, None, None]  # [B, 1, 1, T, C, G]
         s = jnp.einsum('BTKRH,KBCGH->BKRTCG', q, kb, preferred_element_type=jnp.float32) * scale
-        s = jnp.where(visible, s, MASK_VALUE)  # [B, K, R, T, C, G]
+        s = jnp.where(seen, s, MASK_VALUE)  # [B, K, R, T, C, G]
         m_new = jnp.maximum(m, jnp.max(s, axis=(-2, -1)))  # [B, K, R, T]
         # Masked keys get exactly 0 (not exp(MASK - m), which is 1 while no key has been seen).
-        p = jnp.where(visible, jnp.exp(s - m_new[..., None, None]), 0.0)  # [B, K, R, T, C, G]
+        p = jnp.where(seen, jnp.exp(s - m_new[..., None, None]), 0.0)  # [B, K, R, T, C, G]
         alpha = jnp.exp(m - m_new)  # [B, K, R, T]
         l = alpha * l + jnp.sum(p, axis=(-2, -1))
         pv = jnp.einsum('BKRTCG,KBCGH->BKRTH', p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
@@ -134,7 +179,7 @@ def paged_attend_partial(
         jnp.full((b, kv_heads, r, t), MASK_VALUE, jnp.float32),
         jnp.zeros((b, kv_heads, r, t), jnp.float32),
     )
-    o, m, l = jax.lax.fori_loop(0, needed_blocks, body, init)
+    o, m, l = jax.lax.fori_loop(first_block, end_block, body, init)
     o = o / jnp.where(l > 0, l, 1.0)[..., None]  # normalised; 0 where nothing was visible
     return Partial(
         o=jnp.moveaxis(o, 3, 1).reshape(b, t, n, h),  # [B, T, N, H]

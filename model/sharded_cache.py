@@ -16,6 +16,8 @@ Attention (`ShardedPagedCache.attend`, called by each layer; the model does not 
   already in pages before the chunk (positions < start) on every device, by gathering the chunk's
   queries (small) rather than moving pages (large), then merging and scattering the partials back;
   (b) the chunk's own K/V go around the ring (model/ring_attention.py), folded into (a)'s state.
+Sliding-window layers pass their window (a static int) down to every part: masks use
+`attention.visible`, and page walks start at the first page inside any query's window.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec as P
 
-from model.paged_attention import Partial
+from model.attention import MASK_VALUE, visible
+from model.paged_attention import Partial, check_window, key_bounds, needed_columns
 from model.ring_attention import empty_state, fold_block, partial_from_state, ring_attention_shard, to_rows
 
 SEQ = 'sequence'
@@ -56,18 +59,18 @@ class ShardedPagedCache:
 
     def attend(self, layer: int, q, k, v, positions, scale: float, kv_span: int | None = None, *,
                window: int | None = None):
-        """[B, T, N, H] and the updated cache. `kv_span` is ignored: tables are already bucketed."""
-        if window is not None:
-            raise NotImplementedError('sliding-window layers are not supported by this cache yet')
+        """[B, T, N, H] and the updated cache. `kv_span` is ignored: tables are already bucketed.
+        `window` (static, per layer; None = global): the query at p sees keys p - window < s <= p."""
         del kv_span
+        check_window(window, 'ShardedPagedCache.attend')
         size = self.mesh.shape[SEQ]
         heads = P(None, None, TP, None)
         if self.prefill:
-            fn = lambda *a: _prefill_shard(*a, layer=layer, scale=scale, size=size)
+            fn = lambda *a: _prefill_shard(*a, layer=layer, scale=scale, size=size, window=window)
             tok = P(None, SEQ, TP, None)  # [B, T, N|K, H]: tokens striped over devices, heads split
             in_specs = (tok, tok, tok, P(None, SEQ), POOL, POOL, P(None, SEQ, None), P())
         else:
-            fn = lambda *a: _decode_shard(*a, layer=layer, scale=scale, size=size)
+            fn = lambda *a: _decode_shard(*a, layer=layer, scale=scale, size=size, window=window)
             tok = heads  # rows replicated over the sequence axis
             in_specs = (tok, tok, tok, P(), POOL, POOL, P(None, SEQ, None), P())
         out, k_pages, v_pages = jax.shard_map(
@@ -92,11 +95,14 @@ def _write_local(pool, layer, x, positions, table, rank, size):
     return pool.at[layer, :, page, positions % g].set(x.astype(pool.dtype), mode='drop')
 
 
-def _local_partial(q, k_pool, v_pool, layer, table, positions, rank, size, scale) -> Partial:
+def _local_partial(q, k_pool, v_pool, layer, table, positions, rank, size, scale, window=None,
+                   key_end=None) -> Partial:
     """q [B, T, N, H] at positions [B, T] over this shard's pages of `layer` (pools [L, K, P, G, H],
-    table i32[B, C_local], local ids), walking blocks of KEYS_PER_BLOCK keys and stopping after the
-    last page any query sees. The loop gathers from the whole pool: slicing out the layer first
-    would make XLA copy that layer's pages (the whole pool, over the layers) on every call.
+    table i32[B, C_local], local ids), walking blocks of KEYS_PER_BLOCK keys from the first page
+    inside any query's window (page 0 without one) to the last page any query sees. `key_end`
+    (optional, i32[]): keys at positions >= key_end are left out (prefill's earlier context). The
+    loop gathers from the whole pool: slicing out the layer first would make XLA copy that layer's
+    pages (the whole pool, over the layers) on every call.
 
     Same maths as model/paged_attention.py's `paged_attend_partial`, in ring attention's row
     layout ([B, K, R * T, H] queries against [B, K, keys, H] blocks: one batched matmul per block,
@@ -110,8 +116,14 @@ def _local_partial(q, k_pool, v_pool, layer, table, positions, rank, size, scale
     r = n // kv_heads
     q_rows = to_rows(q, kv_heads)  # [B, K, Q, H]
     pos_rows = jnp.tile(positions.astype(jnp.int32), (1, r))  # [B, Q]
-    # Column j holds the sequence's page rank + j * size; it is needed iff its first key is visible.
-    needed = jnp.clip((jnp.max(positions) // g - rank) // size + 1, 0, cols)
+    # Column j holds the sequence's page rank + j * size; walk only columns holding a key some
+    # query can see.
+    first_key, last_key = key_bounds(positions, window)
+    if key_end is not None:
+        last_key = jnp.minimum(last_key, key_end - 1)
+    first_col, end_col = needed_columns(first_key, last_key, g, cols, rank, size)
+    first_block = first_col // per_block
+    end_block = jnp.where(end_col > first_col, (end_col + per_block - 1) // per_block, first_block)
     offsets = (jnp.arange(per_block) * size * g)[:, None] + jnp.arange(g)[None, :]  # [C, G]
 
     def body(i, state):
@@ -119,15 +131,17 @@ def _local_partial(q, k_pool, v_pool, layer, table, positions, rank, size, scale
         kb = jnp.swapaxes(k_pool[layer, :, ids], 2, 3).reshape(b, per_block * g, kv_heads, h)
         vb = jnp.swapaxes(v_pool[layer, :, ids], 2, 3).reshape(b, per_block * g, kv_heads, h)
         key_pos = ((rank + i * per_block * size) * g + offsets).reshape(-1)  # [C * G]
-        key_pos = jnp.where(jnp.repeat(ids != 0, g, axis=1), key_pos[None, :], -1)  # [B, C * G]
-        return fold_block(state, q_rows, pos_rows, kb, vb, key_pos, scale)
+        real = jnp.repeat(ids != 0, g, axis=1)  # [B, C * G]: null pages are padding
+        if key_end is not None:
+            real &= key_pos[None, :] < key_end
+        key_pos = jnp.where(real, key_pos[None, :], -1)  # [B, C * G]
+        return fold_block(state, q_rows, pos_rows, kb, vb, key_pos, scale, window)
 
-    state = jax.lax.fori_loop(0, (needed + per_block - 1) // per_block, body,
-                              empty_state(b, kv_heads, r * t, h))
+    state = jax.lax.fori_loop(first_block, end_block, body, empty_state(b, kv_heads, r * t, h))
     return partial_from_state(state, t)
 
 
-def _decode_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer, scale, size):
+def _decode_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer, scale, size, window):
     """q [B, 1, N, H], k/v [B, 1, K, H], positions [B, 1] (all rows, replicated); tables [B, 1, C_l]."""
     del start
     rank = jax.lax.axis_index(SEQ)
@@ -135,9 +149,10 @@ def _decode_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer,
     k_pages = _write_local(k_pages, layer, k, positions, table, rank, size)
     v_pages = _write_local(v_pages, layer, v, positions, table, rank, size)
     if table.shape[1] * k_pages.shape[3] <= GATHER_MAX_KEYS:
-        part = _gathered_partial(q, k_pages[layer], v_pages[layer], table, positions, rank, size, scale)
+        part = _gathered_partial(q, k_pages[layer], v_pages[layer], table, positions, rank, size, scale,
+                                 window)
     else:
-        part = _local_partial(q, k_pages, v_pages, layer, table, positions, rank, size, scale)
+        part = _local_partial(q, k_pages, v_pages, layer, table, positions, rank, size, scale, window)
     m_star = jax.lax.pmax(part.m, SEQ)
     w = part.l * jnp.exp(part.m - m_star)  # 0 for shards that see no key
     o = jax.lax.psum(part.o * w[..., None], SEQ)
@@ -145,7 +160,7 @@ def _decode_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer,
     return (o / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype), k_pages, v_pages
 
 
-def _gathered_partial(q, k_pool, v_pool, table, positions, rank, size, scale) -> Partial:
+def _gathered_partial(q, k_pool, v_pool, table, positions, rank, size, scale, window) -> Partial:
     """Decode's partial over this shard's pages: gather the (bucketed) table's pages at once and
     attend densely. One fused pass, faster on CPU than the block loop for a single query row."""
     b, t, n, h = q.shape
@@ -154,19 +169,20 @@ def _gathered_partial(q, k_pool, v_pool, table, positions, rank, size, scale) ->
     kb = jnp.take(k_pool, table, axis=1).reshape(kv_heads, b, cols * g, h)  # [K, B, S, H]
     vb = jnp.take(v_pool, table, axis=1).reshape(kv_heads, b, cols * g, h)
     key_pos = ((rank + jnp.arange(cols) * size)[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)  # [S]
-    visible = (key_pos[None, None, :] <= positions[:, :, None]) & (table != 0).repeat(g, axis=1)[:, None, :]
+    seen = visible(key_pos[None, None, :], positions[:, :, None], window)  # [B, T, S]
+    seen = (seen & (table != 0).repeat(g, axis=1)[:, None, :])[:, :, None, None, :]  # [B, T, 1, 1, S]
     r = n // kv_heads
     qf = q.reshape(b, t, kv_heads, r, h).astype(jnp.float32)
     s = jnp.einsum('BTKRH,KBSH->BTKRS', qf, kb.astype(jnp.float32)) * scale
-    s = jnp.where(visible[:, :, None, None, :], s, -1e30)
+    s = jnp.where(seen, s, MASK_VALUE)
     m = jnp.max(s, axis=-1)  # [B, T, K, R]
-    p = jnp.where(visible[:, :, None, None, :], jnp.exp(s - m[..., None]), 0.0)
+    p = jnp.where(seen, jnp.exp(s - m[..., None]), 0.0)
     l = jnp.sum(p, axis=-1)
     o = jnp.einsum('BTKRS,KBSH->BTKRH', p, vb.astype(jnp.float32)) / jnp.where(l > 0, l, 1.0)[..., None]
     return Partial(o=o.reshape(b, t, n, h), m=m.reshape(b, t, n), l=l.reshape(b, t, n))
 
 
-def _prefill_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer, scale, size):
+def _prefill_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer, scale, size, window):
     """q [1, T_l, N, H], k/v [1, T_l, K, H], positions [1, T_l]: this shard's stripe of the chunk
     (padding at -1); tables [1, 1, C_l]; start: the chunk's first position."""
     rank = jax.lax.axis_index(SEQ)
@@ -177,14 +193,16 @@ def _prefill_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer
     # (a) Earlier context: every query of the chunk against this shard's pages before `start`.
     q_all = jax.lax.all_gather(q, SEQ, axis=1, tiled=True)  # [1, S * T_l, N, H]
     pos_all = jax.lax.all_gather(positions, SEQ, axis=1, tiled=True)
-    before = jnp.where(pos_all >= 0, start - 1, -1)  # sees keys at positions < start only
-    part = _local_partial(q_all, k_pages, v_pages, layer, table, before, rank, size, scale)
+    # Queries keep their own positions (the window is relative to them); keys stop before `start`.
+    part = _local_partial(q_all, k_pages, v_pages, layer, table, pos_all, rank, size, scale, window,
+                          key_end=start)
     m_star = jax.lax.pmax(part.m, SEQ)
     w = part.l * jnp.exp(part.m - m_star)
     o = jax.lax.psum_scatter(part.o * w[..., None], SEQ, scatter_dimension=1, tiled=True)  # [1, T_l, N, H]
     l = jax.lax.psum_scatter(w, SEQ, scatter_dimension=1, tiled=True)
     m = jax.lax.dynamic_slice_in_dim(m_star, rank * t_local, t_local, axis=1)
-    earlier = Partial(o=o / jnp.where(l > 0, l, 1.0)[..., None], m=jnp.where(l > 0, m, -1e30), l=l)
+    earlier = Partial(o=o / jnp.where(l > 0, l, 1.0)[..., None], m=jnp.where(l > 0, m, MASK_VALUE), l=l)
     # (b) The chunk itself: its K/V blocks go around the ring.
-    part = ring_attention_shard(q, k, v, positions, positions, scale, SEQ, size, init=earlier)
+    part = ring_attention_shard(q, k, v, positions, positions, scale, SEQ, size, init=earlier,
+                                window=window)
     return part.o.astype(q.dtype), k_pages, v_pages
