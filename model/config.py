@@ -228,6 +228,30 @@ class LayerKind:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def parse(cls, text: str) -> LayerKind:
+        """'rope' | 'nope', then optionally '@W' (a window of W keys) and '/logN' (log scale, base N):
+        e.g. 'rope@64', 'nope/log1024', 'rope'."""
+        head, _, log = text.strip().partition('/')
+        base, _, window = head.partition('@')
+        try:
+            if base not in ('rope', 'nope') or (log and not log.startswith('log')):
+                raise ValueError
+            return cls(window=int(window) if window else None, rope=base == 'rope',
+                       log_scale=int(log[3:]) if log else None)
+        except ValueError:
+            raise ValueError(f'layer kind {text!r}: write rope|nope[@WINDOW][/logBASE], e.g. rope@64 or '
+                             'nope/log1024.') from None
+
+    def __str__(self) -> str:
+        return (('rope' if self.rope else 'nope') + (f'@{self.window}' if self.window else '')
+                + (f'/log{self.log_scale}' if self.log_scale else ''))
+
+
+def parse_layer_kinds(text: str) -> tuple[LayerKind, ...]:
+    """Comma-separated `LayerKind.parse` specs, one per layer: 'rope@64,nope/log1024'."""
+    return tuple(LayerKind.parse(part) for part in text.split(',') if part.strip())
+
 
 GLOBAL_ROPE = LayerKind()
 

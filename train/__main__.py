@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from model.config import parse_layer_kinds
 from train import data
 from train.trainer import COMPUTE_DTYPES, TrainConfig, model_config, train
 
@@ -17,6 +18,13 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(',') if x)
     except ValueError:
         raise argparse.ArgumentTypeError(f'{text!r}: expected comma-separated integers such as 256,512,1024')
+
+
+def _kinds(text: str):
+    try:
+        return parse_layer_kinds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def _names(choices):
@@ -55,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--kv-heads', type=int, help='kv heads (default 2)')
     p.add_argument('--head-dim', type=int, help='head dim (default d_model // heads)')
     p.add_argument('--mlp-dim', type=int, help='MLP hidden size (default 3 * d_model)')
+    p.add_argument('--layer-kinds', type=_kinds,
+                   help='per-layer attention, comma-separated rope|nope[@WINDOW][/logBASE] (sets the layer '
+                        'count), e.g. rope@64,nope/log1024,rope@64,nope/log1024')
     p.add_argument('--checkpoint-every', type=int, default=200)
     p.add_argument('--eval-every', type=int, default=0, help='steps between recall evals (default: only at the end)')
     p.add_argument('--eval-examples', type=int, default=8, help='examples per length in each eval (0: none)')
@@ -69,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                           eval_examples=args.eval_examples, time_limit=args.time_limit,
                           progress=not args.no_progress)
         config = None if args.resume else model_config(args.d_model, args.layers, args.heads, args.kv_heads,
-                                                       args.head_dim, args.mlp_dim)
+                                                       args.head_dim, args.mlp_dim, layer_kinds=args.layer_kinds)
         train(cfg, config, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         print(f'python -m train: {e}', file=sys.stderr)

@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 
 from model import checkpoint, presets
-from model.config import ModelConfig
+from model.config import LayerKind, ModelConfig
 from model.transformer import Transformer
 from preprocess import prompt
 from preprocess.tokenizer import Tokenizer
@@ -113,13 +113,17 @@ class Summary:
 
 def model_config(d_model: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, head_dim: int | None = None, mlp_dim: int | None = None,
-                 encoders: bool = True) -> ModelConfig:
+                 encoders: bool = True, layer_kinds: tuple[LayerKind, ...] | None = None) -> ModelConfig:
     """presets.default_config() with the given sizes replaced (head_dim defaults to d_model // n_heads,
-    n_kv_heads to min(2, n_heads), mlp_dim to 3 * d_model when d_model changes)."""
+    n_kv_heads to min(2, n_heads), mlp_dim to 3 * d_model when d_model changes). `layer_kinds` also
+    sets the layer count; otherwise a resized layer count drops the preset's kinds for global RoPE."""
     base = presets.default_config()
     d = d_model or base.d_model
     n = n_heads or base.n_heads
-    changes = dict(d_model=d, n_layers=n_layers or base.n_layers, n_heads=n,
+    n_layers = len(layer_kinds) if layer_kinds else (n_layers or base.n_layers)
+    if layer_kinds is None and base.layer_kinds is not None and n_layers == base.n_layers:
+        layer_kinds = base.layer_kinds
+    changes = dict(d_model=d, n_layers=n_layers, n_heads=n, layer_kinds=layer_kinds,
                    n_kv_heads=n_kv_heads or (base.n_kv_heads if n_heads is None else min(2, n)),
                    head_dim=head_dim or (base.head_dim if d_model is None and n_heads is None else d // n),
                    mlp_dim=mlp_dim or (base.mlp_dim if d_model is None else 3 * d))
