@@ -10,7 +10,7 @@ from pathlib import Path
 from flax import nnx
 
 from model import checkpoint
-from model.config import AudioConfig, ModelConfig, VisionConfig
+from model.config import AudioConfig, LayerKind, ModelConfig, VisionConfig
 from model.transformer import Transformer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO_ROOT / 'preprocess' / 'assets' / 'ringserve.model'
 TOKENIZER_FILE = 'tokenizer.model'
 DEFAULT_SEED = 0
+DEFAULT_NAME = 'ringserve-default'
 
 
 def default_config() -> ModelConfig:
@@ -52,6 +53,49 @@ def default_config() -> ModelConfig:
         eos_ids=(2,),
         vision=VisionConfig(),
         audio=AudioConfig(),
+    )
+
+
+def architecture() -> ModelConfig:
+    """The default model's recipe: what `python -m train` trains from scratch (shipped default_config()
+    equals it, with trained weights). About 2M decoder parameters plus the media encoders:
+
+    - width 128, 4 layers alternating a local RoPE layer (a 32-key sliding window: word order and
+      "what came just before me", which the copy heads need) and a global NoPE layer whose queries
+      are scaled by log(p + 1) / log(256): no position to extrapolate, and attention that stays as
+      sharp at 1M keys as at the 256 it was trained on (docs/model_card.md has the study);
+    - 4 heads of 32 (no grouping: a kv head per query head), MLP 384, tied embeddings, fp32;
+    - context limit 1M tokens (2**20); the local layers only ever see 32 positions, so RoPE's theta
+      hardly matters and stays at 10,000;
+    - tiny image (64 x 64 -> 16 tokens) and audio (10 s -> 100 tokens) encoders, random and frozen,
+      so media requests work end to end without downloads.
+    """
+    local, glob = LayerKind(window=32), LayerKind(rope=False, log_scale=256)
+    return ModelConfig(
+        name=DEFAULT_NAME,
+        vocab_size=8192,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        head_dim=32,
+        mlp_dim=384,
+        mlp_activation='silu',
+        norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        tie_embeddings=True,
+        logit_softcap=None,
+        embed_scale=False,
+        norm_offset=0.0,
+        qkv_bias=False,
+        max_context=1 << 20,
+        dtype='float32',
+        bos_id=1,
+        eos_ids=(2,),
+        vision=VisionConfig(),
+        audio=AudioConfig(),
+        layer_kinds=(local, glob, local, glob),
     )
 
 

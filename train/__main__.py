@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--resume', action='store_true', help='continue from the checkpoint in --out')
     p.add_argument('--steps', type=int, default=1000, help='total optimizer steps (default 1000)')
     p.add_argument('--batch', type=int, default=8, help='examples per step (default 8)')
+    p.add_argument('--batch-tokens', type=int,
+                   help='tokens per step instead of --batch: examples = this // the curriculum length')
     p.add_argument('--lr', type=float, default=1e-3, help='peak learning rate (default 1e-3)')
     p.add_argument('--warmup', type=int, default=50, help='linear warmup steps before the cosine decay (default 50)')
     p.add_argument('--weight-decay', type=float, default=0.1)
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--no-progress', action='store_true', help='no progress bar on stderr')
     args = p.parse_args(argv)
     try:
-        cfg = TrainConfig(out=args.out, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
+        cfg = TrainConfig(out=args.out, steps=args.steps, batch=args.batch, batch_tokens=args.batch_tokens,
+                          lr=args.lr, warmup=args.warmup,
                           weight_decay=args.weight_decay, clip=args.clip, lengths=args.lengths, tasks=args.tasks,
                           fillers=args.fillers, seed=args.seed, compute_dtype=args.dtype,
                           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,

@@ -59,6 +59,7 @@ class TrainConfig:
     out: str
     steps: int = 1000
     batch: int = 8
+    batch_tokens: int | None = None  # if set, examples per step = batch_tokens // length (at least 1)
     lr: float = 1e-3
     warmup: int = 50
     end_lr_ratio: float = 0.1  # cosine decays to lr * this
@@ -77,6 +78,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if self.batch_tokens is not None and self.batch_tokens <= 0:
+            raise ValueError(f'TrainConfig.batch_tokens={self.batch_tokens}: must be a positive int (or None).')
         for name in ('steps', 'batch', 'max_answer', 'checkpoint_every'):
             if getattr(self, name) <= 0:
                 raise ValueError(f'TrainConfig.{name}={getattr(self, name)}: must be a positive int.')
@@ -92,6 +95,12 @@ class TrainConfig:
         for filler in self.fillers:
             if filler not in data.FILLERS:
                 raise ValueError(f'filler {filler!r}: use some of {data.FILLERS}.')
+
+    def batch_at(self, step: int) -> int:
+        """Examples in (0-based) `step`: `batch`, or the same token count at every curriculum length."""
+        if self.batch_tokens is None:
+            return self.batch
+        return max(1, self.batch_tokens // self.length_at(step))
 
     def length_at(self, step: int) -> int:
         """The curriculum: sequence length of (0-based) `step`."""
@@ -114,10 +123,10 @@ class Summary:
 def model_config(d_model: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, head_dim: int | None = None, mlp_dim: int | None = None,
                  encoders: bool = True, layer_kinds: tuple[LayerKind, ...] | None = None) -> ModelConfig:
-    """presets.default_config() with the given sizes replaced (head_dim defaults to d_model // n_heads,
+    """presets.architecture() with the given sizes replaced (head_dim defaults to d_model // n_heads,
     n_kv_heads to min(2, n_heads), mlp_dim to 3 * d_model when d_model changes). `layer_kinds` also
     sets the layer count; otherwise a resized layer count drops the preset's kinds for global RoPE."""
-    base = presets.default_config()
+    base = presets.architecture()
     d = d_model or base.d_model
     n = n_heads or base.n_heads
     n_layers = len(layer_kinds) if layer_kinds else (n_layers or base.n_layers)
@@ -187,7 +196,7 @@ def make_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, c
 def batch_for_step(cfg: TrainConfig, step: int, tokenizer: Tokenizer) -> data.Batch:
     """The batch of (0-based) `step`: a function of (seed, step) only, so resuming replays it."""
     rng = np.random.default_rng((cfg.seed, step))
-    return data.sample_batch(rng, cfg.batch, cfg.length_at(step), cfg.tasks, cfg.fillers, tokenizer)
+    return data.sample_batch(rng, cfg.batch_at(step), cfg.length_at(step), cfg.tasks, cfg.fillers, tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,7 +328,7 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
           log: TextIO = sys.stderr, tokenizer: Tokenizer | None = None) -> Summary:
     """Train (or, with `resume`, continue) into cfg.out; returns a Summary (also printed to `log`).
 
-    `config` (default presets.default_config()) is used for a fresh start; a resumed run takes the
+    `config` (default presets.architecture()) is used for a fresh start; a resumed run takes the
     saved one. `until` stops this run after that step (the schedule still spans cfg.steps), as
     --time-limit does, with a checkpoint.
     """
@@ -329,7 +338,7 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
     if resume:
         config, graphdef, params, frozen, opt_state, start = load_checkpoint(out, optimizer)
     else:
-        config = config or presets.default_config()
+        config = config or presets.architecture()
         if config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f'model vocab_size={config.vocab_size} differs from the tokenizer\'s '
                              f'{tokenizer.vocab_size} ({tokenizer.path}).')

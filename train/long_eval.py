@@ -1,0 +1,129 @@
+"""Recall at lengths far past training, in process: chunked prefill into a paged KV cache, then greedy
+decoding, with the serving model's own cache path (model/kv_pages.py, sliding windows included).
+
+The trainer's own eval runs the cache-free forward pass, whose [T, T] scores limit it to a few
+thousand tokens; this one holds only [chunk, keys] blocks, so a 64K-token prompt costs memory for
+its KV pages and time for its attention, nothing more. It is for the architecture study and the
+trainer's `eval_lengths`; the recorded figures come from `ringserve niah` against the real server.
+
+    python -m train.long_eval --model build/train/default --lengths 1024,4096,16384 --examples 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model import checkpoint
+from model.kv_pages import PagedKVCache
+from preprocess import prompt
+from preprocess.tokenizer import Tokenizer
+from ringserve.niah import scoring
+from train import data
+
+PAGE = 64  # tokens per page
+CHUNK = 1024  # prefill tokens per call (a power of two: one compiled program per bucket)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _forward(graphdef, state, cache, tokens, positions):
+    """Logits at the last of `tokens` [1, T] (padding at position -1 sits after it) and the cache."""
+    model = nnx.merge(graphdef, state)
+    last = jnp.sum(positions >= 0, axis=1, keepdims=True) - 1  # [1, 1]
+    logits, cache = model(tokens, positions, cache, logits_at=last)
+    return jnp.argmax(logits[:, 0], axis=-1), cache
+
+
+class LongEval:
+    """Greedy answers for prompts of any length up to `max_len`, one prompt at a time."""
+
+    def __init__(self, model: nnx.Module, max_len: int):
+        self.config = model.config
+        self.graphdef, self.state = nnx.split(model)
+        pages = -(-max_len // PAGE)
+        self.cache = PagedKVCache.init(self.config, pages + 1, PAGE, 1, pages).with_page_table(
+            np.arange(1, pages + 1, dtype=np.int32)[None])  # one row owning pages 1..n in order
+
+    def answer(self, prompt_ids: Sequence[int], max_new: int, stops: frozenset[int]) -> list[int]:
+        n = len(prompt_ids)
+        if n + max_new > self.cache.max_len:
+            raise ValueError(f'prompt of {n} tokens + {max_new} new exceeds max_len {self.cache.max_len}.')
+        nxt = None
+        for start in range(0, n, CHUNK):
+            piece = np.asarray(prompt_ids[start:start + CHUNK], np.int32)
+            bucket = CHUNK if len(piece) > CHUNK // 4 else max(16, 1 << (len(piece) - 1).bit_length())
+            tokens = np.zeros((1, bucket), np.int32)
+            positions = np.full((1, bucket), -1, np.int32)
+            tokens[0, :len(piece)] = piece
+            positions[0, :len(piece)] = np.arange(start, start + len(piece))
+            nxt, self.cache = _forward(self.graphdef, self.state, self.cache, tokens, positions)
+        out, pos = [], n
+        for _ in range(max_new):
+            token = int(nxt[0])
+            if token in stops:
+                break
+            out.append(token)
+            nxt, self.cache = _forward(self.graphdef, self.state, self.cache, np.array([[token]], np.int32),
+                                       np.array([[pos]], np.int32))
+            pos += 1
+        return out
+
+
+def recall(model: nnx.Module, lengths: Sequence[int], examples: int, tasks: Sequence[str], seed: int = 0,
+           tokenizer: Tokenizer | None = None, depths: Sequence[float] | None = None,
+           log=None) -> dict[int, float]:
+    """Mean niah score (the task's own scorer) per length over `examples` seeded examples each, at
+    evenly spread depths (or `depths`)."""
+    tokenizer = tokenizer or Tokenizer.default()
+    stops = prompt.stop_token_ids(tokenizer)
+    evaluator = LongEval(model, max(lengths) + 64)
+    out = {}
+    for length in lengths:
+        scores = []
+        for i in range(examples):
+            rng = np.random.default_rng((seed, length, i, 0x10E))
+            task = tasks[i % len(tasks)]
+            depth = depths[i % len(depths)] if depths else (i + 0.5) / examples
+            filler = 'passkey' if task == 'passkey' else 'stdlib'
+            ex = data.TASKS[task](length, depth, rng, filler=filler, tokenizer=tokenizer)
+            t0 = time.monotonic()
+            ids = evaluator.answer(ex.prompt_ids.tolist(), len(tokenizer.encode(' ' + ex.answer)) + 2, stops)
+            text = tokenizer.decode(ids)
+            scorer = scoring.SCORERS[ex.origin.task.scorer]
+            scores.append(float(scorer(text, ex.expected)))
+            if log:
+                log(f'{task} {length} depth {depth:.2f}: {text!r} vs {ex.answer!r} -> {scores[-1]:.2f} '
+                    f'({time.monotonic() - t0:.1f} s)')
+        out[length] = float(np.mean(scores))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog='python -m train.long_eval', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', required=True, help='a ringserve checkpoint directory (e.g. a training --out)')
+    p.add_argument('--lengths', default='1024,4096,16384', help='comma-separated prompt lengths in tokens')
+    p.add_argument('--examples', type=int, default=8, help='examples per length, at evenly spread depths')
+    p.add_argument('--tasks', default='passkey', help=f'comma-separated, from {",".join(data.TASKS)}')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('-v', '--verbose', action='store_true', help='print every answer')
+    args = p.parse_args(argv)
+    _, model = checkpoint.load(args.model)
+    lengths = [int(x) for x in args.lengths.split(',') if x]
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+    result = recall(model, lengths, args.examples, args.tasks.split(','), args.seed, log=log)
+    for length, value in result.items():
+        print(f'{length:>8} tokens: {value:.1%}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
