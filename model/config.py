@@ -232,13 +232,13 @@ class LayerKind:
     def parse(cls, text: str) -> LayerKind:
         """'rope' | 'nope', then optionally '@W' (a window of W keys) and '/logN' (log scale, base N):
         e.g. 'rope@64', 'nope/log1024', 'rope'."""
-        head, _, log = text.strip().partition('/')
-        base, _, window = head.partition('@')
+        head, slash, log = text.strip().partition('/')
+        base, at, window = head.partition('@')
         try:
-            if base not in ('rope', 'nope') or (log and not log.startswith('log')):
+            if base not in ('rope', 'nope') or (slash and not log.startswith('log')) or (at and not window):
                 raise ValueError
-            return cls(window=int(window) if window else None, rope=base == 'rope',
-                       log_scale=int(log[3:]) if log else None)
+            return cls(window=int(window) if at else None, rope=base == 'rope',
+                       log_scale=int(log[3:]) if slash else None)
         except ValueError:
             raise ValueError(f'layer kind {text!r}: write rope|nope[@WINDOW][/logBASE], e.g. rope@64 or '
                              'nope/log1024.') from None

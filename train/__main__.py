@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--layer-kinds', type=_kinds,
                    help='per-layer attention, comma-separated rope|nope[@WINDOW][/logBASE] (sets the layer '
                         'count), e.g. rope@64,nope/log1024,rope@64,nope/log1024')
+    p.add_argument('--rope-theta', type=float, help='RoPE base (default: the preset\'s 10000)')
     p.add_argument('--checkpoint-every', type=int, default=200)
     p.add_argument('--eval-every', type=int, default=0, help='steps between recall evals (default: only at the end)')
     p.add_argument('--eval-examples', type=int, default=8, help='examples per length in each eval (0: none)')
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                           eval_examples=args.eval_examples, time_limit=args.time_limit,
                           progress=not args.no_progress)
         config = None if args.resume else model_config(args.d_model, args.layers, args.heads, args.kv_heads,
-                                                       args.head_dim, args.mlp_dim, layer_kinds=args.layer_kinds)
+                                                       args.head_dim, args.mlp_dim, layer_kinds=args.layer_kinds,
+                                                       rope_theta=args.rope_theta)
         train(cfg, config, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         print(f'python -m train: {e}', file=sys.stderr)

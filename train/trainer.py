@@ -122,7 +122,8 @@ class Summary:
 
 def model_config(d_model: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, head_dim: int | None = None, mlp_dim: int | None = None,
-                 encoders: bool = True, layer_kinds: tuple[LayerKind, ...] | None = None) -> ModelConfig:
+                 encoders: bool = True, layer_kinds: tuple[LayerKind, ...] | None = None,
+                 rope_theta: float | None = None) -> ModelConfig:
     """presets.architecture() with the given sizes replaced (head_dim defaults to d_model // n_heads,
     n_kv_heads to min(2, n_heads), mlp_dim to 3 * d_model when d_model changes). `layer_kinds` also
     sets the layer count; otherwise a resized layer count drops the preset's kinds for global RoPE."""
@@ -133,6 +134,7 @@ def model_config(d_model: int | None = None, n_layers: int | None = None, n_head
     if layer_kinds is None and base.layer_kinds is not None and n_layers == base.n_layers:
         layer_kinds = base.layer_kinds
     changes = dict(d_model=d, n_layers=n_layers, n_heads=n, layer_kinds=layer_kinds,
+                   rope_theta=rope_theta or base.rope_theta,
                    n_kv_heads=n_kv_heads or (base.n_kv_heads if n_heads is None else min(2, n)),
                    head_dim=head_dim or (base.head_dim if d_model is None and n_heads is None else d // n),
                    mlp_dim=mlp_dim or (base.mlp_dim if d_model is None else 3 * d))
