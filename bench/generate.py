@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         # The last row uses the server's cache length (the default model's max_context, 8192).
         workloads = [Workload(1, 512, 128), Workload(16, 256, 128), Workload(8, 256, 128, max_len=8192)]
         repeats = args.repeats or 3
-    models = [presets.default_config(), llama_125m()]
+    models = [presets.bench_llama(), llama_125m()]
 
     started = time.perf_counter()
     rows = []

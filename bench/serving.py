@@ -5,7 +5,7 @@
 Everything ringserve does here goes through `python -m server.cli` in a child process and the
 generated client stubs (`ringserve.v1.inference_pb2_grpc`), on the weights transformers runs:
 
-1. Weights. A random `LlamaForCausalLM` with ringserve's default preset (vocabulary 8192, width 256,
+1. Weights. A random `LlamaForCausalLM` with `presets.bench_llama()`'s shape (vocabulary 8192, width 256,
    4 layers, 4 heads / 2 kv heads, head_dim 64, MLP 768, tied embeddings, 8192 positions, fp32;
    torch seed 0) is saved with `save_pretrained` (safetensors) and served with `--model DIR
    --tokenizer preprocess/assets/ringserve.model`; transformers loads the same directory.
@@ -319,7 +319,7 @@ def run_server_load(server: Server, requests: list[Request], concurrency: int,
 
 def kv_waste(samples: list[pb.ServerStats]) -> dict:
     busy = [s for s in samples if s.running_requests > 0 and s.kv_token_slots_allocated > 0]
-    context = presets.default_config().max_context
+    context = presets.bench_llama().max_context
     paged = [1 - s.kv_token_slots_live / s.kv_token_slots_allocated for s in busy]
     contiguous = [1 - s.kv_token_slots_live / (s.running_requests * context) for s in busy]
     live = sum(s.kv_token_slots_live for s in busy)
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer(TOKENIZER)
     stops = prompt_lib.stop_token_ids(tokenizer)
     corpus = Corpus(tokenizer)
-    config = presets.default_config()
+    config = presets.bench_llama()
     with tempfile.TemporaryDirectory(prefix="ringserve-bench-") as tmp:
         weights = Path(tmp) / "llama-default"
         torch.manual_seed(SEED)

@@ -99,6 +99,15 @@ def architecture() -> ModelConfig:
     )
 
 
+def bench_llama() -> ModelConfig:
+    """A plain Llama of the first default model's shape (random weights): what bench/serving.py and
+    bench/generate.py serve next to transformers' LlamaForCausalLM, which has no windowed or NoPE
+    layers. Vocabulary 8192, width 256, 4 layers, 4 heads / 2 kv heads of 64, MLP 768, RoPE theta
+    5e7, 1M-token context, fp32, no media encoders (about 5M parameters)."""
+    return architecture().replace(name='ringserve-bench-llama', d_model=256, n_heads=4, n_kv_heads=2, head_dim=64,
+                                  mlp_dim=768, rope_theta=5e7, layer_kinds=None, vision=None, audio=None)
+
+
 def default_checkpoint_dir() -> Path:
     """$RINGSERVE_HOME/models/default if RINGSERVE_HOME is set, else <repo>/build/models/default."""
     home = os.environ.get('RINGSERVE_HOME')
