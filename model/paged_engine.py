@@ -15,13 +15,16 @@ Design note.
    `prefill` computes one chunk of one request: tokens [start, start + n) padded to a power-of-two
    bucket (16 ... prefill_chunk) and laid out stripe by stripe (`_stripe`); padding gets position
    -1, so its K/V are dropped, never written. `decode` computes one token for up to `max_slots`
-   requests at once, padded to a row bucket (1, 2, 4, ... max_slots); padding rows have an all-null
-   block table and position -1, so they write nothing.
+   requests at once, padded to a row bucket (1, 2, 4, ... max_slots); padding rows have no pages
+   and position -1, so they write nothing.
 4. Shapes. Prefill reads earlier pages block by block up to the chunk's start only (so a chunk near
-   the start of a 1M-token table costs what its own prefix costs); decode gathers a width bucket
-   (powers of four pages, up to `pages_per_seq`) covering the longest row, for a row bucket.
-   `warmup` compiles every bucket and (rows, width) pair; after it no prompt length, table or
-   mix of requests compiles anything (`compile_count`).
+   the start of a 1M-token table costs what its own prefix costs). Decode is ragged while every
+   row fits FLAT_MAX_KEYS keys a device: the host lists each row's own pages, row after row
+   (`DecodePages`, a list length bucket per row bucket), so 16 rows of mixed lengths cost the sum
+   of their lengths, not 16 x the longest. Longer rows walk a width bucket (powers of four pages,
+   up to `pages_per_seq`) block by block. `warmup` compiles every bucket and (rows, list length)
+   and (rows, width) pair; after it no prompt length, table or mix of requests compiles anything
+   (`compile_count`).
 5. Sampling parameters live in per-slot host arrays; a token's key comes from (seed, its absolute
    position) alone, so a request preempted and recomputed, or moved to another slot, samples the
    same tokens.
@@ -47,7 +50,8 @@ from model.engine import prefill_buckets
 from model import sharding
 from model.kv_pages import NULL_PAGE
 from model.sampling import SamplingParams, params_arrays, row_keys, sample
-from model.sharded_cache import POOL, SEQ, ShardedPagedCache
+from model.sharded_cache import (FLAT_MAX_KEYS, POOL, SEQ, DecodePages, ShardedPagedCache,
+                                 flat_chunk)
 
 WIDTH_GROWTH = 4  # decode width buckets grow by this factor (in pages)
 # Up to this width (in pages) a bucket at 3/4 of each power of four is added too: 12, 48, 192.
@@ -56,6 +60,7 @@ WIDTH_GROWTH = 4  # decode width buckets grow by this factor (in pages)
 # longest row anyway and more programs would only lengthen warmup.
 FINE_WIDTH_MAX = 256
 ROW_GROWTH = 2  # decode row buckets grow by this factor (in requests)
+FLAT_GROWTH = 4  # ragged decode list lengths grow by this factor from one chunk
 
 
 def width_buckets(pages_per_seq: int, multiple: int = 1) -> tuple[int, ...]:
@@ -69,6 +74,20 @@ def width_buckets(pages_per_seq: int, multiple: int = 1) -> tuple[int, ...]:
         w *= WIDTH_GROWTH
     last = sharding.ceil_to(pages_per_seq, multiple)
     return tuple(sorted({*(x for x in widths if x < last), last}))
+
+
+def flat_buckets(cap: int, chunk: int) -> tuple[int, ...]:
+    """Ragged decode list lengths (page entries per device) up to `cap` entries: `chunk` times
+    powers of FLAT_GROWTH, then `cap` rounded up to whole chunks. Coarse on purpose: decode reads
+    a list chunk by chunk up to its last real entry, so a long bucket costs a few bytes of
+    transfer, and fewer buckets compile faster."""
+    if cap <= chunk:
+        return (cap,)
+    sizes, n = [], chunk
+    while n < cap:
+        sizes.append(n)
+        n *= FLAT_GROWTH
+    return (*sizes, -(-cap // chunk) * chunk)
 
 
 def row_buckets(max_slots: int) -> tuple[int, ...]:
@@ -107,7 +126,9 @@ class PagedEngine:
         self.table_width = sharding.ceil_to(self.pages_per_seq, s)  # prefill's table, whole
         self.prefill_chunk = min(prefill_chunk, max_len)
         self.buckets = prefill_buckets(self.prefill_chunk)
-        self.widths = width_buckets(self.pages_per_seq, s)
+        # Ragged decode up to this many pages per row and device; block walk above (self.widths).
+        self.flat_pages = min(-(-self.pages_per_seq // s), FLAT_MAX_KEYS // page_len)
+        self.widths = tuple(w for w in width_buckets(self.pages_per_seq, s) if w > self.flat_pages * s)
         self.row_buckets = row_buckets(max_slots)
         self.num_pages = num_pages
         self.pages_per_device = num_pages // s
@@ -125,6 +146,7 @@ class PagedEngine:
         self._traces = 0
         self._prefill_step = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._decode_step = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self._flat_step = jax.jit(self._flat_fn, donate_argnums=(1,))
         # Sampling compiles once per row count, not once per (rows, width) and prefill bucket:
         # it is a third of a decode program's compile time (the top-k / top-p sort).
         self._sample_step = jax.jit(self._sample_fn)
@@ -175,38 +197,52 @@ class PagedEngine:
         return int(_host(token)[0])
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
-               block_tables: Sequence[Sequence[int]], *, width: int | None = None) -> list[int]:
-        """One token for each row: `tokens[i]` sits at `positions[i]` of the request in `slots[i]`.
-
-        `width` (a bucket of `widths`) forces the table width; by default the smallest that covers
-        every row."""
+               block_tables: Sequence[Sequence[int]]) -> list[int]:
+        """One token for each row: `tokens[i]` sits at `positions[i]` of the request in `slots[i]`,
+        whose `block_tables[i]` covers every position up to it."""
         rows = len(slots)
         if not 0 < rows <= self.max_slots:
             raise ValueError(f"decode of {rows} rows: must be 1..{self.max_slots}")
         if max(positions) >= self.max_len:
             raise ValueError(f"decode position {max(positions)} passes max_len={self.max_len}")
-        need = max(p // self.page_len + 1 for p in positions)
-        width = width or next(w for w in self.widths if w >= need)
         padded = next(r for r in self.row_buckets if r >= rows)
         pad = padded - rows
         tok = np.array([*tokens, *[0] * pad], np.int32)
         pos = np.array([*positions, *[-1] * pad], np.int32)
         idx = np.array([*slots, *[0] * pad])
-        logits, self._pages = self._decode_step(
-            self._state, self._pages, self._local_tables(block_tables, width, rows=padded), tok, pos)
+        need = max(p // self.page_len + 1 for p in positions)
+        if -(-need // self.seq_size) <= self.flat_pages:
+            flat = self._decode_pages(block_tables, positions, padded)
+            logits, self._pages = self._flat_step(self._state, self._pages, flat, tok, pos)
+        else:
+            width = next(w for w in self.widths if w >= need)
+            logits, self._pages = self._decode_step(
+                self._state, self._pages, self._local_tables(block_tables, width, rows=padded), tok,
+                pos)
         out = self._sample_step(logits, pos + 1, self._temperature[idx], self._top_k[idx],
                                 self._top_p[idx], self._seeds[idx])
         return _host(out)[:rows].tolist()
 
+    def flat_sizes(self, rows: int) -> tuple[int, ...]:
+        """The ragged decode list lengths compiled for a row bucket."""
+        return flat_buckets(rows * self.flat_pages, flat_chunk(rows))
+
     def warmup(self) -> None:
-        """Compiles every prefill bucket and every decode (rows, width) pair (all-null tables:
-        nothing is written)."""
+        """Compiles every prefill bucket and every decode (rows, list length) and (rows, width)
+        pair (empty lists and all-null tables: nothing is written)."""
         for bucket in self.buckets:
             self.prefill(0, [self.config.bos_id] * bucket, 0, [])
         for rows in self.row_buckets:
-            for width in self.widths:  # position 0: same program, without reading the whole width
-                self.decode([0] * rows, [self.config.bos_id] * rows, [0] * rows, [[]] * rows,
-                            width=width)
+            tok = np.full(rows, self.config.bos_id, np.int32)
+            pos = np.zeros(rows, np.int32)  # position 0: same program, without reading anything
+            for size in self.flat_sizes(rows):
+                flat = self._decode_pages([[]] * rows, [0] * rows, rows, size=size)
+                logits, self._pages = self._flat_step(self._state, self._pages, flat, tok, pos)
+            for width in self.widths:
+                logits, self._pages = self._decode_step(
+                    self._state, self._pages, self._local_tables([[]] * rows, width), tok, pos)
+            self._sample_step(logits, pos + 1, *(a[:rows] for a in (
+                self._temperature, self._top_k, self._top_p, self._seeds))).block_until_ready()
 
     # ----- host-side layout -----
 
@@ -269,6 +305,41 @@ class PagedEngine:
                              "(page j of a sequence must be on device j % S)")
         return self._put(local.astype(np.int32), self._sharding(P(None, SEQ, None)))
 
+    def _decode_pages(self, tables: Sequence[Sequence[int]], positions: Sequence[int], rows: int,
+                      size: int | None = None) -> DecodePages:
+        """The ragged page lists of a decode batch (see `DecodePages`): row b attends its pages
+        0 .. positions[b] // G, each on device (page % S); lists padded to the smallest length
+        bucket of this row bucket that holds every device's entries (or to `size`)."""
+        s, per, g = self.seq_size, self.pages_per_device, self.page_len
+        counts = [min(p // g + 1, len(t)) for t, p in zip(tables, positions)]
+        pages = np.concatenate([np.asarray(t[:n], np.int64) for t, n in zip(tables, counts)] + [
+            np.zeros(0, np.int64)])
+        row = np.repeat(np.arange(len(counts)), counts)
+        col = np.concatenate([np.arange(n) for n in counts] + [np.zeros(0, np.int64)])
+        rank = col % s
+        local = np.where(pages == NULL_PAGE, 0, pages - rank * per)
+        if np.any((local < 0) | (local >= per)):
+            raise ValueError("a block table holds a page of the wrong device for its column "
+                             "(page j of a sequence must be on device j % S)")
+        col = np.where(pages == NULL_PAGE, -1, col)  # an unallocated page: masked
+        mine = [rank == r for r in range(s)]
+        size = size or next(n for n in self.flat_sizes(rows) if n >= max(m.sum() for m in mine))
+        out_pages = np.zeros((s, size), np.int32)
+        out_rows = np.full((s, size), rows - 1, np.int32)  # padding after the last row: sorted
+        out_cols = np.full((s, size), -1, np.int32)
+        for r, m in enumerate(mine):
+            n = int(m.sum())
+            out_pages[r, :n], out_rows[r, :n], out_cols[r, :n] = local[m], row[m], col[m]
+        write = np.zeros((rows, s), np.int32)
+        for b, (table, p) in enumerate(zip(tables, positions)):
+            j = p // g
+            if j < len(table) and table[j] != NULL_PAGE:
+                write[b, j % s] = table[j] - (j % s) * per
+        lists = self._sharding(P(SEQ, None))
+        return DecodePages(pages=self._put(out_pages, lists), rows=self._put(out_rows, lists),
+                           cols=self._put(out_cols, lists),
+                           write=self._put(write, self._sharding(P(None, SEQ))))
+
     def _sharding(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
 
@@ -302,6 +373,15 @@ class PagedEngine:
         self._traces += 1
         model = nnx.merge(self._graphdef, state)
         cache = self._cache(pages, tables, 0, prefill=False)
+        logits, cache = model(tokens[:, None], positions[:, None], cache)  # [B, 1, V]
+        return logits[:, 0], (cache.k_pages, cache.v_pages)
+
+    def _flat_fn(self, state, pages, flat: DecodePages, tokens, positions):
+        """`_decode_fn` over ragged page lists instead of tables."""
+        self._traces += 1
+        model = nnx.merge(self._graphdef, state)
+        cache = ShardedPagedCache(k_pages=pages[0], v_pages=pages[1], local_tables=None,
+                                  start=jnp.int32(0), mesh=self.mesh, prefill=False, flat=flat)
         logits, cache = model(tokens[:, None], positions[:, None], cache)  # [B, 1, V]
         return logits[:, 0], (cache.k_pages, cache.v_pages)
 

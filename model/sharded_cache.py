@@ -11,6 +11,12 @@ Attention (`ShardedPagedCache.attend`, called by each layer; the model does not 
 - decode (one token per row, rows replicated on every device): each device writes the new K/V of
   the rows whose page it owns, attends its own pages (a partial softmax), and the partials are
   merged across devices by log-sum-exp (pmax of m, psum of weighted o and l). New K/V never move.
+  A device reads its pages one of two ways. Flat (`_flat_partial`): a list of (page, row) entries
+  read chunk by chunk (plain 4 KB row gathers) with a per-row online softmax. The engine builds
+  the list on the host (`DecodePages`), row after row, holding only the pages each row attends,
+  so a batch costs the sum of its rows' lengths, not rows x the longest; narrow tables become
+  such a list on the device. Block walk (tables wider than GATHER_MAX_KEYS keys a device):
+  blocks of KEYS_PER_BLOCK keys up to the longest row, from the first page inside any window.
 - prefill (a chunk of one sequence, tokens striped by page: device r computes the tokens of the
   chunk's pages on r, so it writes only local pages): (a) the chunk's queries attend the context
   already in pages before the chunk (positions < start) on every device, by gathering the chunk's
@@ -34,24 +40,52 @@ from model.ring_attention import empty_state, fold_block, partial_from_state, ri
 SEQ = 'sequence'
 TP = 'tensor'
 POOL = P(None, TP, SEQ, None, None)  # [L, K, P, G, H]
-# Decode gathers a device's pages at once up to this many keys per row (one fused pass: fastest on
-# CPU for short contexts); past it, it walks them block by block and stops at the row's length.
+# Decode reads a device's pages as a flat list up to this many keys per row (fastest on CPU for
+# short contexts); past it, it walks them block by block (which skips pages before a window).
 GATHER_MAX_KEYS = 4096
+FLAT_MAX_KEYS = GATHER_MAX_KEYS  # the same bound for the engine's ragged page lists
+# Ragged lists are read in chunks of 16 entries (pages) a row, at most 128 (2048 keys per kv head,
+# so a chunk's K and V, 2 MB at H = 64 fp32, stay in cache between the gather and the products).
+FLAT_CHUNK = 128
+
+
+def flat_chunk(rows: int) -> int:
+    """Entries a ragged decode reads per loop step for a batch of `rows` rows."""
+    return min(FLAT_CHUNK, 16 * rows)
 # Keys per step when walking pages: large enough for matmul-sized blocks, small enough that the
 # [K, R * T, keys] score block of a 2K-token chunk stays tens of MB.
 KEYS_PER_BLOCK = 1024
 
 
 @struct.dataclass
+class DecodePages:
+    """The pages a decode batch attends, as one flat list per device (built on the host, see
+    PagedEngine.decode): device r's entries name its local pages, grouped by row in row order,
+    padding last. F is a bucket (a multiple of `flat_chunk(B)`), so shapes stay few.
+
+    pages: i32[S, F] local page ids (0 = padding); rows: i32[S, F] the row of each entry (sorted;
+    padding repeats the last row); cols: i32[S, F] the entry's page number in its sequence
+    (positions cols * G ... + G - 1; -1 = padding); write: i32[B, S] the local page that receives
+    row b's new token on device r (0: none there)."""
+
+    pages: jax.Array
+    rows: jax.Array
+    cols: jax.Array
+    write: jax.Array
+
+
+@struct.dataclass
 class ShardedPagedCache:
-    """k_pages, v_pages: [L, K, P, G, H] global (sharded by POOL); local_tables: i32[B, S, C/S]."""
+    """k_pages, v_pages: [L, K, P, G, H] global (sharded by POOL); local_tables: i32[B, S, C/S];
+    decode reads `flat` instead of the tables when it is given."""
 
     k_pages: jax.Array
     v_pages: jax.Array
-    local_tables: jax.Array
+    local_tables: jax.Array | None
     start: jax.Array  # i32[]: prefill's chunk start (positions < start are already in pages)
     mesh: Mesh = struct.field(pytree_node=False)
     prefill: bool = struct.field(pytree_node=False)
+    flat: DecodePages | None = None
 
     @property
     def span_limit(self) -> int:
@@ -65,6 +99,15 @@ class ShardedPagedCache:
         check_window(window, 'ShardedPagedCache.attend')
         size = self.mesh.shape[SEQ]
         heads = P(None, None, TP, None)
+        if self.flat is not None and not self.prefill:
+            fn = lambda *a: _flat_decode_shard(*a, layer=layer, scale=scale, window=window)
+            lists = P(SEQ, None)  # [S, F]: one list per device
+            in_specs = (heads, heads, heads, P(), POOL, POOL, lists, lists, lists, P(None, SEQ))
+            f = self.flat
+            out, k_pages, v_pages = jax.shard_map(
+                fn, mesh=self.mesh, in_specs=in_specs, out_specs=(heads, POOL, POOL), check_vma=False,
+            )(q, k, v, positions, self.k_pages, self.v_pages, f.pages, f.rows, f.cols, f.write)
+            return out, self.replace(k_pages=k_pages, v_pages=v_pages)
         if self.prefill:
             fn = lambda *a: _prefill_shard(*a, layer=layer, scale=scale, size=size, window=window)
             tok = P(None, SEQ, TP, None)  # [B, T, N|K, H]: tokens striped over devices, heads split
@@ -92,7 +135,18 @@ def _write_local(pool, layer, x, positions, table, rank, size):
     local_col = jnp.clip(col // size, 0, table.shape[1] - 1)
     page = jnp.take_along_axis(table, local_col, axis=1)  # [B, T]
     page = jnp.where(owned & (page != 0), page, pool.shape[2])  # out of range: dropped
-    return pool.at[layer, :, page, positions % g].set(x.astype(pool.dtype), mode='drop')
+    return _scatter(pool, layer, page, positions % g, x)
+
+
+def _scatter(pool, layer, page, offset, x):
+    """pool [L, K, P, G, H] with x [B, T, K, H] stored at (page, offset) [B, T] of `layer`; pages
+    out of range are dropped. A single update is sent with a dropped twin: XLA turns a one-index
+    dropping scatter into a select over the whole pool (a copy of it per layer)."""
+    if page.size == 1:
+        page = jnp.concatenate([page, jnp.full_like(page, pool.shape[2])], axis=1)
+        offset = jnp.concatenate([offset, offset], axis=1)
+        x = jnp.concatenate([x, x], axis=1)
+    return pool.at[layer, :, page, offset].set(x.astype(pool.dtype), mode='drop')
 
 
 def _local_partial(q, k_pool, v_pool, layer, table, positions, rank, size, scale, window=None,
@@ -149,37 +203,89 @@ def _decode_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer,
     k_pages = _write_local(k_pages, layer, k, positions, table, rank, size)
     v_pages = _write_local(v_pages, layer, v, positions, table, rank, size)
     if table.shape[1] * k_pages.shape[3] <= GATHER_MAX_KEYS:
-        part = _gathered_partial(q, k_pages[layer], v_pages[layer], table, positions, rank, size, scale,
-                                 window)
+        b, cols = table.shape  # every column of every row, as one flat list
+        pad = -(b * cols) % min(flat_chunk(b), b * cols)
+        part = _flat_partial(q, k_pages, v_pages, layer, jnp.pad(table.reshape(-1), (0, pad)),
+                             jnp.pad(jnp.repeat(jnp.arange(b), cols), (0, pad), constant_values=b - 1),
+                             jnp.pad(jnp.where(table != 0, rank + jnp.arange(cols) * size, -1).reshape(-1),
+                                     (0, pad), constant_values=-1),
+                             positions, scale, window)
     else:
         part = _local_partial(q, k_pages, v_pages, layer, table, positions, rank, size, scale, window)
+    return _merge_rows(part, q.dtype), k_pages, v_pages
+
+
+def _flat_decode_shard(q, k, v, positions, k_pages, v_pages, pages, rows, cols, write, *, layer, scale,
+                       window):
+    """q [B, 1, N, H], k/v [B, 1, K, H], positions [B, 1] (replicated); pages/rows/cols [1, F] and
+    write [B, 1]: this device's share of `DecodePages`."""
+    g = k_pages.shape[3]
+    page = jnp.where((write != 0) & (positions >= 0), write, k_pages.shape[2])  # [B, 1]
+    k_pages = _scatter(k_pages, layer, page, positions % g, k)
+    v_pages = _scatter(v_pages, layer, page, positions % g, v)
+    part = _flat_partial(q, k_pages, v_pages, layer, pages[0], rows[0], cols[0], positions, scale, window)
+    return _merge_rows(part, q.dtype), k_pages, v_pages
+
+
+def _merge_rows(part: Partial, dtype):
+    """Log-sum-exp merge of every device's decode partial: [B, 1, N, H] in `dtype`."""
     m_star = jax.lax.pmax(part.m, SEQ)
     w = part.l * jnp.exp(part.m - m_star)  # 0 for shards that see no key
     o = jax.lax.psum(part.o * w[..., None], SEQ)
     l = jax.lax.psum(w, SEQ)
-    return (o / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype), k_pages, v_pages
+    return (o / jnp.where(l > 0, l, 1.0)[..., None]).astype(dtype)
 
 
-def _gathered_partial(q, k_pool, v_pool, table, positions, rank, size, scale, window) -> Partial:
-    """Decode's partial over this shard's pages: gather the (bucketed) table's pages at once and
-    attend densely. One fused pass, faster on CPU than the block loop for a single query row."""
-    b, t, n, h = q.shape
-    kv_heads, _, g, _ = k_pool.shape
-    cols = table.shape[1]
-    kb = jnp.take(k_pool, table, axis=1).reshape(kv_heads, b, cols * g, h)  # [K, B, S, H]
-    vb = jnp.take(v_pool, table, axis=1).reshape(kv_heads, b, cols * g, h)
-    key_pos = ((rank + jnp.arange(cols) * size)[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)  # [S]
-    seen = visible(key_pos[None, None, :], positions[:, :, None], window)  # [B, T, S]
-    seen = (seen & (table != 0).repeat(g, axis=1)[:, None, :])[:, :, None, None, :]  # [B, T, 1, 1, S]
+def _flat_partial(q, k_pool, v_pool, layer, pages, rows, cols, positions, scale, window) -> Partial:
+    """Decode's partial over a flat page list: q [B, 1, N, H] at positions [B, 1]; pools
+    [L, K, P, G, H] (this shard's); pages, rows, cols i32[F] as in `DecodePages` (rows sorted, F a
+    multiple of the chunk).
+
+    A loop over chunks of `flat_chunk(B)` entries stops after the last real one (so a list bucket
+    costs its used part). Each chunk is gathered as [chunk, K] rows of [G, H] (the pool seen as
+    [L * K * P, G, H]: plain row copies; a gather that also transposes runs 3-4x slower on
+    XLA:CPU), scored against each entry's own row's query, and folded into per-row online-softmax
+    state through a one-hot [chunk, B] matrix (a small matmul, no scatter). Rows without entries
+    get l = 0, m = MASK_VALUE."""
+    b, _, n, h = q.shape
+    _, kv_heads, p_local, g, _ = k_pool.shape
     r = n // kv_heads
-    qf = q.reshape(b, t, kv_heads, r, h).astype(jnp.float32)
-    s = jnp.einsum('BTKRH,KBSH->BTKRS', qf, kb.astype(jnp.float32)) * scale
-    s = jnp.where(seen, s, MASK_VALUE)
-    m = jnp.max(s, axis=-1)  # [B, T, K, R]
-    p = jnp.where(seen, jnp.exp(s - m[..., None]), 0.0)
-    l = jnp.sum(p, axis=-1)
-    o = jnp.einsum('BTKRS,KBSH->BTKRH', p, vb.astype(jnp.float32)) / jnp.where(l > 0, l, 1.0)[..., None]
-    return Partial(o=o.reshape(b, t, n, h), m=m.reshape(b, t, n), l=l.reshape(b, t, n))
+    size = pages.shape[0]
+    chunk = min(flat_chunk(b), size)
+    used = jnp.max(jnp.where(cols >= 0, jnp.arange(size), -1)) + 1  # entries up to the last real one
+    pool_rows = (layer * kv_heads + jnp.arange(kv_heads))[None, :] * p_local  # [1, K]
+    k_rows, v_rows = k_pool.reshape(-1, g, h), v_pool.reshape(-1, g, h)  # [L * K * P, G, H]
+    q = q.reshape(b, kv_heads, r, h)
+
+    def body(i, state):
+        m, l, o = state  # [B, K, R], [B, K, R], [B, K, R, H]
+        at = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk)
+        page, row, col = at(pages), at(rows), at(cols)  # [E]
+        idx = pool_rows + page[:, None]  # [E, K]
+        kb = k_rows.at[idx].get(mode='promise_in_bounds')  # [E, K, G, H]
+        vb = v_rows.at[idx].get(mode='promise_in_bounds')
+        s = jnp.einsum('EKRH,EKGH->EKRG', q[row], kb, preferred_element_type=jnp.float32) * scale
+        key_pos = col[:, None] * g + jnp.arange(g)  # [E, G]
+        seen = (col[:, None] >= 0) & visible(key_pos, positions[row, :1], window)
+        seen = seen[:, None, None, :]  # [E, 1, 1, G]
+        s = jnp.where(seen, s, MASK_VALUE)
+        one_hot = row[:, None] == jnp.arange(b)[None, :]  # [E, B]
+        m_chunk = jnp.max(jnp.where(one_hot[:, :, None, None], jnp.max(s, axis=-1)[:, None], MASK_VALUE),
+                          axis=0)  # [B, K, R]
+        m_new = jnp.maximum(m, m_chunk)
+        p = jnp.where(seen, jnp.exp(s - m_new[row][..., None]), 0.0)  # [E, K, R, G]
+        pv = jnp.einsum('EKRG,EKGH->EKRH', p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        w = one_hot.astype(jnp.float32)
+        alpha = jnp.exp(m - m_new)
+        l = alpha * l + jnp.einsum('EB,EKR->BKR', w, jnp.sum(p, axis=-1))
+        o = alpha[..., None] * o + jnp.einsum('EB,EKRH->BKRH', w, pv)
+        return m_new, l, o
+
+    init = (jnp.full((b, kv_heads, r), MASK_VALUE, jnp.float32), jnp.zeros((b, kv_heads, r), jnp.float32),
+            jnp.zeros((b, kv_heads, r, h), jnp.float32))
+    m, l, o = jax.lax.fori_loop(0, (used + chunk - 1) // chunk, body, init)
+    o = o / jnp.where(l > 0, l, 1.0)[..., None]
+    return Partial(o=o.reshape(b, 1, n, h), m=m.reshape(b, 1, n), l=l.reshape(b, 1, n))
 
 
 def _prefill_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer, scale, size, window):
