@@ -16,7 +16,9 @@ Design note.
    bucket (16 ... prefill_chunk) and laid out stripe by stripe (`_stripe`); padding gets position
    -1, so its K/V are dropped, never written. `decode` computes one token for up to `max_slots`
    requests at once, padded to a row bucket (1, 2, 4, ... max_slots); padding rows have no pages
-   and position -1, so they write nothing.
+   and position -1, so they write nothing. `decode_steps` runs up to `max_steps` such steps in
+   one program (a device loop; each step samples on the device and feeds the next), so a window
+   of k tokens costs one dispatch and one host round trip instead of k.
 4. Shapes. Prefill reads earlier pages block by block up to the chunk's start only (so a chunk near
    the start of a 1M-token table costs what its own prefix costs). Decode is ragged while every
    row fits FLAT_MAX_KEYS keys a device: the host lists each row's own pages, row after row
@@ -105,12 +107,14 @@ class PagedEngine:
 
     def __init__(self, config: ModelConfig, model: nnx.Module, *, max_slots: int, num_pages: int,
                  page_len: int = 16, max_len: int | None = None, prefill_chunk: int = 512,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, max_steps: int = 8):
         max_len = config.max_context if max_len is None else max_len
         if max_slots <= 0:
             raise ValueError(f"max_slots={max_slots}: must be >= 1")
         if max_len < 2:
             raise ValueError(f"max_len={max_len}: must be >= 2")
+        if max_steps < 1:
+            raise ValueError(f"max_steps={max_steps}: must be >= 1 (decode steps per call)")
         self.mesh = sharding.single_device_mesh() if mesh is None else mesh
         shape = sharding.MeshShape(**sharding.devices_per_axis(self.mesh))
         shape.check(config)
@@ -121,6 +125,7 @@ class PagedEngine:
         self.config = config
         self.max_slots = max_slots
         self.max_len = max_len
+        self.max_steps = max_steps
         self.page_len = page_len
         self.pages_per_seq = math.ceil(max_len / page_len)
         self.table_width = sharding.ceil_to(self.pages_per_seq, s)  # prefill's table, whole
@@ -146,9 +151,10 @@ class PagedEngine:
         self._traces = 0
         self._prefill_step = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._decode_step = jax.jit(self._decode_fn, donate_argnums=(1,))
-        self._flat_step = jax.jit(self._flat_fn, donate_argnums=(1,))
+        self._steps_step = jax.jit(self._steps_fn, donate_argnums=(1,))
         # Sampling compiles once per row count, not once per (rows, width) and prefill bucket:
-        # it is a third of a decode program's compile time (the top-k / top-p sort).
+        # it is a third of a decode program's compile time (the top-k / top-p sort). Ragged
+        # decode samples inside its program: its steps feed each other on the device.
         self._sample_step = jax.jit(self._sample_fn)
         greedy = [SamplingParams(temperature=0.0)] * max_slots
         self._temperature, self._top_k, self._top_p, self._seeds = params_arrays(greedy)
@@ -200,28 +206,47 @@ class PagedEngine:
                block_tables: Sequence[Sequence[int]]) -> list[int]:
         """One token for each row: `tokens[i]` sits at `positions[i]` of the request in `slots[i]`,
         whose `block_tables[i]` covers every position up to it."""
+        return [row[0] for row in self.decode_steps(slots, tokens, positions, block_tables, 1)]
+
+    def decode_steps(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
+                     block_tables: Sequence[Sequence[int]], steps: int = 1) -> list[list[int]]:
+        """`steps` decode steps in one call: row i feeds `tokens[i]` at `positions[i]`, then each
+        token it samples at the next position. Returns each row's `steps` sampled tokens, the
+        same as `steps` calls of `decode` would (callers drop any after a stop). `block_tables[i]`
+        must cover positions[i] + steps - 1; every step writes its row's K/V, so pages past a
+        request's end must still be its own."""
         rows = len(slots)
         if not 0 < rows <= self.max_slots:
             raise ValueError(f"decode of {rows} rows: must be 1..{self.max_slots}")
-        if max(positions) >= self.max_len:
-            raise ValueError(f"decode position {max(positions)} passes max_len={self.max_len}")
+        if not 0 < steps <= self.max_steps:
+            raise ValueError(f"decode of {steps} steps: must be 1..{self.max_steps}")
+        if max(positions) + steps > self.max_len:
+            raise ValueError(f"decode positions up to {max(positions) + steps - 1} pass "
+                             f"max_len={self.max_len}")
         padded = next(r for r in self.row_buckets if r >= rows)
         pad = padded - rows
         tok = np.array([*tokens, *[0] * pad], np.int32)
         pos = np.array([*positions, *[-1] * pad], np.int32)
         idx = np.array([*slots, *[0] * pad])
-        need = max(p // self.page_len + 1 for p in positions)
+        params = (self._temperature[idx], self._top_k[idx], self._top_p[idx], self._seeds[idx])
+        last = [p + steps - 1 for p in positions]
+        need = max(p // self.page_len + 1 for p in last)
         if -(-need // self.seq_size) <= self.flat_pages:
-            flat = self._decode_pages(block_tables, positions, padded)
-            logits, self._pages = self._flat_step(self._state, self._pages, flat, tok, pos)
-        else:
+            flat = self._decode_pages(block_tables, last, padded)
+            out, self._pages = self._steps_step(self._state, self._pages, flat, tok, pos,
+                                                np.int32(steps), *params)
+            return _host(out)[:steps, :rows].T.tolist()
+        out = []  # rows past the ragged bound: one block-walking step at a time
+        for i in range(steps):
+            need = max((p + i) // self.page_len + 1 for p in positions)
             width = next(w for w in self.widths if w >= need)
             logits, self._pages = self._decode_step(
                 self._state, self._pages, self._local_tables(block_tables, width, rows=padded), tok,
                 pos)
-        out = self._sample_step(logits, pos + 1, self._temperature[idx], self._top_k[idx],
-                                self._top_p[idx], self._seeds[idx])
-        return _host(out)[:rows].tolist()
+            tok = self._sample_step(logits, pos + 1, *params)
+            out.append(tok)
+            pos = np.where(pos >= 0, pos + 1, -1).astype(np.int32)
+        return np.stack([_host(t) for t in out])[:, :rows].T.tolist()
 
     def flat_sizes(self, rows: int) -> tuple[int, ...]:
         """The ragged decode list lengths compiled for a row bucket."""
@@ -235,14 +260,16 @@ class PagedEngine:
         for rows in self.row_buckets:
             tok = np.full(rows, self.config.bos_id, np.int32)
             pos = np.zeros(rows, np.int32)  # position 0: same program, without reading anything
+            params = tuple(a[:rows] for a in (self._temperature, self._top_k, self._top_p, self._seeds))
             for size in self.flat_sizes(rows):
                 flat = self._decode_pages([[]] * rows, [0] * rows, rows, size=size)
-                logits, self._pages = self._flat_step(self._state, self._pages, flat, tok, pos)
+                _, self._pages = self._steps_step(self._state, self._pages, flat, tok, pos,
+                                                  np.int32(1), *params)
             for width in self.widths:
                 logits, self._pages = self._decode_step(
                     self._state, self._pages, self._local_tables([[]] * rows, width), tok, pos)
-            self._sample_step(logits, pos + 1, *(a[:rows] for a in (
-                self._temperature, self._top_k, self._top_p, self._seeds))).block_until_ready()
+            if self.widths:
+                self._sample_step(logits, pos + 1, *params).block_until_ready()
 
     # ----- host-side layout -----
 
@@ -311,7 +338,7 @@ class PagedEngine:
         0 .. positions[b] // G, each on device (page % S); lists padded to the smallest length
         bucket of this row bucket that holds every device's entries (or to `size`)."""
         s, per, g = self.seq_size, self.pages_per_device, self.page_len
-        counts = [min(p // g + 1, len(t)) for t, p in zip(tables, positions)]
+        counts = np.array([min(p // g + 1, len(t)) for t, p in zip(tables, positions)], np.int64)
         pages = np.concatenate([np.asarray(t[:n], np.int64) for t, n in zip(tables, counts)] + [
             np.zeros(0, np.int64)])
         row = np.repeat(np.arange(len(counts)), counts)
@@ -322,23 +349,22 @@ class PagedEngine:
             raise ValueError("a block table holds a page of the wrong device for its column "
                              "(page j of a sequence must be on device j % S)")
         col = np.where(pages == NULL_PAGE, -1, col)  # an unallocated page: masked
-        mine = [rank == r for r in range(s)]
-        size = size or next(n for n in self.flat_sizes(rows) if n >= max(m.sum() for m in mine))
+        # Entries of row b on device r: its pages r, r + S, ... below counts[b].
+        per_rank = np.zeros((rows, s), np.int64)
+        per_rank[:len(counts)] = np.maximum(counts[:, None] - np.arange(s)[None, :] + s - 1, 0) // s
+        starts = np.cumsum(per_rank, axis=0) - per_rank  # [B, S]
+        size = size or next(n for n in self.flat_sizes(rows) if n >= per_rank.sum(0).max())
         out_pages = np.zeros((s, size), np.int32)
         out_rows = np.full((s, size), rows - 1, np.int32)  # padding after the last row: sorted
         out_cols = np.full((s, size), -1, np.int32)
-        for r, m in enumerate(mine):
-            n = int(m.sum())
-            out_pages[r, :n], out_rows[r, :n], out_cols[r, :n] = local[m], row[m], col[m]
-        write = np.zeros((rows, s), np.int32)
-        for b, (table, p) in enumerate(zip(tables, positions)):
-            j = p // g
-            if j < len(table) and table[j] != NULL_PAGE:
-                write[b, j % s] = table[j] - (j % s) * per
+        for r in range(s):
+            mine = rank == r
+            n = int(mine.sum())
+            out_pages[r, :n], out_rows[r, :n], out_cols[r, :n] = local[mine], row[mine], col[mine]
         lists = self._sharding(P(SEQ, None))
         return DecodePages(pages=self._put(out_pages, lists), rows=self._put(out_rows, lists),
                            cols=self._put(out_cols, lists),
-                           write=self._put(write, self._sharding(P(None, SEQ))))
+                           starts=self._put(starts.astype(np.int32), self._sharding(P(None, SEQ))))
 
     def _sharding(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
@@ -376,14 +402,28 @@ class PagedEngine:
         logits, cache = model(tokens[:, None], positions[:, None], cache)  # [B, 1, V]
         return logits[:, 0], (cache.k_pages, cache.v_pages)
 
-    def _flat_fn(self, state, pages, flat: DecodePages, tokens, positions):
-        """`_decode_fn` over ragged page lists instead of tables."""
+    def _steps_fn(self, state, pages, flat: DecodePages, tokens, positions, steps, temperature,
+                  top_k, top_p, seeds):
+        """`steps` (i32[], 1..max_steps) decode steps over ragged page lists: tokens i32[B] at
+        positions i32[B] (-1: unused row); each step samples every row's next token (its key from
+        the row's seed and the sampled position) and feeds it to the next -> (tokens
+        i32[max_steps, B], zeros past `steps`; pages)."""
         self._traces += 1
         model = nnx.merge(self._graphdef, state)
-        cache = ShardedPagedCache(k_pages=pages[0], v_pages=pages[1], local_tables=None,
-                                  start=jnp.int32(0), mesh=self.mesh, prefill=False, flat=flat)
-        logits, cache = model(tokens[:, None], positions[:, None], cache)  # [B, 1, V]
-        return logits[:, 0], (cache.k_pages, cache.v_pages)
+
+        def step(i, carry):
+            k_pages, v_pages, tok, pos, out = carry
+            cache = ShardedPagedCache(k_pages=k_pages, v_pages=v_pages, local_tables=None,
+                                      start=jnp.int32(0), mesh=self.mesh, prefill=False, flat=flat)
+            logits, cache = model(tok[:, None], pos[:, None], cache)  # [B, 1, V]
+            tok = sample(logits[:, 0], temperature, top_k, top_p, row_keys(seeds, pos + 1))
+            pos = jnp.where(pos >= 0, pos + 1, -1)
+            return cache.k_pages, cache.v_pages, tok, pos, out.at[i].set(tok)
+
+        out = jnp.zeros((self.max_steps, tokens.shape[0]), jnp.int32)
+        k_pages, v_pages, _, _, out = jax.lax.fori_loop(
+            0, steps, step, (pages[0], pages[1], tokens, positions, out))
+        return out, (k_pages, v_pages)
 
     def _sample_fn(self, logits, sampled_at, temperature, top_k, top_p, seeds):
         """logits f32[B, V] -> i32[B]; a row's key comes from its seed and sampled_at i32[B], the

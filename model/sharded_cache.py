@@ -65,13 +65,17 @@ class DecodePages:
 
     pages: i32[S, F] local page ids (0 = padding); rows: i32[S, F] the row of each entry (sorted;
     padding repeats the last row); cols: i32[S, F] the entry's page number in its sequence
-    (positions cols * G ... + G - 1; -1 = padding); write: i32[B, S] the local page that receives
-    row b's new token on device r (0: none there)."""
+    (positions cols * G ... + G - 1; -1 = padding); starts: i32[B, S] the index of row b's first
+    entry in device r's list (its page j, if on r, is entry starts[b, r] + j // S).
+
+    A list may hold pages past a row's position (allocated for later steps of a multi-step
+    decode): keys after the query's position are masked, and a step writes its token into the
+    entry of its own position."""
 
     pages: jax.Array
     rows: jax.Array
     cols: jax.Array
-    write: jax.Array
+    starts: jax.Array
 
 
 @struct.dataclass
@@ -100,13 +104,13 @@ class ShardedPagedCache:
         size = self.mesh.shape[SEQ]
         heads = P(None, None, TP, None)
         if self.flat is not None and not self.prefill:
-            fn = lambda *a: _flat_decode_shard(*a, layer=layer, scale=scale, window=window)
+            fn = lambda *a: _flat_decode_shard(*a, layer=layer, scale=scale, size=size, window=window)
             lists = P(SEQ, None)  # [S, F]: one list per device
             in_specs = (heads, heads, heads, P(), POOL, POOL, lists, lists, lists, P(None, SEQ))
             f = self.flat
             out, k_pages, v_pages = jax.shard_map(
                 fn, mesh=self.mesh, in_specs=in_specs, out_specs=(heads, POOL, POOL), check_vma=False,
-            )(q, k, v, positions, self.k_pages, self.v_pages, f.pages, f.rows, f.cols, f.write)
+            )(q, k, v, positions, self.k_pages, self.v_pages, f.pages, f.rows, f.cols, f.starts)
             return out, self.replace(k_pages=k_pages, v_pages=v_pages)
         if self.prefill:
             fn = lambda *a: _prefill_shard(*a, layer=layer, scale=scale, size=size, window=window)
@@ -215,12 +219,15 @@ def _decode_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer,
     return _merge_rows(part, q.dtype), k_pages, v_pages
 
 
-def _flat_decode_shard(q, k, v, positions, k_pages, v_pages, pages, rows, cols, write, *, layer, scale,
-                       window):
+def _flat_decode_shard(q, k, v, positions, k_pages, v_pages, pages, rows, cols, starts, *, layer, scale,
+                       size, window):
     """q [B, 1, N, H], k/v [B, 1, K, H], positions [B, 1] (replicated); pages/rows/cols [1, F] and
-    write [B, 1]: this device's share of `DecodePages`."""
+    starts [B, 1]: this device's share of `DecodePages`."""
     g = k_pages.shape[3]
-    page = jnp.where((write != 0) & (positions >= 0), write, k_pages.shape[2])  # [B, 1]
+    col = positions // g  # [B, 1]: the page of each row's new token
+    entry = jnp.clip(starts + col // size, 0, pages.shape[1] - 1)
+    mine = (positions >= 0) & (col % size == jax.lax.axis_index(SEQ)) & (cols[0][entry] == col)
+    page = jnp.where(mine & (pages[0][entry] != 0), pages[0][entry], k_pages.shape[2])  # [B, 1]
     k_pages = _scatter(k_pages, layer, page, positions % g, k)
     v_pages = _scatter(v_pages, layer, page, positions % g, v)
     part = _flat_partial(q, k_pages, v_pages, layer, pages[0], rows[0], cols[0], positions, scale, window)

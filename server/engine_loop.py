@@ -15,6 +15,13 @@ Design note
    request finishes on its stop token, a stop sequence, max_new_tokens or cancellation; its blocks
    and slot are freed in the same step. Requests preempted for memory are recomputed later and
    stream on where they stopped (sampling keys depend only on seed and position).
+   Multi-step windows: when a plan is decode only and nothing waits for a slot, the decode rows
+   run up to `max_steps` steps in one engine call (`decode_steps`: no host round trip
+   between them), with pages allocated ahead for the whole window. The window's tokens are then
+   handed to the scheduler step by step, exactly as single steps would have been; a row that
+   finishes inside the window (stop token, stop sequence, max_new_tokens) drops the tokens
+   computed after its end. Requests arriving meanwhile wait for the window (at most
+   max_steps steps) and cancellation is seen after it.
 3. Cancellation. A client cancel, disconnect, deadline or server shutdown reaches the servicer as
    asyncio cancellation; it sets the stream's `cancelled` flag (an Event, safe across threads).
    The engine thread checks the flags before every step, so a cancelled stream stops within one
@@ -45,7 +52,7 @@ from server.errors import EngineFailure, RequestError, ResourceExhausted, Unavai
 from server.kv_manager import KVCacheManager, KVStats
 from server.media_rows import rows_for
 from server.metrics import Metrics
-from server.scheduler import Scheduler, SeqState
+from server.scheduler import Plan, Scheduler, SeqState, Work
 from server.validation import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -161,8 +168,12 @@ class EngineLoop:
     def __init__(self, engine: PagedEngine, kv: KVCacheManager, tokenizer: Tokenizer,
                  stop_token_ids: frozenset[int], *, max_slots: int, token_budget: int,
                  max_waiting: int = 256, metrics: Metrics | None = None,
-                 on_failure: Callable[[BaseException], None] | None = None):
+                 on_failure: Callable[[BaseException], None] | None = None,
+                 max_steps: int | None = None):
+        """`max_steps`: the most decode steps one engine call may run (a multi-step window, see
+        the design note); default the engine's own max_steps, 1 turns windows off."""
         self._engine = engine
+        self._max_steps = engine.max_steps if max_steps is None else min(max_steps, engine.max_steps)
         self._kv = kv
         self._scheduler = Scheduler(kv, max_running=max_slots, token_budget=token_budget,
                                     max_chunk=engine.prefill_chunk)
@@ -313,6 +324,11 @@ class EngineLoop:
             # Every waiting request needs blocks that pinned caches hold: wait for a change.
             self._drain_inbox(block=True)
             return
+        if plan.work and all(w.is_decode for w in plan.work) and not self._scheduler.waiting:
+            steps, tables = self._window(plan.work)
+            if steps > 1:
+                self._decode_window(plan, steps, tables)
+                return
         decodes, sampled = [], {}
         for work in plan.work:
             active = self._active[work.request_id]
@@ -343,6 +359,44 @@ class EngineLoop:
         self._refresh_stats()
         for request_id, token in sampled.items():
             self._on_token(self._active[request_id], token)
+
+    def _window(self, work: tuple[Work, ...]) -> tuple[int, list[list[int]]]:
+        """Steps for a decode-only plan (1: no window) and block tables covering them: as many as
+        the longest-running row can use, up to engine.max_steps and max_len, when the pool has
+        the pages (allocated now; rows keep them, as later steps would have taken them)."""
+        steps = min(self._max_steps,
+                    max(self._active[w.request_id].request.max_new_tokens
+                        - self._active[w.request_id].generated for w in work),
+                    self._engine.max_len - max(w.start for w in work))
+        if steps <= 1:
+            return 1, []
+        tables = []
+        for w in work:
+            table = self._kv.allocate(w.request_id, w.start + steps)
+            if table is None:
+                return 1, []
+            tables.append(table)
+        return steps, tables
+
+    def _decode_window(self, plan: Plan, steps: int, tables: list[list[int]]) -> None:
+        """Runs `steps` decode steps of every row in one engine call, then replays them into the
+        scheduler and the streams one step at a time."""
+        work = plan.work
+        for w in work:
+            self._engine.set_params(w.slot, self._active[w.request_id].request.params)
+        rows = self._engine.decode_steps(
+            [w.slot for w in work], [self._active[w.request_id].seq.token_ids[w.start] for w in work],
+            [w.start for w in work], tables, steps)
+        for i in range(steps):
+            live = [(w, r) for w, r in zip(work, rows) if w.request_id in self._active]
+            if not live:
+                break
+            step = Plan(tuple(dataclasses.replace(w, start=w.start + i) for w, _ in live), ())
+            sampled = {w.request_id: r[i] for w, r in live}
+            self._scheduler.update(step, sampled)
+            for w, _ in live:
+                self._on_token(self._active[w.request_id], sampled[w.request_id])
+        self._refresh_stats()
 
     def _refresh_stats(self) -> None:
         running = self._scheduler.running
