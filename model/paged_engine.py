@@ -12,9 +12,10 @@ Design note.
    device all of it degenerates to plain paged attention (no collectives do anything).
 3. Two compiled steps, both over (params, pool, ...) with the pool donated so XLA updates it in place,
    each returning logits that a third program (one per row count) samples.
-   `prefill` computes one chunk of one request: tokens [start, start + n) padded to a power-of-two
-   bucket (16 ... prefill_chunk) and laid out stripe by stripe (`_stripe`); padding gets position
-   -1, so its K/V are dropped, never written. `decode` computes one token for up to `max_slots`
+   `prefill` computes one chunk of one request: tokens [start, start + n) padded to a bucket
+   (`prefill_sizes`: powers of two and, from 96, their 3/4 points, up to prefill_chunk) and laid
+   out stripe by stripe (`_stripe`); padding gets position -1, so its K/V are dropped, never
+   written. `decode` computes one token for up to `max_slots`
    requests at once, padded to a row bucket (1, 2, 4, ... max_slots); padding rows have no pages
    and position -1, so they write nothing. `decode_steps` runs up to `max_steps` such steps in
    one program (a device loop; each step samples on the device and feeds the next), so a window
@@ -63,6 +64,10 @@ WIDTH_GROWTH = 4  # decode width buckets grow by this factor (in pages)
 FINE_WIDTH_MAX = 256
 ROW_GROWTH = 2  # decode row buckets grow by this factor (in requests)
 FLAT_GROWTH = 4  # ragged decode list lengths grow by this factor from one chunk
+# Prefill buckets: powers of two (model/engine.py's), plus 3/4 of each from here up (96, 192, 384,
+# ...): a prompt of 300 tokens computes 384, not 512 (a 512-token chunk costs about 1.65x a
+# 300-token one; the smaller ones cost mostly their fixed overhead).
+FINE_PREFILL_MIN = 96
 
 
 def width_buckets(pages_per_seq: int, multiple: int = 1) -> tuple[int, ...]:
@@ -76,6 +81,15 @@ def width_buckets(pages_per_seq: int, multiple: int = 1) -> tuple[int, ...]:
         w *= WIDTH_GROWTH
     last = sharding.ceil_to(pages_per_seq, multiple)
     return tuple(sorted({*(x for x in widths if x < last), last}))
+
+
+def prefill_sizes(prefill_chunk: int) -> tuple[int, ...]:
+    """Prefill chunk buckets: 16, 32, 64, 96, 128, 192, 256, 384, 512, ... up to prefill_chunk."""
+    sizes, n = set(prefill_buckets(prefill_chunk)), FINE_PREFILL_MIN
+    while n < prefill_chunk:
+        sizes.add(n)
+        n *= 2
+    return tuple(sorted(sizes))
 
 
 def flat_buckets(cap: int, chunk: int) -> tuple[int, ...]:
@@ -130,7 +144,7 @@ class PagedEngine:
         self.pages_per_seq = math.ceil(max_len / page_len)
         self.table_width = sharding.ceil_to(self.pages_per_seq, s)  # prefill's table, whole
         self.prefill_chunk = min(prefill_chunk, max_len)
-        self.buckets = prefill_buckets(self.prefill_chunk)
+        self.buckets = prefill_sizes(self.prefill_chunk)
         # Ragged decode up to this many pages per row and device; block walk above (self.widths).
         self.flat_pages = min(-(-self.pages_per_seq // s), FLAT_MAX_KEYS // page_len)
         self.widths = tuple(w for w in width_buckets(self.pages_per_seq, s) if w > self.flat_pages * s)

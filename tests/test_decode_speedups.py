@@ -9,7 +9,8 @@
   the block-walking program for rows past the ragged bound.
 - The engine thread's multi-step windows stream exactly what single steps stream (tokens, text,
   finish reasons by max tokens, stop token and stop sequence inside a window).
-- The list-length buckets and the chunk size.
+- Prefill chunks padded to a 3/4 bucket (96) equal the dense forward at every position.
+- The prefill buckets, the list-length buckets and the chunk size.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from flax import nnx
 
 from _model_helpers import jitted, tiny_config, tiny_model
 from model.config import LayerKind
-from model.paged_engine import PagedEngine, flat_buckets, width_buckets
+from model.paged_engine import PagedEngine, flat_buckets, prefill_sizes, width_buckets
 from model.sampling import SamplingParams
 from model.sharded_cache import FLAT_CHUNK, ShardedPagedCache, flat_chunk
 from preprocess.tokenizer import Tokenizer
 from server.engine_loop import EngineLoop
 from server.kv_manager import KVCacheManager
 from server.validation import GenerationRequest
-from test_mesh import RankPages, _mesh
+from test_mesh import RankPages, _logits_fn, _mesh
 
 G = 4  # page length
 TOL = 1e-5
@@ -115,7 +116,25 @@ def test_ragged_decode_on_mesh_equals_dense_forward(model):
     _check_ragged(config, net, engine, RankPages(32 * s, s, seed=s), (5, 97), steps=3, seed=s)
 
 
+def test_prefill_at_a_three_quarter_bucket_equals_dense_forward(model):
+    """Chunks of 90 and 40 tokens take the 96 and 64 buckets (6 and 24 padding tokens); every
+    position's logits equal the dense forward's."""
+    config, net = model
+    engine = PagedEngine(config, net, max_slots=1, num_pages=64, page_len=G, prefill_chunk=128)
+    assert engine.buckets == (16, 32, 64, 96, 128)
+    ids = np.random.default_rng(2).integers(3, config.vocab_size, 130).tolist()
+    want = np.asarray(jitted(net)(np.array([ids]), np.arange(130)[None])[0])[0]
+    run, pages, table = _logits_fn(engine), RankPages(64, 1), []
+    for start, n in ((0, 90), (90, 40)):
+        got = run(ids[start:start + n], start, pages.table_for(table, start + n))
+        assert sorted(got) == list(range(start, start + n))
+        for p, row in got.items():
+            np.testing.assert_allclose(row, want[p], atol=TOL, rtol=0)
+
+
 def test_list_buckets_and_chunks():
+    assert prefill_sizes(512) == (16, 32, 64, 96, 128, 192, 256, 384, 512)
+    assert prefill_sizes(64) == (16, 32, 64)
     assert flat_chunk(1) == 16 and flat_chunk(4) == 64 and flat_chunk(16) == FLAT_CHUNK == 128
     assert flat_buckets(256, 16) == (16, 64, 256)
     assert flat_buckets(4096, 128) == (128, 512, 2048, 4096)
