@@ -1,17 +1,15 @@
-"""Named model configurations and the seeded default checkpoint the server starts with."""
+"""The embedded default model the server starts with (model/assets/default/), its recipe, and where it is installed."""
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from flax import nnx
-
 from model import checkpoint
 from model.config import AudioConfig, LayerKind, ModelConfig, VisionConfig
-from model.transformer import Transformer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The default tokenizer (8192 pieces); its vocabulary size must equal default_config().vocab_size.
@@ -19,41 +17,19 @@ DEFAULT_TOKENIZER = REPO_ROOT / 'preprocess' / 'assets' / 'ringserve.model'
 TOKENIZER_FILE = 'tokenizer.model'
 DEFAULT_SEED = 0
 DEFAULT_NAME = 'ringserve-default'
+# The shipped default model: trained weights stored as bfloat16, config in float32 (cast on load).
+SHIPPED_DEFAULT = REPO_ROOT / 'model' / 'assets' / 'default'
 
 
 def default_config() -> ModelConfig:
-    """A small Llama-style model (about 5M parameters) that runs anywhere, randomly initialised.
+    """The embedded default model's configuration, read from its shipped checkpoint
+    (model/assets/default/, written by scripts/ship_default_model.py from a `python -m train` run).
 
-    Its context limit is 1M tokens (2**20), with RoPE theta 5e7 (LWM's setting for 1M): model/rope.py
-    keeps angles exact there, and the paged pool only spends memory on tokens actually held.
-    It has tiny image (64 x 64 -> 16 tokens) and audio (10 s -> 100 tokens) encoders, about 1M
-    parameters together, so media requests work end to end without downloads.
+    docs/model_card.md says what it is: a small decoder trained on synthetic needle-in-a-haystack
+    tasks, local RoPE layers and global NoPE layers with a log-length scale, 1M-token context, and
+    the tiny image and audio encoders (random, frozen) that let media requests run end to end.
     """
-    return ModelConfig(
-        name='ringserve-default',
-        vocab_size=8192,
-        d_model=256,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=64,
-        mlp_dim=768,
-        mlp_activation='silu',
-        norm_eps=1e-6,
-        rope_theta=5e7,
-        rope_scaling=None,
-        tie_embeddings=True,
-        logit_softcap=None,
-        embed_scale=False,
-        norm_offset=0.0,
-        qkv_bias=False,
-        max_context=1 << 20,
-        dtype='float32',
-        bos_id=1,
-        eos_ids=(2,),
-        vision=VisionConfig(),
-        audio=AudioConfig(),
-    )
+    return ModelConfig.from_json((SHIPPED_DEFAULT / checkpoint.CONFIG_FILE).read_text())
 
 
 def architecture() -> ModelConfig:
@@ -115,29 +91,27 @@ def default_checkpoint_dir() -> Path:
 
 
 def ensure_default_checkpoint(directory: str | Path | None = None) -> Path:
-    """Make `directory` (default: default_checkpoint_dir()) hold the default checkpoint; return it.
+    """Make `directory` (default: default_checkpoint_dir()) hold the shipped default model and the
+    default tokenizer; return it.
 
-    Nothing is rewritten when a checkpoint of the current default config is already there (one
-    written for an older default config is replaced). A new one is the default config
-    initialised with nnx.Rngs(DEFAULT_SEED), so every machine builds the same weights. Files are
-    written beside the target and moved in, config last, so a reader never sees half a checkpoint.
+    Nothing is rewritten when the files there already equal the shipped ones (a checkpoint left by
+    an older default is replaced). Files are written beside the target and moved in, config last,
+    so a reader never sees half a checkpoint.
     """
     directory = Path(directory) if directory is not None else default_checkpoint_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    config_file = directory / checkpoint.CONFIG_FILE
-    has_checkpoint = (config_file.is_file() and (directory / checkpoint.WEIGHTS_FILE).is_file()
-                      and ModelConfig.from_json(config_file.read_text()) == default_config())
-    has_tokenizer = (directory / TOKENIZER_FILE).is_file() or not DEFAULT_TOKENIZER.is_file()
-    if has_checkpoint and has_tokenizer:
+    wanted = [(SHIPPED_DEFAULT / checkpoint.WEIGHTS_FILE, checkpoint.WEIGHTS_FILE),
+              (DEFAULT_TOKENIZER, TOKENIZER_FILE),
+              (SHIPPED_DEFAULT / checkpoint.CONFIG_FILE, checkpoint.CONFIG_FILE)]  # config last
+    stale = [(source, name) for source, name in wanted if not _same_file(source, directory / name)]
+    if not stale:
         return directory
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f'.{directory.name}-') as staging:
-        staging = Path(staging)
-        if not has_tokenizer:
-            shutil.copyfile(DEFAULT_TOKENIZER, staging / TOKENIZER_FILE)
-            os.replace(staging / TOKENIZER_FILE, directory / TOKENIZER_FILE)
-        if not has_checkpoint:
-            config = default_config()
-            checkpoint.save(staging, config, Transformer(config, rngs=nnx.Rngs(DEFAULT_SEED)))
-            os.replace(staging / checkpoint.WEIGHTS_FILE, directory / checkpoint.WEIGHTS_FILE)
-            os.replace(staging / checkpoint.CONFIG_FILE, directory / checkpoint.CONFIG_FILE)
+        for source, name in stale:
+            shutil.copyfile(source, Path(staging) / name)
+            os.replace(Path(staging) / name, directory / name)
     return directory
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return b.is_file() and a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)

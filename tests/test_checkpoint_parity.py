@@ -165,7 +165,7 @@ def test_unsupported_model_type_and_missing_tensor_are_named(tmp_path):
         checkpoint.load(tmp_path / 'nowhere')
 
 
-def test_default_checkpoint_is_built_once_and_reloads(tmp_path, monkeypatch):
+def test_default_checkpoint_is_installed_once_and_reloads(tmp_path, monkeypatch):
     monkeypatch.setenv('RINGSERVE_HOME', str(tmp_path))
     target = tmp_path / 'models' / 'default'
     assert presets.default_checkpoint_dir() == target
@@ -174,15 +174,18 @@ def test_default_checkpoint_is_built_once_and_reloads(tmp_path, monkeypatch):
     stamp = weights.stat().st_mtime_ns
 
     config, loaded = checkpoint.load(target)
-    assert config == presets.default_config()
-    fresh = Transformer(config, rngs=nnx.Rngs(presets.DEFAULT_SEED))
+    assert config == presets.default_config() == presets.architecture()
+    _, shipped = checkpoint.load(presets.SHIPPED_DEFAULT)
     tokens = _tokens((1, 6), seed=12)
     positions = np.arange(6, dtype=np.int32)[None]
     np.testing.assert_array_equal(np.asarray(jitted(loaded)(tokens, positions)[0]),
-                                  np.asarray(jitted(fresh)(tokens, positions)[0]))
+                                  np.asarray(jitted(shipped)(tokens, positions)[0]))
 
     assert presets.ensure_default_checkpoint() == target  # from RINGSERVE_HOME
     assert weights.stat().st_mtime_ns == stamp
+    weights.write_bytes(b'stale')  # a checkpoint left by another default is replaced
+    presets.ensure_default_checkpoint()
+    assert checkpoint.load(target)[0] == config
     assert sorted(p.name for p in tmp_path.joinpath('models').iterdir()) == ['default']  # no staging left
 
     if presets.DEFAULT_TOKENIZER.is_file():
