@@ -1,0 +1,63 @@
+"""The shipped default model (model/assets/default/, trained by `python -m train`): what `make serve`
+serves finds needles, through the real server and the project's own NIAH client.
+
+- the shipped checkpoint is the recipe (presets.architecture()) with weights stored as bfloat16
+  and stays a few MB;
+- `ringserve niah`'s Runner against the default-model server (tests/conftest.py `server_target`):
+  passkey retrieval from a 4K-token haystack at depths 0 / 50 / 100 %, and gkamradt's classic
+  needle in the standard library's docs (system prompt, <context> tags, question turn); each
+  answer is scored by niah's scorer. A random model scores 0 here (the pass key is 5 random
+  digits; the classic answer is an exact 12-word phrase).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from safetensors import safe_open
+
+import ringserve
+from model import checkpoint, presets
+from ringserve.niah import haystack, tasks
+from ringserve.niah.runner import Grid, Runner, Settings
+
+
+@pytest.fixture(autouse=True)
+def niah_home(tmp_path, monkeypatch):
+    """The stdlib haystack's cache goes to a temporary home, not the user's."""
+    monkeypatch.setenv('RINGSERVE_HOME', str(tmp_path / 'home'))
+
+
+def test_shipped_checkpoint_is_the_recipe_in_bfloat16():
+    config = presets.default_config()
+    assert config == presets.architecture()
+    weights = presets.SHIPPED_DEFAULT / checkpoint.WEIGHTS_FILE
+    assert weights.stat().st_size < 8 * 2**20
+    with safe_open(str(weights), 'np') as f:
+        names = list(f.keys())
+        assert {f.get_slice(n).get_dtype() for n in names} == {'BF16'}
+    assert json.loads((presets.SHIPPED_DEFAULT / checkpoint.CONFIG_FILE).read_text())['dtype'] == 'float32'
+
+
+def _run(target, task, hay, grid, tmp_path):
+    settings = Settings(out=tmp_path / f'{task.name}.jsonl', scorer=task.scorer,
+                        max_output_tokens=task.max_output_tokens)
+    with ringserve.Client(target, timeout=300) as client:
+        return Runner(client, task, hay, settings, progress_stream=io.StringIO()).run(grid)
+
+
+def test_default_model_finds_the_pass_key_in_4k_tokens(server_target, tmp_path):
+    rows = _run(server_target, tasks.Passkey(seed=11), haystack.passkey_filler(),
+                Grid((4096,), (0.0, 50.0, 100.0)), tmp_path)
+    assert len(rows) == 3
+    for row in rows:
+        assert row['prompt_tokens'] > 4000
+        assert row['score'] == 1.0, row
+
+
+def test_default_model_answers_the_classic_needle_in_the_stdlib_docs(server_target, tmp_path):
+    rows = _run(server_target, tasks.Classic(), haystack.stdlib(), Grid((2048,), (25.0, 75.0)), tmp_path)
+    assert len(rows) == 2
+    assert [row['score'] for row in rows] == [1.0, 1.0], rows
