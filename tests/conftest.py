@@ -19,8 +19,38 @@ from serving import ServerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def server_target():
-    """The real server on the default model (random weights), on a free port."""
+def random_default_dir(tmp_path_factory):
+    """A checkpoint of the default model's architecture with random (seeded) weights.
+
+    The serving tests run on it rather than on the trained default: a random model almost never
+    emits a stop token, so cancellation, deadlines, length limits and long streams behave the same
+    whatever the prompt. The trained model answers briefly and stops (tests/test_default_model.py).
+    """
+    import shutil
+
+    from flax import nnx
+
+    from model import checkpoint, presets
+    from model.transformer import Transformer
+
+    directory = tmp_path_factory.mktemp("random-default")
+    config = presets.default_config()
+    checkpoint.save(directory, config, Transformer(config, rngs=nnx.Rngs(presets.DEFAULT_SEED)))
+    shutil.copyfile(presets.DEFAULT_TOKENIZER, directory / presets.TOKENIZER_FILE)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def server_target(random_default_dir):
+    """The real server on the default architecture with random weights, on a free port."""
+    server = ServerProcess("--model", str(random_default_dir), "--max-batch", "4", "--grace-period", "2")
+    yield server.target
+    server.terminate()
+
+
+@pytest.fixture(scope="session")
+def trained_server_target():
+    """The real server on the shipped, trained default model (`--model default`), on a free port."""
     server = ServerProcess("--model", "default", "--max-batch", "4", "--grace-period", "2")
     yield server.target
     server.terminate()

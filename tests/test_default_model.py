@@ -3,7 +3,7 @@ serves finds needles, through the real server and the project's own NIAH client.
 
 - the shipped checkpoint is the recipe (presets.architecture()) with weights stored as bfloat16
   and stays a few MB;
-- `ringserve niah`'s Runner against the default-model server (tests/conftest.py `server_target`):
+- `ringserve niah`'s Runner against the default-model server (tests/conftest.py `trained_server_target`):
   passkey retrieval from a 4K-token haystack at depths 0 / 50 / 100 %, and gkamradt's classic
   needle in the standard library's docs (system prompt, <context> tags, question turn); each
   answer is scored by niah's scorer. A random model scores 0 here (the pass key is 5 random
@@ -48,8 +48,8 @@ def _run(target, task, hay, grid, tmp_path):
         return Runner(client, task, hay, settings, progress_stream=io.StringIO()).run(grid)
 
 
-def test_default_model_finds_the_pass_key_in_4k_tokens(server_target, tmp_path):
-    rows = _run(server_target, tasks.Passkey(seed=11), haystack.passkey_filler(),
+def test_default_model_finds_the_pass_key_in_4k_tokens(trained_server_target, tmp_path):
+    rows = _run(trained_server_target, tasks.Passkey(seed=11), haystack.passkey_filler(),
                 Grid((4096,), (0.0, 50.0, 100.0)), tmp_path)
     assert len(rows) == 3
     for row in rows:
@@ -57,7 +57,8 @@ def test_default_model_finds_the_pass_key_in_4k_tokens(server_target, tmp_path):
         assert row['score'] == 1.0, row
 
 
-def test_default_model_answers_the_classic_needle_in_the_stdlib_docs(server_target, tmp_path):
-    rows = _run(server_target, tasks.Classic(), haystack.stdlib(), Grid((2048,), (25.0, 75.0)), tmp_path)
+def test_default_model_answers_the_classic_needle_in_the_stdlib_docs(trained_server_target, tmp_path):
+    rows = _run(trained_server_target, tasks.Classic(), haystack.stdlib(), Grid((2048,), (25.0, 75.0)),
+                tmp_path)
     assert len(rows) == 2
     assert [row['score'] for row in rows] == [1.0, 1.0], rows

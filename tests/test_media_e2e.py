@@ -131,7 +131,7 @@ def test_mixed_prompt_generates_and_reuses_its_prefix(stub, clip):
     assert after.kv_pages_used == before.kv_pages_used  # nothing leaked
 
 
-def test_media_reach_the_model(stub, clip, tmp_path):
+def test_media_reach_the_model(stub, clip, tmp_path, random_default_dir):
     """Server tokens == an in-process dense forward pass over the same ids and encoder rows."""
     import jax.numpy as jnp
 
@@ -146,7 +146,7 @@ def test_media_reach_the_model(stub, clip, tmp_path):
     request = mixed_request(clip)
     served = token_ids(run(stub, request))
 
-    directory = presets.ensure_default_checkpoint()
+    directory = random_default_dir  # what server_target serves
     config, model = checkpoint.load(directory)
     tokenizer = Tokenizer(directory / presets.TOKENIZER_FILE)
     store = MediaStore(tmp_path / "store")
