@@ -15,7 +15,8 @@ Design note
    request finishes on its stop token, a stop sequence, max_new_tokens or cancellation; its blocks
    and slot are freed in the same step. Requests preempted for memory are recomputed later and
    stream on where they stopped (sampling keys depend only on seed and position).
-   Multi-step windows: when a plan is decode only and nothing waits for a slot, the decode rows
+   Multi-step windows: when a plan is decode only, nothing waits for a slot and no request
+   ended in the previous step (its client's next request is probably on its way), the decode rows
    run up to `max_steps` steps in one engine call (`decode_steps`: no host round trip
    between them), with pages allocated ahead for the whole window. The window's tokens are then
    handed to the scheduler step by step, exactly as single steps would have been; a row that
@@ -185,6 +186,7 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[Stream] = queue.SimpleQueue()
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}  # by internal id (client request ids may repeat)
+        self._finished = False  # a request ended since the last step
         self._ids = itertools.count()
         self._stats = Stats(slots=max_slots, kv=kv.stats())
         self._lock = threading.Lock()  # guards _stats and _pending, read by other threads
@@ -324,7 +326,11 @@ class EngineLoop:
             # Every waiting request needs blocks that pinned caches hold: wait for a change.
             self._drain_inbox(block=True)
             return
-        if plan.work and all(w.is_decode for w in plan.work) and not self._scheduler.waiting:
+        # No window right after a request ended: its client's next request is likely on its way,
+        # and a window would keep it waiting (and its slot idle) for max_steps steps.
+        finished, self._finished = self._finished, False
+        if (plan.work and all(w.is_decode for w in plan.work) and not self._scheduler.waiting
+                and not finished):
             steps, tables = self._window(plan.work)
             if steps > 1:
                 self._decode_window(plan, steps, tables)
@@ -480,6 +486,7 @@ class EngineLoop:
             text += active.held + active.detok.flush()
             active.held = ""
         del self._active[active.seq.request_id]
+        self._finished = True
         self._scheduler.finish(active.seq.request_id)  # frees its blocks and slot
         with self._lock:
             if not active.admitted:
