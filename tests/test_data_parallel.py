@@ -28,8 +28,8 @@ def ask(stub, text):
 
 
 @pytest.fixture(scope="module")
-def replicated():
-    server = ServerProcess("--model", "default", "--mesh", "data=2,sequence=2", "--max-batch", "2",
+def replicated(random_default_dir):
+    server = ServerProcess("--model", str(random_default_dir), "--mesh", "data=2,sequence=2", "--max-batch", "2",
                            "--max-len", "4096", "--kv-cache-gib", "0.25", "--grace-period", "2",
                            "--no-warmup")  # compiles only what the test uses
     with grpc.insecure_channel(server.target) as channel:

@@ -25,8 +25,8 @@ def stub(server_target):
 
 
 @pytest.fixture(scope="module")
-def small_server():
-    server = ServerProcess("--model", "default", "--max-batch", "4", "--kv-cache-gib",
+def small_server(random_default_dir):
+    server = ServerProcess("--model", str(random_default_dir), "--max-batch", "4", "--kv-cache-gib",
                            str(SMALL_POOL_GIB), "--page-len", str(PAGE_TOKENS),
                            "--prefill-chunk", "64", "--metrics-port", "0")
     yield server

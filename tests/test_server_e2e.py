@@ -280,9 +280,9 @@ def test_hundred_streams_with_cancels_and_deadlines_leave_nothing_behind(stub):
     assert stats.kv_pages_used == stats.kv_pages_pinned
 
 
-def test_sigterm_drains_then_exits():
+def test_sigterm_drains_then_exits(random_default_dir):
     from serving import ServerProcess
-    server = ServerProcess("--model", "default", "--max-batch", "2", "--grace-period", "1",
+    server = ServerProcess("--model", str(random_default_dir), "--max-batch", "2", "--grace-period", "1",
                            "--no-warmup")
     try:
         with grpc.insecure_channel(server.target) as channel:
