@@ -74,12 +74,12 @@ def test_generate_streams_text_tokens_and_usage(stub):
     assert last.time_to_first_token.ToTimedelta().total_seconds() == pytest.approx(ttft)
 
 
-def test_greedy_output_equals_offline_model(stub):
+def test_greedy_output_equals_offline_model(stub, random_default_dir):
     """The served tokens are what the model itself says, token for token (no server drift)."""
     req = request("The quick brown fox", system="Be brief.", max_output_tokens=16, temperature=0)
     served = token_ids(run(stub, req))
 
-    config, model = checkpoint.load(presets.default_checkpoint_dir())
+    config, model = checkpoint.load(random_default_dir)  # what server_target serves
     tokenizer = Tokenizer.default()
     prompt = prompt_lib.render([("user", "The quick brown fox")], "Be brief.", tokenizer)
     usage = run(stub, req)[-1].usage_metadata
