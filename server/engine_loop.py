@@ -187,6 +187,7 @@ class EngineLoop:
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}  # by internal id (client request ids may repeat)
         self._finished = False  # a request ended since the last step
+        self._compiles = engine.compile_count  # programs so far (warm-up's), to spot new ones
         self._ids = itertools.count()
         self._stats = Stats(slots=max_slots, kv=kv.stats())
         self._lock = threading.Lock()  # guards _stats and _pending, read by other threads
@@ -280,6 +281,7 @@ class EngineLoop:
                 self._reap_cancelled()
                 if self._scheduler.has_work():
                     self._step()
+                    self._note_compiles()
         except BaseException as error:  # noqa: BLE001 - any failure must end every stream
             log.exception("engine thread failed; failing all requests")
             self._failed = error
@@ -289,6 +291,15 @@ class EngineLoop:
             self._fail_all(EngineFailure(f"the inference engine failed: {error!r}"))
             return
         self._fail_all(None)
+
+    def _note_compiles(self) -> None:
+        """Warns when a step compiled a program warm-up did not: every stream stalled for it."""
+        count = self._engine.compile_count
+        if count > self._compiles:
+            log.warning("a step compiled %d program(s) after warm-up (%d in all): a shape "
+                        "warm-up missed; every running stream waited for it",
+                        count - self._compiles, count)
+        self._compiles = count
 
     def _run_calls(self) -> None:
         while True:

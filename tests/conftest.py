@@ -15,7 +15,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from serving import ServerProcess  # noqa: E402
+from serving import SERVERS, ServerProcess  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used a shared server gets that server's last log lines in its report
+    (a stall or an engine error is then visible in CI's output)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for name in ("server_target", "trained_server_target"):
+        server = SERVERS.get(getattr(item, "funcargs", {}).get(name, ""))
+        if server is not None:
+            report.sections.append((f"{name}'s log, last 40 lines", "".join(server.lines[-40:])))
 
 
 @pytest.fixture(scope="session")

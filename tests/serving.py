@@ -12,6 +12,9 @@ import time
 
 READY = re.compile(r"ringserve: serving \S+ on (\S+):(\d+)")
 
+# Started servers by target, so a failing test's report can show the log of the server it used.
+SERVERS: dict[str, "ServerProcess"] = {}
+
 
 class ServerProcess:
     """`ringserve serve` in a child process; `target` is "127.0.0.1:PORT" once ready."""
@@ -35,6 +38,7 @@ class ServerProcess:
             match = READY.search(line)
             if match and not self.target:
                 self.target = f"{match.group(1)}:{match.group(2)}"
+                SERVERS[self.target] = self
                 self._ready.set()
         self._ready.set()  # the process ended: wake the waiter either way
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 
 import grpc
@@ -202,6 +203,28 @@ def test_closing_the_stream_cancels(client):
     next(stream)
     stream.close()
     assert _wait_idle(client).finished_requests.get("CANCELLED", 0) == before + 1
+
+
+def test_cancel_from_another_thread_ends_the_iteration(client):
+    """`Stream.cancel()` is what a Ctrl-C handler or a UI thread calls while the main thread
+    iterates: the iteration ends with Cancelled and the server frees the request."""
+    before = _cancelled_count(client)
+    stream = client.generate("Tell me a long story.", max_output_tokens=4000)
+    seen = 0
+    with pytest.raises(ringserve.Cancelled):
+        for chunk in stream:
+            seen += len(chunk.token_ids)
+            if seen == 1:
+                threading.Thread(target=stream.cancel).start()
+    assert 1 <= seen < 4000
+    assert _wait_idle(client).finished_requests.get("CANCELLED", 0) == before + 1
+
+
+def test_cancel_before_the_call_starts(client):
+    stream = client.generate("hi", max_output_tokens=4000)
+    stream.cancel()
+    with pytest.raises(ringserve.Cancelled):
+        next(stream)
 
 
 # ---- the asyncio client -----------------------------------------------------------------------

@@ -7,7 +7,7 @@
 """
 
 from ringserve.aio import AsyncClient
-from ringserve.client import Client
+from ringserve.client import Client, Stream
 from ringserve.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -39,6 +39,6 @@ __all__ = [
     "AsyncClient", "Audio", "CachedContent", "Cancelled", "Chunk", "Client", "DeadlineExceeded",
     "FailedPrecondition", "Image", "Internal", "InvalidArgument", "Media", "MediaInfo",
     "ModelInfo", "NotFound", "PermissionDenied", "ResourceExhausted", "Result", "RingserveError",
-    "ServerStats", "TokenCount", "Unauthenticated", "Unavailable", "Unimplemented", "Usage",
+    "ServerStats", "Stream", "TokenCount", "Unauthenticated", "Unavailable", "Unimplemented", "Usage",
     "Video", "from_rpc_error", "guess_mime_type",
 ]

@@ -12,16 +12,20 @@ empty prompt quits. Commands: /image, /audio and /video attach a file to the nex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import TextIO
 
-from ringserve.client import Client
-from ringserve.errors import RingserveError, Unavailable
+from ringserve.client import Client, Stream
+from ringserve.errors import Cancelled, RingserveError, Unavailable
 from ringserve.media import Audio, Image, Media, Video
 
 SHORT_HELP = "/help lists commands · Ctrl-C stops an answer"
@@ -56,6 +60,30 @@ class Settings:
     system: str | None = None
     temperature: float | None = None
     max_output_tokens: int | None = None
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(stream: Stream) -> Iterator[threading.Event]:
+    """While streaming, Ctrl-C cancels the call rather than raising KeyboardInterrupt wherever
+    the main thread happens to be (inside gRPC's wait, say). The cancel runs on its own thread,
+    so the handler never takes gRPC's locks itself; the stream then ends with `Cancelled`. The
+    yielded event says Ctrl-C was pressed. Off the main thread, Ctrl-C is left as it is."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum, frame):
+        if interrupted.is_set():  # a second Ctrl-C while the cancel is on its way
+            raise KeyboardInterrupt
+        interrupted.set()
+        threading.Thread(target=stream.cancel, daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Chat:
@@ -138,16 +166,22 @@ class Chat:
         first = None
         stopped = False
         try:
-            for chunk in stream:
-                if chunk.token_ids and first is None:
-                    first = time.monotonic()
-                n_tokens += len(chunk.token_ids)
-                ttft = chunk.time_to_first_token or ttft
-                reason, usage = chunk.finish_reason or reason, chunk.usage or usage
-                if chunk.text:
-                    parts.append(chunk.text)
-                    self._print(chunk.text, end="")
-        except KeyboardInterrupt:
+            with _ctrl_c_cancels(stream) as interrupted:
+                try:
+                    for chunk in stream:
+                        if chunk.token_ids and first is None:
+                            first = time.monotonic()
+                        n_tokens += len(chunk.token_ids)
+                        ttft = chunk.time_to_first_token or ttft
+                        reason, usage = chunk.finish_reason or reason, chunk.usage or usage
+                        if chunk.text:
+                            parts.append(chunk.text)
+                            self._print(chunk.text, end="")
+                except Cancelled:
+                    if not interrupted.is_set():
+                        raise
+                    stopped = True
+        except KeyboardInterrupt:  # not the main thread, or a second Ctrl-C: stop all the same
             stopped = True
         except RingserveError as e:
             self._print()

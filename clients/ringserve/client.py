@@ -48,6 +48,48 @@ def _lost_upload(error: NotFound, names: list[str]) -> bool:
     return any(name in error.details for name in names)
 
 
+class _Call:
+    """The gRPC call behind a Stream, shared by the Stream and its generator. (The generator
+    must not hold the Stream: the cycle would keep a dropped stream's call running until the
+    cyclic garbage collector ran.)"""
+
+    def __init__(self) -> None:
+        self.call = None  # set when the first next() starts the call
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        call = self.call
+        if call is not None:
+            call.cancel()
+
+
+class Stream(Iterator[Chunk]):
+    """`Client.generate`'s answer: iterate it for `Chunk`s.
+
+    `close()` (or leaving a `for` loop and dropping the stream) cancels the call. `cancel()` may
+    be called from any thread or from a signal handler while another thread iterates: it only
+    asks gRPC to cancel (thread-safe), and the iteration then ends with `Cancelled`. Raising
+    KeyboardInterrupt inside gRPC's wait instead would unwind through its internals.
+    """
+
+    def __init__(self, call: _Call, chunks: Iterator[Chunk]) -> None:
+        self._call = call
+        self._chunks = chunks
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class Client:
     """A connection to one ringserve server. Thread-safe; close it (or use `with`) when done.
 
@@ -138,7 +180,7 @@ class Client:
         request_id: str | None = None,
         cached_content: str | CachedContent | None = None,
         timeout: float | None = _UNSET,
-    ) -> Iterator[Chunk]:
+    ) -> Stream:
         """Streams the answer to `contents` as `Chunk`s; the last carries finish_reason and usage.
 
         contents: a str (one user turn), or a sequence of turns, each a str (a user turn), a
@@ -157,7 +199,9 @@ class Client:
         None then. Its pinned prompt tokens are not computed again.
 
         The call starts on the first `next()`. Leaving the loop early (`break`), or calling the
-        iterator's `close()`, cancels the call on the server, which stops generating at once.
+        stream's `close()`, cancels the call on the server, which stops generating at once.
+        `cancel()` does the same from another thread or a signal handler (e.g. Ctrl-C in a chat
+        app); the iteration then raises `Cancelled`.
         """
         def build(resolve: types.Resolve) -> pb.GenerateRequest:
             return types.generate_request(
@@ -171,8 +215,15 @@ class Client:
         return self._stream(request, self._deadline(timeout), build, names)
 
     def _stream(self, request: pb.GenerateRequest, timeout: float | None,
-                build: Build | None = None, names: Sequence[str] = ()) -> Iterator[Chunk]:
-        call = self._stub.Generate(request, timeout=timeout)
+                build: Build | None = None, names: Sequence[str] = ()) -> Stream:
+        box = _Call()
+        return Stream(box, self._chunks(box, request, timeout, build, names))
+
+    def _chunks(self, box: _Call, request: pb.GenerateRequest, timeout: float | None,
+                build: Build | None, names: Sequence[str]) -> Iterator[Chunk]:
+        call = box.call = self._stub.Generate(request, timeout=timeout)
+        if box.cancelled:  # cancel() came before the call existed
+            call.cancel()
         started = lost = False
         try:
             for response in call:
@@ -192,7 +243,7 @@ class Client:
             # The server lost an upload before generating anything: upload again, retry once.
             self._media.forget(names)
             request, _ = self._resolve(build, timeout)
-            yield from self._stream(request, timeout)
+            yield from self._chunks(box, request, timeout, None, ())
 
     def generate_text(self, contents: Contents, **options) -> Result:
         """Runs `generate` to the end and returns the whole answer. Takes `generate`'s options."""
