@@ -350,3 +350,19 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
 def test_curriculum_steps_up_through_the_lengths():
     cfg = trainer.TrainConfig(out='x', steps=9, lengths=(1024, 256, 512))
     assert [cfg.length_at(s) for s in range(9)] == [256] * 3 + [512] * 3 + [1024] * 3
+
+
+def test_init_from_starts_at_the_checkpoints_weights(full_run, tmp_path):
+    """A fine-tune (`--init-from`) starts where the checkpoint ends: its first loss is the trained
+    run's last level, far below a fresh start's, and the architecture is the checkpoint's."""
+    out, _, _ = full_run
+    cfg = _cfg(tmp_path, steps=3)
+    summary = trainer.train(cfg, init_from=out, log=io.StringIO())
+    straight = _losses(out)
+    fresh_first = np.mean([straight[s] for s in (1, 2, 3)])
+    assert summary.first_loss < 0.6 * fresh_first, (summary.first_loss, fresh_first)
+    assert checkpoint.load(tmp_path)[0] == TINY
+    with pytest.raises(ValueError, match='exclude each other'):
+        trainer.train(cfg, resume=True, init_from=out, log=io.StringIO())
+    with pytest.raises(ValueError, match="checkpoint's own architecture"):
+        trainer.train(cfg, TINY, init_from=out, log=io.StringIO())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from model import presets
 from model.config import parse_layer_kinds
 from train import data
 from train.trainer import COMPUTE_DTYPES, TrainConfig, model_config, train
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', required=True, help='training directory: checkpoint, optimizer state, train_log.jsonl')
     p.add_argument('--resume', action='store_true', help='continue from the checkpoint in --out')
+    p.add_argument('--init-from', metavar='DIR',
+                   help='start from this checkpoint\'s weights and architecture (fresh optimizer and '
+                        'schedule: a fine-tune); "default" is the shipped model')
     p.add_argument('--steps', type=int, default=1000, help='total optimizer steps (default 1000)')
     p.add_argument('--batch', type=int, default=8, help='examples per step (default 8)')
     p.add_argument('--batch-tokens', type=int,
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--lengths', type=_ints, default=(256, 512, 1024),
                    help='curriculum lengths in tokens, steps split evenly, shortest first (default 256,512,1024)')
     p.add_argument('--tasks', type=_names(tuple(data.TASKS)), default=tuple(data.TASKS),
-                   help=f'comma-separated tasks (default all: {",".join(data.TASKS)})')
+                   help=f'comma-separated tasks, drawn uniformly per example: repeat one to weight it '
+                        f'(default all: {",".join(data.TASKS)})')
     p.add_argument('--fillers', type=_names(data.FILLERS), default=data.FILLERS,
                    help=f'haystack texts (default {",".join(data.FILLERS)})')
     p.add_argument('--seed', type=int, default=0)
@@ -83,10 +88,15 @@ def main(argv: list[str] | None = None) -> int:
                           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                           eval_examples=args.eval_examples, time_limit=args.time_limit,
                           progress=not args.no_progress)
-        config = None if args.resume else model_config(args.d_model, args.layers, args.heads, args.kv_heads,
+        shape = (args.d_model, args.layers, args.heads, args.kv_heads, args.head_dim, args.mlp_dim,
+                 args.layer_kinds, args.rope_theta)
+        if args.init_from and any(x is not None for x in shape):
+            raise ValueError('--init-from takes the checkpoint\'s architecture: drop the model shape flags.')
+        init_from = presets.SHIPPED_DEFAULT if args.init_from == 'default' else args.init_from
+        config = None if args.resume or init_from else model_config(args.d_model, args.layers, args.heads, args.kv_heads,
                                                        args.head_dim, args.mlp_dim, layer_kinds=args.layer_kinds,
                                                        rope_theta=args.rope_theta)
-        train(cfg, config, resume=args.resume)
+        train(cfg, config, resume=args.resume, init_from=init_from)
     except (ValueError, FileNotFoundError) as e:
         print(f'python -m train: {e}', file=sys.stderr)
         return 2

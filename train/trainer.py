@@ -327,24 +327,36 @@ class _Progress:
 
 
 def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool = False, until: int | None = None,
-          log: TextIO = sys.stderr, tokenizer: Tokenizer | None = None) -> Summary:
+          log: TextIO = sys.stderr, tokenizer: Tokenizer | None = None,
+          init_from: str | Path | None = None) -> Summary:
     """Train (or, with `resume`, continue) into cfg.out; returns a Summary (also printed to `log`).
 
     `config` (default presets.architecture()) is used for a fresh start; a resumed run takes the
-    saved one. `until` stops this run after that step (the schedule still spans cfg.steps), as
+    saved one. `init_from` (a servable checkpoint directory, e.g. model/assets/default) starts from
+    its weights and architecture instead of random ones, with a fresh optimizer and schedule: a
+    fine-tune. `until` stops this run after that step (the schedule still spans cfg.steps), as
     --time-limit does, with a checkpoint.
     """
     tokenizer = tokenizer or Tokenizer.default()
     out = Path(cfg.out)
     optimizer = make_optimizer(cfg)
+    if resume and init_from is not None:
+        raise ValueError('resume and init_from exclude each other: resume continues the run in --out, '
+                         'init_from starts a new one from a checkpoint\'s weights.')
+    if init_from is not None and config is not None:
+        raise ValueError('init_from takes the checkpoint\'s own architecture: give no model shape with it.')
     if resume:
         config, graphdef, params, frozen, opt_state, start = load_checkpoint(out, optimizer)
     else:
-        config = config or presets.architecture()
+        if init_from is not None:
+            # Master weights in float32 whatever the checkpoint stores (the shipped one is bfloat16).
+            config, model = checkpoint.load(init_from, dtype='float32')
+        else:
+            config = config or presets.architecture()
+            model = Transformer(config, rngs=nnx.Rngs(cfg.seed))
         if config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f'model vocab_size={config.vocab_size} differs from the tokenizer\'s '
                              f'{tokenizer.vocab_size} ({tokenizer.path}).')
-        model = Transformer(config, rngs=nnx.Rngs(cfg.seed))
         graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
         opt_state = optimizer.init(params)
         start = 0
