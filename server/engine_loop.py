@@ -11,7 +11,8 @@ Design note
    plan (each request's share of the token budget: a prefill chunk or one decode token, with its
    block table); run the prefill chunks one by one and all decode rows in one batched call; hand
    the sampled tokens back to the scheduler; turn each kept token into text (incremental
-   detokenising, stop sequences held back until decided) and deliver one event per request. A
+   detokenising, stop sequences held back until decided) and queue one event per request; the
+   step's events reach the event loop together, in one wakeup (`_Outbox`). A
    request finishes on its stop token, a stop sequence, max_new_tokens or cancellation; its blocks
    and slot are freed in the same step. Requests preempted for memory are recomputed later and
    stream on where they stopped (sampling keys depend only on seed and position).
@@ -99,13 +100,6 @@ class Stream:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def deliver(self, event: Event) -> None:
-        """Called from the engine thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the event loop has closed (server gone): nobody is listening
-            pass
-
     def __aiter__(self):
         return self
 
@@ -116,6 +110,36 @@ class Stream:
         if event.finish_reason is not None or event.error is not None:
             self._done = True
         return event
+
+
+def _put_all(batch: list[tuple[Stream, Event]]) -> None:
+    for stream, event in batch:
+        stream._events.put_nowait(event)
+
+
+class _Outbox:
+    """Events the engine thread produced, handed to the event loop once per engine iteration:
+    one wakeup of the loop a step, not one a token (each is a syscall and a loop turn, taken
+    from the cores XLA computes on). Events keep their order."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Stream, Event]] = []
+
+    def put(self, stream: Stream, event: Event) -> None:
+        self._items.append((stream, event))
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Event]]] = {}
+        for stream, event in items:
+            by_loop.setdefault(stream._loop, []).append((stream, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the event loop has closed (server gone): nobody is listening
+                pass
 
 
 class _Active:
@@ -187,6 +211,7 @@ class EngineLoop:
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}  # by internal id (client request ids may repeat)
         self._finished = False  # a request ended since the last step
+        self._outbox = _Outbox()
         self._compiles = engine.compile_count  # programs so far (warm-up's), to spot new ones
         self._ids = itertools.count()
         self._stats = Stats(slots=max_slots, kv=kv.stats())
@@ -282,6 +307,7 @@ class EngineLoop:
                 if self._scheduler.has_work():
                     self._step()
                     self._note_compiles()
+                self._outbox.flush()
         except BaseException as error:  # noqa: BLE001 - any failure must end every stream
             log.exception("engine thread failed; failing all requests")
             self._failed = error
@@ -472,7 +498,7 @@ class EngineLoop:
             self._finish(active, MAX_TOKENS, text=text, token_ids=(token,),
                          first_token_time=first)
             return
-        active.stream.deliver(Event(text=text, token_ids=(token,), first_token_time=first))
+        self._outbox.put(active.stream, Event(text=text, token_ids=(token,), first_token_time=first))
 
     def _pin(self, active: _Active, first: float | None) -> None:
         """A cache-creating request has computed its prompt: pin its full pages, then finish."""
@@ -508,9 +534,9 @@ class EngineLoop:
                                      time.monotonic() - active.stream.received_at,
                                      len(active.seq.prompt_ids), active.generated)
         if error is not None:
-            active.stream.deliver(Event(error=error))
+            self._outbox.put(active.stream, Event(error=error))
             return
-        active.stream.deliver(Event(
+        self._outbox.put(active.stream, Event(
             text=text, token_ids=token_ids, first_token_time=first_token_time,
             finish_reason=reason, prompt_tokens=len(active.request.prompt_ids),
             cached_tokens=active.seq.num_cached, generated_tokens=active.generated,
@@ -527,5 +553,6 @@ class EngineLoop:
             else:
                 self._metrics.observe_finish("ERROR", time.monotonic() - active.stream.received_at,
                                              len(active.seq.prompt_ids), active.generated)
-                active.stream.deliver(Event(error=error))
+                self._outbox.put(active.stream, Event(error=error))
         self._active.clear()
+        self._outbox.flush()
