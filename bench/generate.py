@@ -1,4 +1,4 @@
-"""Text generation throughput: ringserve's Engine next to transformers' `generate`, same weights.
+"""Text generation throughput: ringserve's PagedEngine next to transformers' `generate`, same weights.
 
     python -m bench.generate --out bench/results/generate.json [--quick]
 
@@ -8,8 +8,10 @@ weights. Each workload (batch, prompt length, new tokens) runs greedy decoding o
 warm-up of the same shapes; runs of the two alternate and the best of `--repeats` is kept, which
 damps interference from other processes on a small box.
 
-Timing. ringserve: prefill = the B `Engine.prefill` calls (one slot each, first token sampled),
-decode = the N - 1 `Engine.decode` calls. transformers: a logits processor stamps the clock when
+Timing. ringserve: prefill = the `PagedEngine.prefill` calls (one slot each, chunks of up to 512
+tokens, first token sampled), decode = the N - 1 batched `PagedEngine.decode` calls (one token a
+call, each row reading its own pages; block tables laid out on the host as the server's cache
+manager would). transformers: a logits processor stamps the clock when
 the first token's logits are ready (prefill done) and generate's return ends decode (N - 1 steps).
 Torch uses 2 threads; XLA and OMP settings are left as they are.
 """
@@ -31,10 +33,11 @@ import jax
 import numpy as np
 import torch
 import transformers
+from flax import nnx
 
 from model import checkpoint, presets
 from model.config import ModelConfig
-from model.engine import Engine
+from model.paged_engine import PagedEngine
 from model.sampling import SamplingParams
 
 TORCH_THREADS = 2
@@ -99,19 +102,28 @@ def run_transformers(model, prompts: np.ndarray, new_tokens: int) -> tuple[float
     return stamp.first - start, end - stamp.first, tokens
 
 
-def run_ringserve(engine: Engine, prompts: np.ndarray, new_tokens: int) -> tuple[float, float, np.ndarray]:
+PAGE_LEN = 16
+CHUNK = 512
+
+
+def run_ringserve(engine: PagedEngine, prompts: np.ndarray, new_tokens: int) -> tuple[float, float, np.ndarray]:
     """(prefill seconds, decode seconds, tokens i32[B, N]): B prefills, then N - 1 batched decodes."""
-    batch = len(prompts)
+    batch, prompt = prompts.shape
+    pages = -(-(prompt + new_tokens) // PAGE_LEN)
+    tables = [list(range(1 + i * pages, 1 + (i + 1) * pages)) for i in range(batch)]  # page 0: null
+    slots = list(range(batch))
+    for slot in slots:
+        engine.set_params(slot, GREEDY)
     tokens = np.zeros((batch, new_tokens), dtype=np.int32)
     start = time.perf_counter()
-    for slot in range(batch):
-        tokens[slot, 0] = engine.prefill(slot, prompts[slot], GREEDY)
+    for slot in slots:
+        for s in range(0, prompt, CHUNK):
+            tokens[slot, 0] = engine.prefill(slot, prompts[slot, s:s + CHUNK].tolist(), s, tables[slot])
     prefilled = time.perf_counter()
     for step in range(1, new_tokens):
-        tokens[:, step] = engine.decode()[:batch]
+        tokens[:, step] = engine.decode(slots, tokens[:, step - 1].tolist(), [prompt + step - 1] * batch,
+                                        tables)
     end = time.perf_counter()
-    for slot in range(batch):
-        engine.free(slot)
     return prefilled - start, end - prefilled, tokens
 
 
@@ -137,9 +149,12 @@ def bench_model(config: ModelConfig, workloads: list[Workload], repeats: int, wo
     for w in workloads:
         prompts = np.random.default_rng(w.prompt).integers(3, config.vocab_size, size=(w.batch, w.prompt))
         max_len = w.max_len or w.prompt + w.new_tokens
-        engine = Engine(rs_config, rs_model, max_slots=w.batch, max_len=max_len, prefill_chunk=512)
+        pages = w.batch * -(-(w.prompt + w.new_tokens) // PAGE_LEN) + 1
+        engine = PagedEngine(rs_config, rs_model, max_slots=w.batch, num_pages=pages, page_len=PAGE_LEN,
+                             max_len=max_len, prefill_chunk=CHUNK, max_steps=1)
         warm_start = time.perf_counter()
-        run_ringserve(engine, prompts[:1], 2)  # compiles this prompt's bucket and the decode step
+        run_ringserve(engine, prompts, 2)  # compiles this prompt's bucket and the decode programs
+        run_ringserve(engine, prompts, w.new_tokens)  # and every decode list length it reaches
         rs_warmup = time.perf_counter() - warm_start
         run_transformers(hf_model, prompts, 2)
         compiles = engine.compile_count
@@ -156,7 +171,7 @@ def bench_model(config: ModelConfig, workloads: list[Workload], repeats: int, wo
         decode_tokens = w.batch * (w.new_tokens - 1)
         row = {
             'model': config.name,
-            'params': engine.param_count,
+            'params': sum(x.size for x in jax.tree.leaves(nnx.state(rs_model, nnx.Param))),
             **dataclasses.asdict(w),
             'max_len': max_len,
             'ringserve': {

@@ -49,7 +49,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from model.config import ModelConfig
-from model.engine import prefill_buckets
 from model import sharding
 from model.kv_pages import NULL_PAGE
 from model.sampling import SamplingParams, params_arrays, row_keys, sample
@@ -64,7 +63,8 @@ WIDTH_GROWTH = 4  # decode width buckets grow by this factor (in pages)
 FINE_WIDTH_MAX = 256
 ROW_GROWTH = 2  # decode row buckets grow by this factor (in requests)
 FLAT_GROWTH = 4  # ragged decode list lengths grow by this factor from one chunk
-# Prefill buckets: powers of two (model/engine.py's), plus 3/4 of each from here up (96, 192, 384,
+MIN_BUCKET = 16  # the smallest prefill bucket
+# Prefill buckets: powers of two (`prefill_buckets`), plus 3/4 of each from here up (96, 192, 384,
 # ...): a prompt of 300 tokens computes 384, not 512 (a 512-token chunk costs about 1.65x a
 # 300-token one; the smaller ones cost mostly their fixed overhead).
 FINE_PREFILL_MIN = 96
@@ -81,6 +81,16 @@ def width_buckets(pages_per_seq: int, multiple: int = 1) -> tuple[int, ...]:
         w *= WIDTH_GROWTH
     last = sharding.ceil_to(pages_per_seq, multiple)
     return tuple(sorted({*(x for x in widths if x < last), last}))
+
+
+def prefill_buckets(prefill_chunk: int) -> tuple[int, ...]:
+    """Powers of two from MIN_BUCKET below prefill_chunk, then prefill_chunk itself."""
+    buckets = []
+    size = MIN_BUCKET
+    while size < prefill_chunk:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, prefill_chunk)
 
 
 def prefill_sizes(prefill_chunk: int) -> tuple[int, ...]:

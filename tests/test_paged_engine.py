@@ -116,6 +116,52 @@ def test_shared_prefix_pages_give_the_same_tokens(model, engine, reference):
     assert out_b == reference(prompt_b, 6)
 
 
+def test_seeded_sampling_depends_on_seed_and_position_not_slot(model, engine):
+    """A seeded request samples the same tokens alone in slot 0 as in slot 3 beside batch mates
+    (greedy and sampled), and other tokens with another seed: preemption and recompute rely on it."""
+    from model.sampling import SamplingParams
+
+    config, _ = model
+    prompt = [(11 * i + 2) % config.vocab_size for i in range(9)]
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+
+    def run(slot, params, mates=()):
+        pages = Pages(60, seed=slot)
+        rows = [(slot, prompt, params), *mates]
+        tables, last, pos = [], [], []
+        for s, p, sp in rows:
+            engine.set_params(s, sp)
+            table = pages.table_for([], len(p))
+            last.append([engine.prefill(s, p, 0, table)])
+            tables.append(table)
+            pos.append(len(p))
+        for _ in range(12):
+            for i in range(len(rows)):
+                pages.table_for(tables[i], pos[i] + 1)
+            tokens = engine.decode([r[0] for r in rows], [t[-1] for t in last], pos, tables)
+            for i, t in enumerate(tokens):
+                last[i].append(t)
+                pos[i] += 1
+        return last[0]
+
+    alone = run(0, params)
+    mates = ((0, prompt[:4], SamplingParams(temperature=2.0, seed=1)),
+             (1, prompt[::-1], SamplingParams(temperature=0.0)))
+    assert run(3, params, mates) == alone
+    assert run(0, SamplingParams(temperature=1.0, top_p=0.95, seed=99)) != alone
+
+
+def test_bad_calls_name_the_limit(model, engine):
+    with pytest.raises(ValueError, match="prefill chunk of 33 tokens: must be 1..32"):
+        engine.prefill(0, [5] * 33, 0, list(range(1, 10)))
+    with pytest.raises(ValueError, match="must be 1..32"):
+        engine.prefill(0, [], 0, [])
+    with pytest.raises(ValueError, match="max_len"):
+        engine.prefill(0, [5] * 8, 60, list(range(1, 18)))
+    with pytest.raises(ValueError, match="decode of 5 rows"):
+        engine.decode([0, 1, 2, 3, 0], [5] * 5, [1] * 5, [[1]] * 5)
+
+
 def test_no_compilation_after_warmup(model):
     config, net = model
     engine = PagedEngine(config, net, max_slots=3, num_pages=60, page_len=G, prefill_chunk=16)
