@@ -33,7 +33,6 @@ import jax
 import numpy as np
 import torch
 import transformers
-from flax import nnx
 
 from model import checkpoint, presets
 from model.config import ModelConfig
@@ -171,7 +170,7 @@ def bench_model(config: ModelConfig, workloads: list[Workload], repeats: int, wo
         decode_tokens = w.batch * (w.new_tokens - 1)
         row = {
             'model': config.name,
-            'params': sum(x.size for x in jax.tree.leaves(nnx.state(rs_model, nnx.Param))),
+            'params': engine.param_count,
             **dataclasses.asdict(w),
             'max_len': max_len,
             'ringserve': {
