@@ -273,6 +273,7 @@ def test_missing_packages_and_espeak_are_named(tmp_path, monkeypatch, capsys):
         capsys.readouterr().err
     monkeypatch.undo()
     monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng, whether installed or not
+    monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # nor its library
     assert cli.main(["niah", "--modality", "audio", "--durations", "5s", "--target",
                      "127.0.0.1:9", "--out", out]) == 2  # refused before any RPC
     assert "install it (e.g. apt-get install espeak-ng) or pass --needle-audio CLIP " \

@@ -11,7 +11,7 @@ import sys
 from model import presets
 from model.config import parse_layer_kinds
 from train import data
-from train.trainer import COMPUTE_DTYPES, TrainConfig, model_config, train
+from train.trainer import COMPUTE_DTYPES, TASKS, TrainConfig, model_config, train
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--clip', type=float, default=1.0, help='global gradient-norm clip (default 1.0)')
     p.add_argument('--lengths', type=_ints, default=(256, 512, 1024),
                    help='curriculum lengths in tokens, steps split evenly, shortest first (default 256,512,1024)')
-    p.add_argument('--tasks', type=_names(tuple(data.TASKS)), default=tuple(data.TASKS),
+    p.add_argument('--tasks', type=_names(TASKS), default=tuple(data.TASKS),
                    help=f'comma-separated tasks, drawn uniformly per example: repeat one to weight it '
-                        f'(default all: {",".join(data.TASKS)})')
+                        f'(default the text ones: {",".join(data.TASKS)}); "video" makes whole steps video '
+                        f'ones at its share and trains the image encoder too')
     p.add_argument('--fillers', type=_names(data.FILLERS), default=data.FILLERS,
                    help=f'haystack texts (default {",".join(data.FILLERS)})')
     p.add_argument('--seed', type=int, default=0)

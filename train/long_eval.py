@@ -7,6 +7,10 @@ its KV pages and time for its attention, nothing more. It is for the architectur
 trainer's `eval_lengths`; the recorded figures come from `ringserve niah` against the real server.
 
     python -m train.long_eval --model build/train/default --lengths 1024,4096,16384 --examples 8
+
+`--tasks video` asks for the secret word of a video (train/video_data.py) as many frames long as
+fit the length, with fillers from a bank training never saw; the frames go through the model's
+image encoder and their rows into the prefill chunks, as the server's engine loop does.
 """
 
 from __future__ import annotations
@@ -27,19 +31,27 @@ from model.kv_pages import PagedKVCache
 from preprocess import prompt
 from preprocess.tokenizer import Tokenizer
 from ringserve.niah import scoring
-from train import data
+from train import data, video_data
 
 PAGE = 64  # tokens per page
 CHUNK = 1024  # prefill tokens per call (a power of two: one compiled program per bucket)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _forward(graphdef, state, cache, tokens, positions):
-    """Logits at the last of `tokens` [1, T] (padding at position -1 sits after it) and the cache."""
+def _forward(graphdef, state, cache, tokens, positions, embeds=None, embed_mask=None):
+    """Logits at the last of `tokens` [1, T] (padding at position -1 sits after it) and the cache;
+    `embeds` [1, T, D] replace the token embeddings where `embed_mask` [1, T] is set."""
     model = nnx.merge(graphdef, state)
     last = jnp.sum(positions >= 0, axis=1, keepdims=True) - 1  # [1, 1]
-    logits, cache = model(tokens, positions, cache, logits_at=last)
+    logits, cache = model(tokens, positions, cache, logits_at=last, embeds=embeds, embed_mask=embed_mask)
     return jnp.argmax(logits[:, 0], axis=-1), cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_frames(graphdef, state, frames):
+    """u8[N, S, S, 3] -> f32[N, R, D], normalised as preprocess.image.normalize does."""
+    model = nnx.merge(graphdef, state)
+    return model.encode_images((frames.astype(jnp.float32) / 255.0 - 0.5) / 0.5).astype(jnp.float32)
 
 
 class LongEval:
@@ -52,8 +64,24 @@ class LongEval:
         self.cache = PagedKVCache.init(self.config, pages + 1, PAGE, 1, pages).with_page_table(
             np.arange(1, pages + 1, dtype=np.int32)[None])  # one row owning pages 1..n in order
 
-    def answer(self, prompt_ids: Sequence[int], max_new: int, stops: frozenset[int]) -> list[int]:
+    def rows(self, frames: np.ndarray, batch: int = 64) -> np.ndarray:
+        """f32[N * R, D]: the image encoder's rows for u8[N, S, S, 3] frames, in order."""
+        out = []
+        for i in range(0, len(frames), batch):
+            part = np.zeros((batch, *frames.shape[1:]), np.uint8)
+            part[:len(frames[i:i + batch])] = frames[i:i + batch]
+            out.append(np.asarray(_encode_frames(self.graphdef, self.state, part))[:len(frames[i:i + batch])])
+        rows = np.concatenate(out)
+        return rows.reshape(-1, rows.shape[-1])
+
+    def answer(self, prompt_ids: Sequence[int], max_new: int, stops: frozenset[int],
+               media: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
+        """Greedy answer ids; `media` is (positions i32[M], rows f32[M, D]): prompt position
+        positions[m] takes rows[m] instead of its token's embedding."""
         n = len(prompt_ids)
+        embeds_at = {}
+        if media is not None:
+            embeds_at = dict(zip(media[0].tolist(), range(len(media[0]))))
         if n + max_new > self.cache.max_len:
             raise ValueError(f'prompt of {n} tokens + {max_new} new exceeds max_len {self.cache.max_len}.')
         nxt = None
@@ -64,7 +92,15 @@ class LongEval:
             positions = np.full((1, bucket), -1, np.int32)
             tokens[0, :len(piece)] = piece
             positions[0, :len(piece)] = np.arange(start, start + len(piece))
-            nxt, self.cache = _forward(self.graphdef, self.state, self.cache, tokens, positions)
+            embeds = mask = None
+            if media is not None:
+                embeds = np.zeros((1, bucket, media[1].shape[1]), np.float32)
+                mask = np.zeros((1, bucket), bool)
+                for j in range(len(piece)):
+                    m = embeds_at.get(start + j)
+                    if m is not None:
+                        embeds[0, j], mask[0, j] = media[1][m], True
+            nxt, self.cache = _forward(self.graphdef, self.state, self.cache, tokens, positions, embeds, mask)
         out, pos = [], n
         for _ in range(max_new):
             token = int(nxt[0])
@@ -85,6 +121,9 @@ def recall(model: nnx.Module, lengths: Sequence[int], examples: int, tasks: Sequ
     tokenizer = tokenizer or Tokenizer.default()
     stops = prompt.stop_token_ids(tokenizer)
     evaluator = LongEval(model, max(lengths) + 64)
+    bank = None
+    if video_data.TASK in tasks:
+        bank = video_data.build_bank(model.config.vision.image_size, seed=video_data.EVAL_BANK_SEED)
     out = {}
     for length in lengths:
         scores = []
@@ -92,6 +131,9 @@ def recall(model: nnx.Module, lengths: Sequence[int], examples: int, tasks: Sequ
             rng = np.random.default_rng((seed, length, i, 0x10E))
             task = tasks[i % len(tasks)]
             depth = depths[i % len(depths)] if depths else (i + 0.5) / examples
+            if task == video_data.TASK:
+                scores.append(_video_score(evaluator, bank, length, depth, rng, tokenizer, stops, log))
+                continue
             filler = 'passkey' if task == 'passkey' else 'stdlib'
             ex = data.TASKS[task](length, depth, rng, filler=filler, tokenizer=tokenizer)
             t0 = time.monotonic()
@@ -106,13 +148,30 @@ def recall(model: nnx.Module, lengths: Sequence[int], examples: int, tasks: Sequ
     return out
 
 
+def _video_score(evaluator: LongEval, bank, length: int, depth: float, rng, tokenizer, stops, log) -> float:
+    rows_per_frame = evaluator.config.vision.tokens_per_image
+    count = video_data.frames_for_length(length, rows_per_frame, tokenizer)
+    ex = video_data.example(bank, count, depth, rng, rows_per_frame=rows_per_frame, tokenizer=tokenizer,
+                            first_second=0)  # niah's videos start at 00:00
+    t0 = time.monotonic()
+    rows = evaluator.rows(ex.frames)
+    ids = evaluator.answer(ex.prompt_ids.tolist(), 6, stops, (ex.row_positions.reshape(-1), rows))
+    text = tokenizer.decode(ids)
+    score = float(scoring.contains(text, (ex.word,)))  # niah's scorer for the video task
+    if log:
+        log(f'video {length} ({count} frames) depth {depth:.2f}: {text!r} vs {ex.word!r} -> {score:.2f} '
+            f'({time.monotonic() - t0:.1f} s)')
+    return score
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='python -m train.long_eval', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', required=True, help='a ringserve checkpoint directory (e.g. a training --out)')
     p.add_argument('--lengths', default='1024,4096,16384', help='comma-separated prompt lengths in tokens')
     p.add_argument('--examples', type=int, default=8, help='examples per length, at evenly spread depths')
-    p.add_argument('--tasks', default='passkey', help=f'comma-separated, from {",".join(data.TASKS)}')
+    p.add_argument('--tasks', default='passkey',
+                   help=f'comma-separated, from {",".join(data.TASKS)},{video_data.TASK}')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('-v', '--verbose', action='store_true', help='print every answer')
     args = p.parse_args(argv)

@@ -12,6 +12,10 @@ Design:
    batches as an uninterrupted one; the only run state besides weights and optimizer is the step.
 5. Length curriculum: the steps are split evenly over `lengths`, shortest first; each length
    compiles its own step once.
+7. Video (`'video'` among the tasks, train/video_data.py): a step is all video or all text, drawn
+   per step with the tasks' shares. The image encoder then trains with the decoder (the audio
+   encoder stays frozen); a video step encodes its frames, scatters the rows to their placeholder
+   positions and runs the decoder on them, as the server does.
 6. A checkpoint is a ringserve checkpoint directory (model/checkpoint.save, what the server loads,
    with the tokenizer copied in as tokenizer.model) plus optimizer.npz (optimizer state leaves in tree order) and train_state.json (step, seed),
    written beside the directory's files and moved in, state last.
@@ -42,7 +46,7 @@ from model.config import LayerKind, ModelConfig
 from model.transformer import Transformer
 from preprocess import prompt
 from preprocess.tokenizer import Tokenizer
-from train import data
+from train import data, video_data
 
 OPTIMIZER_FILE = 'optimizer.npz'
 STATE_FILE = 'train_state.json'
@@ -50,6 +54,13 @@ LOG_FILE = 'train_log.jsonl'
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 _ENCODERS = ('vision', 'audio')  # submodules text training leaves alone
 TRAINABLE = nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(name)) for name in _ENCODERS))
+TRAINABLE_WITH_VISION = nnx.All(nnx.Param, nnx.Not(nnx.PathContains('audio')))
+TASKS = (*data.TASKS, video_data.TASK)
+
+
+def trainable(tasks: Sequence[str]):
+    """Which parameters a run with `tasks` trains: the decoder, and the image encoder with video."""
+    return TRAINABLE_WITH_VISION if video_data.TASK in tasks else TRAINABLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +101,8 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f'lr={self.lr}: must be > 0.')
         for task in self.tasks:
-            if task not in data.TASKS:
-                raise ValueError(f'task {task!r}: use some of {sorted(data.TASKS)}.')
+            if task not in TASKS:
+                raise ValueError(f'task {task!r}: use some of {sorted(TASKS)}.')
         for filler in self.fillers:
             if filler not in data.FILLERS:
                 raise ValueError(f'filler {filler!r}: use some of {data.FILLERS}.')
@@ -101,6 +112,15 @@ class TrainConfig:
         if self.batch_tokens is None:
             return self.batch
         return max(1, self.batch_tokens // self.length_at(step))
+
+    @property
+    def text_tasks(self) -> tuple[str, ...]:
+        return tuple(t for t in self.tasks if t != video_data.TASK)
+
+    @property
+    def video_share(self) -> float:
+        """The share of steps that are video steps."""
+        return self.tasks.count(video_data.TASK) / len(self.tasks)
 
     def length_at(self, step: int) -> int:
         """The curriculum: sequence length of (0-based) `step`."""
@@ -118,6 +138,7 @@ class Summary:
     recall: dict[int, float]  # curriculum length -> exact-match recall
     stopped_early: bool
     out: str
+    video_recall: dict[int, float] = dataclasses.field(default_factory=dict)  # length -> video-word recall
 
 
 def model_config(d_model: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
@@ -195,10 +216,66 @@ def make_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, c
     return jax.jit(step, donate_argnums=(0, 2))
 
 
-def batch_for_step(cfg: TrainConfig, step: int, tokenizer: Tokenizer) -> data.Batch:
-    """The batch of (0-based) `step`: a function of (seed, step) only, so resuming replays it."""
+def make_video_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, compute_dtype: str):
+    """Like make_step, for a video batch: (params, frozen, opt_state, tokens, at, targets, weights,
+    frames u8[B, F, S, S, 3], row_positions i32[B, F * R], embed_mask bool[B, T])."""
+    loss_fn = _video_loss(graphdef, compute_dtype)
+
+    def step(params, frozen, opt_state, tokens, at, targets, weights, frames, row_positions, embed_mask):
+        loss, grads = jax.value_and_grad(loss_fn)(params, frozen, tokens, at, targets, weights, frames,
+                                                  row_positions, embed_mask)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+def _video_logits(model, tokens, at, frames, row_positions, embed_mask):
+    """Logits at `at` with each frame's rows where the prompt holds them (padding rows dropped)."""
+    b, f, s = frames.shape[:3]
+    # preprocess.image.normalize with SigLIP's mean = std = 0.5, what the server feeds the encoder.
+    pixels = (frames.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+    rows = model.encode_images(pixels.reshape(b * f, s, s, 3))  # [B * F, R, D]
+    rows = rows.reshape(b, -1, rows.shape[-1])  # [B, F * R, D]
+    embeds = jnp.zeros((*tokens.shape, rows.shape[-1]), rows.dtype)  # [B, T, D]
+    embeds = embeds.at[jnp.arange(b)[:, None], row_positions].set(rows, mode='drop')
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, _ = model(tokens, positions, logits_at=at, embeds=embeds, embed_mask=embed_mask)
+    return logits
+
+
+def _video_loss(graphdef: nnx.GraphDef, compute_dtype: str):
+    dtype = jnp.dtype(compute_dtype)
+
+    def loss_fn(params, frozen, tokens, at, targets, weights, frames, row_positions, embed_mask):
+        cast = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+        model = nnx.merge(graphdef, cast, frozen)
+        logits = _video_logits(model, tokens, at, frames, row_positions, embed_mask)  # f32[B, M, V]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # [B, M]
+        return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    return loss_fn
+
+
+def is_video_step(cfg: TrainConfig, step: int) -> bool:
+    """Whether (0-based) `step` trains on video: drawn from (seed, step) with the tasks' share."""
+    share = cfg.video_share
+    if share in (0.0, 1.0):
+        return bool(share)
+    return bool(np.random.default_rng((cfg.seed, step, 0x71DE0)).random() < share)
+
+
+def batch_for_step(cfg: TrainConfig, step: int, tokenizer: Tokenizer,
+                   bank: video_data.FrameBank | None = None, rows_per_frame: int = 0):
+    """The batch of (0-based) `step`: a function of (seed, step) only, so resuming replays it.
+    A video step (`bank` needed) gives a video_data.VideoBatch, a text step a data.Batch."""
     rng = np.random.default_rng((cfg.seed, step))
-    return data.sample_batch(rng, cfg.batch_at(step), cfg.length_at(step), cfg.tasks, cfg.fillers, tokenizer)
+    if is_video_step(cfg, step):
+        return video_data.sample_batch(rng, cfg.batch_at(step), cfg.length_at(step), bank,
+                                       rows_per_frame=rows_per_frame, tokenizer=tokenizer)
+    return data.sample_batch(rng, cfg.batch_at(step), cfg.length_at(step), cfg.text_tasks, cfg.fillers,
+                             tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,16 +298,22 @@ def make_next_token(graphdef: nnx.GraphDef, compute_dtype: str):
 def greedy_answers(next_token, params, frozen, examples: Sequence[data.Example], tokenizer: Tokenizer,
                    max_new: int) -> list[str]:
     """Each example's prompt continued greedily until a stop token (or max_new tokens), decoded."""
-    stops = prompt.stop_token_ids(tokenizer)
     width = max(e.prompt_len for e in examples) + max_new
     tokens = np.zeros((len(examples), width), np.int32)  # [E, T]
     for row, e in enumerate(examples):
         tokens[row, :e.prompt_len] = e.prompt_ids
+    return _greedy(lambda tokens, at: next_token(params, frozen, tokens, at), tokens, examples, tokenizer, max_new)
+
+
+def _greedy(next_token, tokens: np.ndarray, examples, tokenizer: Tokenizer, max_new: int) -> list[str]:
+    """The greedy loop: next_token(tokens i32[E, W], at i32[E]) -> i32[E], the token after tokens[:, :at + 1];
+    `tokens` holds each example's prompt and takes the answers."""
+    stops = prompt.stop_token_ids(tokenizer)
     at = np.array([e.prompt_len - 1 for e in examples], np.int32)
     out: list[list[int]] = [[] for _ in examples]
     done = np.zeros(len(examples), bool)
     for _ in range(max_new):
-        nxt = np.asarray(next_token(params, frozen, jnp.asarray(tokens), jnp.asarray(at)))
+        nxt = np.asarray(next_token(jnp.asarray(tokens), jnp.asarray(at)))
         for row, token in enumerate(nxt):
             if done[row]:
                 continue
@@ -245,13 +328,56 @@ def greedy_answers(next_token, params, frozen, examples: Sequence[data.Example],
     return [tokenizer.decode(ids) for ids in out]
 
 
-def evaluate(next_token, params, frozen, cfg: TrainConfig, tokenizer: Tokenizer) -> dict[int, float]:
-    """Exact-match recall at each curriculum length on `eval_examples` fresh examples (seeded apart
-    from training data)."""
+def make_video_next_token(graphdef: nnx.GraphDef, compute_dtype: str):
+    """jit((params, frozen, tokens, at i32[E], frames, row_positions, embed_mask) -> i32[E])."""
+    dtype = jnp.dtype(compute_dtype)
+
+    def next_token(params, frozen, tokens, at, frames, row_positions, embed_mask):
+        cast = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+        model = nnx.merge(graphdef, cast, frozen)
+        logits = _video_logits(model, tokens, at[:, None], frames, row_positions, embed_mask)
+        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+
+    return jax.jit(next_token)
+
+
+def greedy_video_answers(next_token, params, frozen, batch: video_data.VideoBatch, tokenizer: Tokenizer,
+                         max_new: int) -> list[str]:
+    """Each video example's prompt continued greedily (frames encoded in the same call)."""
+    examples = batch.examples
+    width = max(e.prompt_len for e in examples) + max_new
+    tokens = np.zeros((len(examples), width), np.int32)
+    embed = np.zeros((len(examples), width), bool)
+    for row, e in enumerate(examples):
+        tokens[row, :e.prompt_len] = e.prompt_ids
+        embed[row, :e.prompt_len] = e.embed_mask[:e.prompt_len]
+    positions = np.where(batch.row_positions >= batch.tokens.shape[1], width, batch.row_positions)
+    return _greedy(lambda tokens, at: next_token(params, frozen, tokens, at, batch.frames, positions, embed),
+                   tokens, examples, tokenizer, max_new)
+
+
+def evaluate_video(next_token, params, frozen, cfg: TrainConfig, tokenizer: Tokenizer,
+                   bank: video_data.FrameBank, rows_per_frame: int) -> dict[int, float]:
+    """Exact-match recall of the video word at each curriculum length (fresh seeded examples)."""
     recall = {}
     for length in sorted(cfg.lengths):
+        rng = np.random.default_rng((cfg.seed, length, 0xE7A2))
+        batch = video_data.sample_batch(rng, cfg.eval_examples, length, bank, rows_per_frame=rows_per_frame,
+                                        tokenizer=tokenizer)
+        answers = greedy_video_answers(next_token, params, frozen, batch, tokenizer, 4)
+        recall[length] = float(np.mean([a.strip() == e.answer for a, e in zip(answers, batch.examples)]))
+    return recall
+
+
+def evaluate(next_token, params, frozen, cfg: TrainConfig, tokenizer: Tokenizer) -> dict[int, float]:
+    """Exact-match recall at each curriculum length on `eval_examples` fresh examples (seeded apart
+    from training data), on the text tasks."""
+    recall = {}
+    if not cfg.text_tasks:
+        return recall
+    for length in sorted(cfg.lengths):
         rng = np.random.default_rng((cfg.seed, length, 0xE7A1))
-        batch = data.sample_batch(rng, cfg.eval_examples, length, cfg.tasks, cfg.fillers, tokenizer)
+        batch = data.sample_batch(rng, cfg.eval_examples, length, cfg.text_tasks, cfg.fillers, tokenizer)
         max_new = max(len(tokenizer.encode(e.answer)) for e in batch.examples) + 2
         answers = greedy_answers(next_token, params, frozen, batch.examples, tokenizer, max_new)
         hits = [a.strip() == e.answer for a, e in zip(answers, batch.examples)]
@@ -278,14 +404,14 @@ def save_checkpoint(out: Path, config: ModelConfig, graphdef, params, frozen, op
             os.replace(staging / name, out / name)
 
 
-def load_checkpoint(out: Path, optimizer: optax.GradientTransformation):
+def load_checkpoint(out: Path, optimizer: optax.GradientTransformation, which=TRAINABLE):
     """(config, graphdef, params, frozen, opt_state, step) from a directory save_checkpoint wrote."""
     if not (out / STATE_FILE).is_file():
         raise FileNotFoundError(f'--resume: {out / STATE_FILE} is missing; train into {out} first (without '
                                 '--resume) or point --out at a training directory.')
     state = json.loads((out / STATE_FILE).read_text())
     config, model = checkpoint.load(out)
-    graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+    graphdef, params, frozen = nnx.split(model, which, ...)
     opt_state = optimizer.init(params)
     leaves, treedef = jax.tree.flatten(opt_state)
     with np.load(out / OPTIMIZER_FILE) as saved:
@@ -328,14 +454,15 @@ class _Progress:
 
 def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool = False, until: int | None = None,
           log: TextIO = sys.stderr, tokenizer: Tokenizer | None = None,
-          init_from: str | Path | None = None) -> Summary:
+          init_from: str | Path | None = None, video_bank: video_data.FrameBank | None = None) -> Summary:
     """Train (or, with `resume`, continue) into cfg.out; returns a Summary (also printed to `log`).
 
     `config` (default presets.architecture()) is used for a fresh start; a resumed run takes the
     saved one. `init_from` (a servable checkpoint directory, e.g. model/assets/default) starts from
     its weights and architecture instead of random ones, with a fresh optimizer and schedule: a
     fine-tune. `until` stops this run after that step (the schedule still spans cfg.steps), as
-    --time-limit does, with a checkpoint.
+    --time-limit does, with a checkpoint. `video_bank` replaces the frame bank a video run builds
+    (video_data.build_bank with its defaults).
     """
     tokenizer = tokenizer or Tokenizer.default()
     out = Path(cfg.out)
@@ -346,7 +473,7 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
     if init_from is not None and config is not None:
         raise ValueError('init_from takes the checkpoint\'s own architecture: give no model shape with it.')
     if resume:
-        config, graphdef, params, frozen, opt_state, start = load_checkpoint(out, optimizer)
+        config, graphdef, params, frozen, opt_state, start = load_checkpoint(out, optimizer, trainable(cfg.tasks))
     else:
         if init_from is not None:
             # Master weights in float32 whatever the checkpoint stores (the shipped one is bfloat16).
@@ -357,7 +484,7 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
         if config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f'model vocab_size={config.vocab_size} differs from the tokenizer\'s '
                              f'{tokenizer.vocab_size} ({tokenizer.path}).')
-        graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+        graphdef, params, frozen = nnx.split(model, trainable(cfg.tasks), ...)
         opt_state = optimizer.init(params)
         start = 0
         out.mkdir(parents=True, exist_ok=True)
@@ -366,11 +493,20 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
         shutil.copyfile(tokenizer.path, out / presets.TOKENIZER_FILE)
     step_fn = make_step(graphdef, optimizer, cfg.compute_dtype)
     next_token = make_next_token(graphdef, cfg.compute_dtype)
+    bank, rows_per_frame = None, 0
+    if cfg.video_share:
+        if config.vision is None:
+            raise ValueError('the video task needs a model with an image encoder (config.vision).')
+        bank = video_bank or video_data.build_bank(config.vision.image_size)
+        rows_per_frame = config.vision.tokens_per_image
+        video_step = make_video_step(graphdef, optimizer, cfg.compute_dtype)
+        video_next = make_video_next_token(graphdef, cfg.compute_dtype)
     progress = _Progress(cfg.steps, log, cfg.progress)
     began = time.monotonic()
     first_loss = last_loss = None
     timed: list[float] = []  # seconds of steps that did not compile
     recall: dict[int, float] = {}
+    video_recall: dict[int, float] = {}
     stopped_early = False
     step = start
     with open(out / LOG_FILE, 'a') as journal:
@@ -380,18 +516,26 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
                 stopped_early = True
                 break
             length = cfg.length_at(step)
-            batch = batch_for_step(cfg, step, tokenizer)
+            batch = batch_for_step(cfg, step, tokenizer, bank, rows_per_frame)
             at, targets, weights = answer_slots(batch, cfg.max_answer)
+            video = isinstance(batch, video_data.VideoBatch)
             t0 = time.monotonic()
-            params, opt_state, metrics = step_fn(params, frozen, opt_state, batch.tokens, at, targets, weights)
+            if video:
+                params, opt_state, metrics = video_step(params, frozen, opt_state, batch.tokens, at, targets,
+                                                        weights, batch.frames, batch.row_positions,
+                                                        batch.embed_mask)
+            else:
+                params, opt_state, metrics = step_fn(params, frozen, opt_state, batch.tokens, at, targets,
+                                                     weights)
             loss = float(metrics['loss'])
             seconds = time.monotonic() - t0
-            if step > start and cfg.length_at(step - 1) == length:
+            if step > start and cfg.length_at(step - 1) == length and video == is_video_step(cfg, step - 1):
                 timed.append(seconds)
             first_loss = loss if first_loss is None else first_loss
             last_loss = loss
             journal.write(json.dumps({'step': step + 1, 'loss': loss, 'grad_norm': float(metrics['grad_norm']),
-                                      'length': length, 'seconds': round(seconds, 4)}) + '\n')
+                                      'length': length, 'seconds': round(seconds, 4),
+                                      **({'video': True} if video else {})}) + '\n')
             journal.flush()
             progress.update(step + 1, loss, length, float(np.mean(timed[-20:])) if timed else seconds)
             if not math.isfinite(loss):
@@ -403,6 +547,9 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 recall = evaluate(next_token, params, frozen, cfg, tokenizer)
                 journal.write(json.dumps({'step': step + 1, 'recall': recall}) + '\n')
+                if bank is not None:
+                    journal.write(json.dumps({'step': step + 1, 'video_recall': evaluate_video(
+                        video_next, params, frozen, cfg, tokenizer, bank, rows_per_frame)}) + '\n')
         else:
             step = cfg.steps
         progress.close()
@@ -411,9 +558,12 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
         if cfg.eval_examples:
             recall = evaluate(next_token, params, frozen, cfg, tokenizer)
             journal.write(json.dumps({'step': done, 'recall': recall}) + '\n')
+            if bank is not None:
+                video_recall = evaluate_video(video_next, params, frozen, cfg, tokenizer, bank, rows_per_frame)
+                journal.write(json.dumps({'step': done, 'video_recall': video_recall}) + '\n')
     seconds = time.monotonic() - began
     summary = Summary(done, first_loss, last_loss, seconds, float(np.mean(timed)) if timed else None, recall,
-                      stopped_early, str(out))
+                      stopped_early, str(out), video_recall)
     log.write(format_summary(summary) + '\n')
     return summary
 
@@ -425,5 +575,6 @@ def format_summary(s: Summary) -> str:
              f'{s.last_loss if s.last_loss is None else round(s.last_loss, 4)}'
              + (f', {s.seconds_per_step:.3f} s/step after compilation' if s.seconds_per_step else '')]
     lines += [f'recall at {length} tokens: {value:.0%}' for length, value in sorted(s.recall.items())]
+    lines += [f'video recall at {length} tokens: {value:.0%}' for length, value in sorted(s.video_recall.items())]
     lines.append(f'checkpoint: {s.out}')
     return '\n'.join(lines)

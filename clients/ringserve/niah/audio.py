@@ -6,9 +6,11 @@ tone bursts, drawn block by block from the seed, the trial and the block's index
 seed gives the same sound at the same time whatever the duration.
 
 The needle is a short clip: the user's (`--needle-audio`) or "The secret word is <word>" spoken
-by espeak-ng. It is spliced in, not mixed: it replaces the haystack's samples from its start for
-its length, so it is heard clean and the total length stays the duration. It starts at
-depth * (duration - clip length): 0% at the very start, 100% ending at the very end.
+by espeak-ng: the `espeak-ng` binary when it is on PATH, else libespeak-ng from the
+espeakng-loader wheel (`espeak.synthesise`). It is spliced in, not mixed: it replaces the
+haystack's samples from its start for its length, so it is heard clean and the total length
+stays the duration. It starts at depth * (duration - clip length): 0% at the very start, 100%
+ending at the very end.
 
 The track is written as 16-bit FLAC with soundfile, block by block; an hour of sound never sits
 in memory whole.
@@ -28,6 +30,7 @@ from collections.abc import Iterator
 import numpy as np
 import soundfile as sf
 
+from ringserve.niah import espeak as espeak_lib
 from ringserve.niah import ffmpeg
 from ringserve.niah.tasks import _rng
 
@@ -37,8 +40,9 @@ SAMPLE_RATE = ffmpeg.SAMPLE_RATE
 BLOCK = 1 << 14  # samples per synthesised block (~1 s); a multiple of every row's hold
 PINK_ROWS = 12  # Voss-McCartney rows: holds of 1 .. 2048 samples (flat down to ~8 Hz)
 NOISE_RMS = 0.05
-ESPEAK_MISSING = ("the audio needle is spoken by espeak-ng, which is not installed: install it "
-                  "(e.g. apt-get install espeak-ng) or pass --needle-audio CLIP --answer TEXT")
+ESPEAK_MISSING = ("the audio needle is spoken by espeak-ng, which is not installed: pip install "
+                  "espeakng-loader (its bundled libespeak-ng), or install it (e.g. apt-get "
+                  "install espeak-ng) or pass --needle-audio CLIP --answer TEXT")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +132,20 @@ def build(spec: AudioSpec, path: str | os.PathLike) -> tuple[float, float]:
     return start / SAMPLE_RATE, len(clip) / SAMPLE_RATE
 
 
-def speak(text: str, cache_dir: str | os.PathLike) -> pathlib.Path:
-    """`text` spoken by espeak-ng as a WAV file in `cache_dir` (made once per text).
+def can_speak() -> bool:
+    """Whether `speak` can speak: the espeak-ng binary is on PATH or libespeak-ng loads."""
+    return shutil.which("espeak-ng") is not None or espeak_lib.available()
 
-    Raises FileNotFoundError with ESPEAK_MISSING when espeak-ng is not on PATH.
+
+def speak(text: str, cache_dir: str | os.PathLike) -> pathlib.Path:
+    """`text` spoken by espeak-ng as a WAV file in `cache_dir` (made once per text): by the
+    `espeak-ng` binary when it is on PATH, else by libespeak-ng through `espeak_lib` (16-bit PCM
+    at espeak's 22050 Hz, like the binary's).
+
+    Raises FileNotFoundError with ESPEAK_MISSING when there is neither.
     """
     espeak = shutil.which("espeak-ng")
-    if espeak is None:
+    if espeak is None and not espeak_lib.available():
         raise FileNotFoundError(ESPEAK_MISSING)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = pathlib.Path(cache_dir) / f"needle-espeak-{digest}.wav"
@@ -143,9 +154,15 @@ def speak(text: str, cache_dir: str | os.PathLike) -> pathlib.Path:
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".wav", delete=False) as tmp:
             pass
         try:
-            subprocess.run([espeak, "-w", tmp.name, text], check=True, capture_output=True,
-                           timeout=60)
+            if espeak is None:
+                samples, rate = espeak_lib.synthesise(text)
+                sf.write(tmp.name, samples, rate, format="WAV", subtype="PCM_16")
+            else:
+                subprocess.run([espeak, "-w", tmp.name, text], check=True, capture_output=True,
+                               timeout=60)
             os.replace(tmp.name, path)
+        except espeak_lib.EspeakError as e:
+            raise ffmpeg.BuildError(f"libespeak-ng failed to speak {text!r}: {e}") from None
         except subprocess.CalledProcessError as e:
             raise ffmpeg.BuildError(f"espeak-ng failed to speak {text!r}: "
                                     f"{e.stderr.decode(errors='replace').strip()}") from None

@@ -82,6 +82,12 @@ def filler_frame(seed: int, trial: int, second: int, size: int, avoid: str = "")
     A gradient between two random colours in a random direction, 3 to 7 filled shapes and 1 or 2
     words from the key list (not `avoid`, the needle's word) in random colours and sizes.
     """
+    return filler_frame_and_words(seed, trial, second, size, avoid)[0]
+
+
+def filler_frame_and_words(seed: int, trial: int, second: int, size: int,
+                           avoid: str = "") -> tuple[np.ndarray, tuple[str, ...]]:
+    """`filler_frame` and the distractor words it shows (training keeps them off needle words)."""
     rng = _rng(seed, "video-frame", trial, second)
     angle = rng.uniform(0, 2 * np.pi)
     axis = np.linspace(-0.5, 0.5, size, dtype=np.float32)  # [size]
@@ -102,8 +108,10 @@ def filler_frame(seed: int, trial: int, second: int, size: int, avoid: str = "")
         else:
             draw.polygon([(x0, y0 + h), (x0 + w / 2, y0), (x0 + w, y0 + h)], fill=_color(rng))
     words = [w for w in _NOUNS if w != avoid.strip().lower()]
+    shown = []
     for _ in range(rng.randint(1, 2)):
         font = _font(max(6, round(size * rng.uniform(0.08, 0.2))))
-        draw.text((rng.uniform(0, 0.6) * size, rng.uniform(0, 0.85) * size), rng.choice(words),
-                  font=font, fill=_color(rng))
-    return np.asarray(image)
+        xy = (rng.uniform(0, 0.6) * size, rng.uniform(0, 0.85) * size)
+        shown.append(rng.choice(words))
+        draw.text(xy, shown[-1], font=font, fill=_color(rng))
+    return np.asarray(image), tuple(shown)

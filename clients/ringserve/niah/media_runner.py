@@ -173,7 +173,7 @@ class MediaRunner:
                 first.close()
         if self.task.modality == "audio":
             if self.task.clip is None:
-                if shutil.which("espeak-ng") is None:
+                if not self.builder.can_speak():
                     raise FileNotFoundError(self.builder.ESPEAK_MISSING)
             else:
                 clip = len(self.builder.load_clip(self.task.clip))
