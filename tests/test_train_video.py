@@ -127,7 +127,7 @@ TINY = trainer.model_config(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp
 
 def _losses(out, video: bool) -> list[float]:
     lines = [json.loads(line) for line in (out / trainer.LOG_FILE).read_text().splitlines()]
-    return [line['loss'] for line in lines if 'loss' in line and line.get('video', False) == video]
+    return [line['loss'] for line in lines if 'loss' in line and (line.get('media') == 'video') == video]
 
 
 def test_a_tiny_video_run_lowers_the_loss_and_trains_the_image_encoder(bank, tmp_path):
@@ -135,11 +135,11 @@ def test_a_tiny_video_run_lowers_the_loss_and_trains_the_image_encoder(bank, tmp
                               tasks=('video', 'video', 'passkey'), fillers=('passkey',), checkpoint_every=100,
                               eval_examples=2, progress=False, seed=0)
     log = io.StringIO()
-    summary = trainer.train(cfg, TINY, log=log, video_bank=bank)
+    summary = trainer.train(cfg, TINY, log=log, media_banks={'video': bank})
     video, text = _losses(tmp_path, True), _losses(tmp_path, False)
     assert len(video) + len(text) == 36 and len(video) > len(text) > 0  # a 2/3 share of video steps
     assert np.mean(video[-4:]) < 0.6 * np.mean(video[:2]), video
-    assert set(summary.video_recall) == {256} and 'video recall at 256 tokens' in log.getvalue()
+    assert set(summary.media_recall['video']) == {256} and 'video recall at 256 tokens' in log.getvalue()
     _, trained = checkpoint.load(tmp_path)
     fresh = nnx.state(type(trained)(TINY, rngs=nnx.Rngs(0)))
     after = nnx.state(trained)

@@ -12,13 +12,13 @@ Design:
    batches as an uninterrupted one; the only run state besides weights and optimizer is the step.
 5. Length curriculum: the steps are split evenly over `lengths`, shortest first; each length
    compiles its own step once.
-7. Video (`'video'` among the tasks, train/video_data.py): a step is all video or all text, drawn
-   per step with the tasks' shares. The image encoder then trains with the decoder (the audio
-   encoder stays frozen); a video step encodes its frames, scatters the rows to their placeholder
-   positions and runs the decoder on them, as the server does.
 6. A checkpoint is a ringserve checkpoint directory (model/checkpoint.save, what the server loads,
    with the tokenizer copied in as tokenizer.model) plus optimizer.npz (optimizer state leaves in tree order) and train_state.json (step, seed),
    written beside the directory's files and moved in, state last.
+7. Media ('video', 'audio' among the tasks; train/media.py): a step is all one media task or all
+   text, drawn per step with the tasks' shares. A media task's encoder then trains with the
+   decoder (the other encoder stays frozen); its step encodes the frames or sound windows, scatters
+   the rows to their placeholder positions and runs the decoder on them, as the server does.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from model.config import LayerKind, ModelConfig
 from model.transformer import Transformer
 from preprocess import prompt
 from preprocess.tokenizer import Tokenizer
-from train import data, video_data
+from train import data, media
 
 OPTIMIZER_FILE = 'optimizer.npz'
 STATE_FILE = 'train_state.json'
@@ -54,13 +54,13 @@ LOG_FILE = 'train_log.jsonl'
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 _ENCODERS = ('vision', 'audio')  # submodules text training leaves alone
 TRAINABLE = nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(name)) for name in _ENCODERS))
-TRAINABLE_WITH_VISION = nnx.All(nnx.Param, nnx.Not(nnx.PathContains('audio')))
-TASKS = (*data.TASKS, video_data.TASK)
+TASKS = (*data.TASKS, *media.TASKS)
 
 
 def trainable(tasks: Sequence[str]):
-    """Which parameters a run with `tasks` trains: the decoder, and the image encoder with video."""
-    return TRAINABLE_WITH_VISION if video_data.TASK in tasks else TRAINABLE
+    """Which parameters a run with `tasks` trains: the decoder, and each media task's encoder."""
+    frozen = [name for name in _ENCODERS if not any(media.ENCODER.get(t) == name for t in tasks)]
+    return nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(name)) for name in frozen))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +115,26 @@ class TrainConfig:
 
     @property
     def text_tasks(self) -> tuple[str, ...]:
-        return tuple(t for t in self.tasks if t != video_data.TASK)
+        return tuple(t for t in self.tasks if t not in media.TASKS)
 
     @property
-    def video_share(self) -> float:
-        """The share of steps that are video steps."""
-        return self.tasks.count(video_data.TASK) / len(self.tasks)
+    def media_tasks(self) -> tuple[str, ...]:
+        """The media tasks asked for, each once, in media.TASKS order."""
+        return tuple(t for t in media.TASKS if t in self.tasks)
+
+    def media_at(self, step: int) -> str | None:
+        """The media task (0-based) `step` trains on, or None for a text step: drawn from
+        (seed, step) with the tasks' shares."""
+        shares = [self.tasks.count(t) / len(self.tasks) for t in self.media_tasks]
+        if not shares:
+            return None
+        if len(shares) == 1 and not self.text_tasks:
+            return self.media_tasks[0]
+        u = np.random.default_rng((self.seed, step, 0x71DE0)).random()
+        for name, edge in zip(self.media_tasks, np.cumsum(shares)):
+            if u < edge:
+                return name
+        return None if self.text_tasks else self.media_tasks[-1]
 
     def length_at(self, step: int) -> int:
         """The curriculum: sequence length of (0-based) `step`."""
@@ -138,7 +152,7 @@ class Summary:
     recall: dict[int, float]  # curriculum length -> exact-match recall
     stopped_early: bool
     out: str
-    video_recall: dict[int, float] = dataclasses.field(default_factory=dict)  # length -> video-word recall
+    media_recall: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)  # task -> length -> recall
 
 
 def model_config(d_model: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
@@ -216,64 +230,14 @@ def make_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, c
     return jax.jit(step, donate_argnums=(0, 2))
 
 
-def make_video_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, compute_dtype: str):
-    """Like make_step, for a video batch: (params, frozen, opt_state, tokens, at, targets, weights,
-    frames u8[B, F, S, S, 3], row_positions i32[B, F * R], embed_mask bool[B, T])."""
-    loss_fn = _video_loss(graphdef, compute_dtype)
-
-    def step(params, frozen, opt_state, tokens, at, targets, weights, frames, row_positions, embed_mask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, frozen, tokens, at, targets, weights, frames,
-                                                  row_positions, embed_mask)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
-
-    return jax.jit(step, donate_argnums=(0, 2))
-
-
-def _video_logits(model, tokens, at, frames, row_positions, embed_mask):
-    """Logits at `at` with each frame's rows where the prompt holds them (padding rows dropped)."""
-    b, f, s = frames.shape[:3]
-    # preprocess.image.normalize with SigLIP's mean = std = 0.5, what the server feeds the encoder.
-    pixels = (frames.astype(jnp.float32) / 255.0 - 0.5) / 0.5
-    rows = model.encode_images(pixels.reshape(b * f, s, s, 3))  # [B * F, R, D]
-    rows = rows.reshape(b, -1, rows.shape[-1])  # [B, F * R, D]
-    embeds = jnp.zeros((*tokens.shape, rows.shape[-1]), rows.dtype)  # [B, T, D]
-    embeds = embeds.at[jnp.arange(b)[:, None], row_positions].set(rows, mode='drop')
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, _ = model(tokens, positions, logits_at=at, embeds=embeds, embed_mask=embed_mask)
-    return logits
-
-
-def _video_loss(graphdef: nnx.GraphDef, compute_dtype: str):
-    dtype = jnp.dtype(compute_dtype)
-
-    def loss_fn(params, frozen, tokens, at, targets, weights, frames, row_positions, embed_mask):
-        cast = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-        model = nnx.merge(graphdef, cast, frozen)
-        logits = _video_logits(model, tokens, at, frames, row_positions, embed_mask)  # f32[B, M, V]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # [B, M]
-        return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-    return loss_fn
-
-
-def is_video_step(cfg: TrainConfig, step: int) -> bool:
-    """Whether (0-based) `step` trains on video: drawn from (seed, step) with the tasks' share."""
-    share = cfg.video_share
-    if share in (0.0, 1.0):
-        return bool(share)
-    return bool(np.random.default_rng((cfg.seed, step, 0x71DE0)).random() < share)
-
-
 def batch_for_step(cfg: TrainConfig, step: int, tokenizer: Tokenizer,
-                   bank: video_data.FrameBank | None = None, rows_per_frame: int = 0):
+                   media_tasks: dict[str, media.MediaTask] | None = None):
     """The batch of (0-based) `step`: a function of (seed, step) only, so resuming replays it.
-    A video step (`bank` needed) gives a video_data.VideoBatch, a text step a data.Batch."""
+    A media step (its task in `media_tasks`) gives that task's batch, a text step a data.Batch."""
     rng = np.random.default_rng((cfg.seed, step))
-    if is_video_step(cfg, step):
-        return video_data.sample_batch(rng, cfg.batch_at(step), cfg.length_at(step), bank,
-                                       rows_per_frame=rows_per_frame, tokenizer=tokenizer)
+    name = cfg.media_at(step)
+    if name is not None:
+        return media_tasks[name].sample(rng, cfg.batch_at(step), cfg.length_at(step), tokenizer)
     return data.sample_batch(rng, cfg.batch_at(step), cfg.length_at(step), cfg.text_tasks, cfg.fillers,
                              tokenizer)
 
@@ -326,47 +290,6 @@ def _greedy(next_token, tokens: np.ndarray, examples, tokenizer: Tokenizer, max_
         if done.all():
             break
     return [tokenizer.decode(ids) for ids in out]
-
-
-def make_video_next_token(graphdef: nnx.GraphDef, compute_dtype: str):
-    """jit((params, frozen, tokens, at i32[E], frames, row_positions, embed_mask) -> i32[E])."""
-    dtype = jnp.dtype(compute_dtype)
-
-    def next_token(params, frozen, tokens, at, frames, row_positions, embed_mask):
-        cast = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-        model = nnx.merge(graphdef, cast, frozen)
-        logits = _video_logits(model, tokens, at[:, None], frames, row_positions, embed_mask)
-        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-
-    return jax.jit(next_token)
-
-
-def greedy_video_answers(next_token, params, frozen, batch: video_data.VideoBatch, tokenizer: Tokenizer,
-                         max_new: int) -> list[str]:
-    """Each video example's prompt continued greedily (frames encoded in the same call)."""
-    examples = batch.examples
-    width = max(e.prompt_len for e in examples) + max_new
-    tokens = np.zeros((len(examples), width), np.int32)
-    embed = np.zeros((len(examples), width), bool)
-    for row, e in enumerate(examples):
-        tokens[row, :e.prompt_len] = e.prompt_ids
-        embed[row, :e.prompt_len] = e.embed_mask[:e.prompt_len]
-    positions = np.where(batch.row_positions >= batch.tokens.shape[1], width, batch.row_positions)
-    return _greedy(lambda tokens, at: next_token(params, frozen, tokens, at, batch.frames, positions, embed),
-                   tokens, examples, tokenizer, max_new)
-
-
-def evaluate_video(next_token, params, frozen, cfg: TrainConfig, tokenizer: Tokenizer,
-                   bank: video_data.FrameBank, rows_per_frame: int) -> dict[int, float]:
-    """Exact-match recall of the video word at each curriculum length (fresh seeded examples)."""
-    recall = {}
-    for length in sorted(cfg.lengths):
-        rng = np.random.default_rng((cfg.seed, length, 0xE7A2))
-        batch = video_data.sample_batch(rng, cfg.eval_examples, length, bank, rows_per_frame=rows_per_frame,
-                                        tokenizer=tokenizer)
-        answers = greedy_video_answers(next_token, params, frozen, batch, tokenizer, 4)
-        recall[length] = float(np.mean([a.strip() == e.answer for a, e in zip(answers, batch.examples)]))
-    return recall
 
 
 def evaluate(next_token, params, frozen, cfg: TrainConfig, tokenizer: Tokenizer) -> dict[int, float]:
@@ -454,15 +377,15 @@ class _Progress:
 
 def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool = False, until: int | None = None,
           log: TextIO = sys.stderr, tokenizer: Tokenizer | None = None,
-          init_from: str | Path | None = None, video_bank: video_data.FrameBank | None = None) -> Summary:
+          init_from: str | Path | None = None, media_banks: dict | None = None) -> Summary:
     """Train (or, with `resume`, continue) into cfg.out; returns a Summary (also printed to `log`).
 
     `config` (default presets.architecture()) is used for a fresh start; a resumed run takes the
     saved one. `init_from` (a servable checkpoint directory, e.g. model/assets/default) starts from
     its weights and architecture instead of random ones, with a fresh optimizer and schedule: a
     fine-tune. `until` stops this run after that step (the schedule still spans cfg.steps), as
-    --time-limit does, with a checkpoint. `video_bank` replaces the frame bank a video run builds
-    (video_data.build_bank with its defaults).
+    --time-limit does, with a checkpoint. `media_banks` ({'video': FrameBank, 'audio': ClipBank})
+    replace the banks a media run builds (the data modules' defaults).
     """
     tokenizer = tokenizer or Tokenizer.default()
     out = Path(cfg.out)
@@ -493,20 +416,20 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
         shutil.copyfile(tokenizer.path, out / presets.TOKENIZER_FILE)
     step_fn = make_step(graphdef, optimizer, cfg.compute_dtype)
     next_token = make_next_token(graphdef, cfg.compute_dtype)
-    bank, rows_per_frame = None, 0
-    if cfg.video_share:
-        if config.vision is None:
-            raise ValueError('the video task needs a model with an image encoder (config.vision).')
-        bank = video_bank or video_data.build_bank(config.vision.image_size)
-        rows_per_frame = config.vision.tokens_per_image
-        video_step = make_video_step(graphdef, optimizer, cfg.compute_dtype)
-        video_next = make_video_next_token(graphdef, cfg.compute_dtype)
+    media_banks = media_banks or {}
+    tasks = {name: media.media_task(name, config, media_banks.get(name)) for name in cfg.media_tasks}
+    media_steps = {name: media.make_step(graphdef, optimizer, cfg.compute_dtype, name) for name in tasks}
+    media_next = {name: media.make_next_token(graphdef, cfg.compute_dtype, name) for name in tasks}
+
+    def evaluate_media() -> dict[str, dict[int, float]]:
+        return {name: media.evaluate(media_next[name], params, frozen, task, cfg.lengths, cfg.eval_examples,
+                                     cfg.seed, tokenizer, _greedy) for name, task in tasks.items()}
     progress = _Progress(cfg.steps, log, cfg.progress)
     began = time.monotonic()
     first_loss = last_loss = None
     timed: list[float] = []  # seconds of steps that did not compile
     recall: dict[int, float] = {}
-    video_recall: dict[int, float] = {}
+    media_recall: dict[str, dict[int, float]] = {}
     stopped_early = False
     step = start
     with open(out / LOG_FILE, 'a') as journal:
@@ -516,26 +439,26 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
                 stopped_early = True
                 break
             length = cfg.length_at(step)
-            batch = batch_for_step(cfg, step, tokenizer, bank, rows_per_frame)
+            kind = cfg.media_at(step)
+            batch = batch_for_step(cfg, step, tokenizer, tasks)
             at, targets, weights = answer_slots(batch, cfg.max_answer)
-            video = isinstance(batch, video_data.VideoBatch)
             t0 = time.monotonic()
-            if video:
-                params, opt_state, metrics = video_step(params, frozen, opt_state, batch.tokens, at, targets,
-                                                        weights, batch.frames, batch.row_positions,
-                                                        batch.embed_mask)
+            if kind is not None:
+                params, opt_state, metrics = media_steps[kind](
+                    params, frozen, opt_state, batch.tokens, at, targets, weights, media.MediaTask.inputs(batch),
+                    batch.row_positions, batch.embed_mask)
             else:
                 params, opt_state, metrics = step_fn(params, frozen, opt_state, batch.tokens, at, targets,
                                                      weights)
             loss = float(metrics['loss'])
             seconds = time.monotonic() - t0
-            if step > start and cfg.length_at(step - 1) == length and video == is_video_step(cfg, step - 1):
+            if step > start and cfg.length_at(step - 1) == length and kind == cfg.media_at(step - 1):
                 timed.append(seconds)
             first_loss = loss if first_loss is None else first_loss
             last_loss = loss
             journal.write(json.dumps({'step': step + 1, 'loss': loss, 'grad_norm': float(metrics['grad_norm']),
                                       'length': length, 'seconds': round(seconds, 4),
-                                      **({'video': True} if video else {})}) + '\n')
+                                      **({'media': kind} if kind else {})}) + '\n')
             journal.flush()
             progress.update(step + 1, loss, length, float(np.mean(timed[-20:])) if timed else seconds)
             if not math.isfinite(loss):
@@ -547,9 +470,8 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 recall = evaluate(next_token, params, frozen, cfg, tokenizer)
                 journal.write(json.dumps({'step': step + 1, 'recall': recall}) + '\n')
-                if bank is not None:
-                    journal.write(json.dumps({'step': step + 1, 'video_recall': evaluate_video(
-                        video_next, params, frozen, cfg, tokenizer, bank, rows_per_frame)}) + '\n')
+                if tasks:
+                    journal.write(json.dumps({'step': step + 1, 'media_recall': evaluate_media()}) + '\n')
         else:
             step = cfg.steps
         progress.close()
@@ -558,12 +480,12 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
         if cfg.eval_examples:
             recall = evaluate(next_token, params, frozen, cfg, tokenizer)
             journal.write(json.dumps({'step': done, 'recall': recall}) + '\n')
-            if bank is not None:
-                video_recall = evaluate_video(video_next, params, frozen, cfg, tokenizer, bank, rows_per_frame)
-                journal.write(json.dumps({'step': done, 'video_recall': video_recall}) + '\n')
+            if tasks:
+                media_recall = evaluate_media()
+                journal.write(json.dumps({'step': done, 'media_recall': media_recall}) + '\n')
     seconds = time.monotonic() - began
     summary = Summary(done, first_loss, last_loss, seconds, float(np.mean(timed)) if timed else None, recall,
-                      stopped_early, str(out), video_recall)
+                      stopped_early, str(out), media_recall)
     log.write(format_summary(summary) + '\n')
     return summary
 
@@ -575,6 +497,7 @@ def format_summary(s: Summary) -> str:
              f'{s.last_loss if s.last_loss is None else round(s.last_loss, 4)}'
              + (f', {s.seconds_per_step:.3f} s/step after compilation' if s.seconds_per_step else '')]
     lines += [f'recall at {length} tokens: {value:.0%}' for length, value in sorted(s.recall.items())]
-    lines += [f'video recall at {length} tokens: {value:.0%}' for length, value in sorted(s.video_recall.items())]
+    lines += [f'{name} recall at {length} tokens: {value:.0%}'
+              for name, recall in s.media_recall.items() for length, value in sorted(recall.items())]
     lines.append(f'checkpoint: {s.out}')
     return '\n'.join(lines)

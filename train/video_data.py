@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from model import presets
-from preprocess import prompt
 from preprocess import video as video_lib
 from preprocess.tokenizer import Tokenizer
 from ringserve.niah import ffmpeg as niah_ffmpeg
 from ringserve.niah import frames as niah_frames
 from ringserve.niah import media_tasks
-from ringserve.niah.tasks import _NOUNS, CLASSIC_SYSTEM
+from ringserve.niah.tasks import _NOUNS
 from server.media import MEDIA_END, MEDIA_START, timestamp
+from train import media_batch
 
 TASK = 'video'
 DRAW_SIZE = 256  # niah's frame_size: frames are drawn at this side, then scaled by the server
@@ -121,7 +121,7 @@ def build_bank(image_size: int, *, fillers: int = 2048, variants: int = 4,
 
 
 @dataclasses.dataclass(frozen=True)
-class VideoExample:
+class VideoExample(media_batch.MediaExample):
     """One rendered exchange over a video. Token offsets index `input_ids`."""
 
     input_ids: np.ndarray  # i32[T]: prompt, answer, <end_of_turn>; 0 where a frame row goes
@@ -134,21 +134,6 @@ class VideoExample:
     word: str  # what the needle frame shows: the answer
     task: str = TASK
 
-    @property
-    def answer(self) -> str:
-        return self.word
-
-    @property
-    def prompt_ids(self) -> np.ndarray:
-        return self.input_ids[:self.prompt_len]
-
-    @property
-    def embed_mask(self) -> np.ndarray:
-        """bool[T]: the positions that take a frame row instead of a token embedding."""
-        mask = np.zeros(len(self.input_ids), bool)
-        mask[self.row_positions.reshape(-1)] = True
-        return mask
-
 
 def media_ids(first_second: int, count: int, rows_per_frame: int, tokenizer: Tokenizer,
               placeholder: int = -1) -> list[int]:
@@ -159,16 +144,8 @@ def media_ids(first_second: int, count: int, rows_per_frame: int, tokenizer: Tok
     return ids + [tokenizer.token_id(MEDIA_END)]
 
 
-class _Segment:
-    def __init__(self, ids):
-        self.ids = tuple(ids)
-
-
 def _render(video_ids: list[int], word: str, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids + <end_of_turn>) for the niah video question."""
-    contents = [(prompt.USER, [_Segment(video_ids), media_tasks.VIDEO_QUESTION])]
-    ids = prompt.render(contents, CLASSIC_SYSTEM, tokenizer)
-    return ids, tokenizer.encode(word) + [tokenizer.token_id(prompt.END_OF_TURN)]
+    return media_batch.render(video_ids, media_tasks.VIDEO_QUESTION, word, tokenizer)
 
 
 def frames_for_length(length: int, rows_per_frame: int, tokenizer: Tokenizer) -> int:
@@ -229,23 +206,8 @@ class VideoBatch:
 
 
 def pad_batch(examples: list[VideoExample], length: int, pad_id: int = 0) -> VideoBatch:
-    b = len(examples)
-    count = max(len(e.frames) for e in examples)
-    rows = examples[0].row_positions.shape[1]
-    side = examples[0].frames.shape[1]
-    tokens = np.full((b, length), pad_id, np.int32)
-    loss = np.zeros((b, length), bool)
-    frames = np.zeros((b, count, side, side, 3), np.uint8)
-    positions = np.full((b, count * rows), length, np.int32)
-    embed = np.zeros((b, length), bool)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        if n > length:
-            raise ValueError(f'example {i} has {n} tokens, more than the batch length {length}.')
-        tokens[i, :n], loss[i, :n], embed[i, :n] = e.input_ids, e.loss_mask, e.embed_mask
-        frames[i, :len(e.frames)] = e.frames
-        positions[i, :e.row_positions.size] = e.row_positions.reshape(-1)
-    return VideoBatch(tokens, loss, frames, positions, embed, tuple(examples))
+    arrays = media_batch.pad(examples, [e.frames for e in examples], length, pad_id)
+    return VideoBatch(*arrays, tuple(examples))
 
 
 def sample_batch(rng: np.random.Generator, batch: int, length: int, bank: FrameBank, *,

@@ -9,8 +9,9 @@ Determinism: libespeak-ng keeps state between utterances that neither espeak_Ter
 second espeak_Initialize resets (static variables inside its wave generator: the pitch flutter's
 phase, the gain control, the cycle counter), so the same text spoken twice in one process comes
 out a few samples apart. Each call therefore loads the library afresh, initialises it, speaks
-and unloads it (dlclose): about a millisecond, and the same input always gives the same
-samples (checked for every voice in ENGLISH_VOICES, "+whisper" and "+klatt" included).
+and unloads it (dlclose): about a millisecond, and the same input gives the same samples, except
+with the breathy variants (BREATHY_VARIANTS: "+f2", "+f3", "+f5", "+whisper"), whose breath noise
+the library seeds from the clock: they change from one second to the next (about -22 dB).
 
 The library is not thread-safe and has one global state: every call holds a process-wide lock.
 Note that espeak_Initialize ends the whole process when its data directory is unusable, so the
@@ -38,6 +39,7 @@ ENGLISH_BASE_VOICES = ("en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-g
                        "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
 ENGLISH_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
                     "croak", "klatt", "klatt2", "klatt3", "whisper")
+BREATHY_VARIANTS = ("f2", "f3", "f5", "whisper")  # not repeatable: breath noise seeded by the clock
 ENGLISH_VOICES = ENGLISH_BASE_VOICES + tuple(
     f"{base}+{variant}" for base in ("en", "en-us") for variant in ENGLISH_VARIANTS)
 
@@ -147,7 +149,7 @@ def synthesise(text: str, *, voice: str = "en", rate: int = 175,
 
     voice: an espeak-ng voice name, optionally with "+variant" (e.g. "en-us+f3"; ENGLISH_VOICES
     lists English ones that work). rate: words per minute, 80 to 450. pitch: 0 to 100 (50 is
-    the voice's own). The same arguments always give the same samples.
+    the voice's own). The same arguments give the same samples, except with BREATHY_VARIANTS.
 
     Raises EspeakError when the library is missing or the voice unknown, ValueError for an
     empty text or a rate or pitch out of range.

@@ -1,0 +1,242 @@
+"""train/audio_data.py: the sound is what the server decodes from niah's own audio haystack
+(sample for sample, so the log-mel windows too), the prompt is what the server lays out, id for
+id; the needle is where the example says; examples are seeded and sized to their length. And audio
+steps in the trainer: a tiny run lowers the loss and trains the audio encoder (not the image one)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+from flax import nnx
+
+from model import checkpoint, presets
+from preprocess import audio as audio_lib
+from preprocess import prompt
+from preprocess.tokenizer import Tokenizer
+from ringserve.niah import audio as niah_audio
+from ringserve.niah.media_tasks import AudioSecretWord
+from ringserve.v1 import inference_pb2 as pb
+from server.media import MediaResolver
+from server.media_store import MediaStore
+from train import audio_data as ad
+from train import trainer
+
+TOK = Tokenizer.default()
+TPS = 10  # the default model's audio tokens per second
+ROWS = 100  # and so its rows per 10 s window
+VOICES = ('en', 'en-us+f1')  # not a breathy variant: those follow the clock
+SECONDS = 20  # niah's haystack in these tests: two whole windows
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp('bank')
+
+
+@pytest.fixture(scope='module')
+def bank(cache):
+    return ad.build_bank(voices=VOICES, rates=(175,), noise_seconds=30, cache_dir=cache)
+
+
+@pytest.fixture(scope='module')
+def niah(tmp_path_factory):
+    """niah's own 20 s haystack (seed 0) with "The secret word is falcon" at 80 %: (path, needle
+    clip, (start s, clip s))."""
+    tmp = tmp_path_factory.mktemp('niah')
+    clip_path = niah_audio.speak(AudioSecretWord().phrase('falcon'), tmp)
+    spec = niah_audio.AudioSpec(duration_s=SECONDS, depth=80.0, needle=str(clip_path), seed=0)
+    placed = niah_audio.build(spec, tmp / 'haystack.flac')
+    return tmp / 'haystack.flac', niah_audio.load_clip(clip_path), placed
+
+
+def _niah_example(bank, **kwargs):
+    noise = np.concatenate(list(niah_audio.synthesise(0, 0, SECONDS * ad.SAMPLE_RATE)))
+    return ad.example(bank, SECONDS // 10, 0.8, np.random.default_rng(0), tokens_per_second=TPS,
+                      tokenizer=TOK, word='falcon', clip=bank.index('falcon'), noise=noise, **kwargs)
+
+
+def test_bank_is_cached_and_reloads_equal(bank, cache, tmp_path):
+    assert len(list(cache.glob('bank-*.npz'))) == 1
+    again = ad.build_bank(voices=VOICES, rates=(175,), noise_seconds=30, cache_dir=cache)
+    for field in ('noise', 'clips', 'offsets'):
+        np.testing.assert_array_equal(getattr(again, field), getattr(bank, field))
+    assert (again.clip_words, again.clip_voices, again.clip_rates) == (
+        bank.clip_words, bank.clip_voices, bank.clip_rates)
+    assert len(bank) == len(ad.WORDS) * 2 and bank.words == ad.WORDS
+    assert set(zip(bank.clip_voices, bank.clip_rates)) == {('en', 175), ('en-us+f1', 175)}
+    assert bank.noise.shape == (30 * ad.SAMPLE_RATE,) and bank.noise.dtype == np.float32
+    # What was built is what its parts make afresh: niah's noise from the bank seed, the clips.
+    noise = np.concatenate(list(niah_audio.synthesise(ad.BANK_SEED, 0, 30 * ad.SAMPLE_RATE)))
+    np.testing.assert_array_equal(bank.noise, noise)
+    c = bank.index('harbor', 'en-us+f1', 175)
+    np.testing.assert_array_equal(ad._speak(AudioSecretWord().phrase('harbor'), 'en-us+f1', 175,
+                                            tmp_path).astype(np.float32) / 32768, bank.clip(c))
+    for i in range(len(bank)):  # spoken phrases: 1 to 2.5 s
+        assert 1.0 < len(bank.clip(i)) / ad.SAMPLE_RATE < 2.5
+    assert len(bank.clip(bank.index('harbor'))) != len(bank.clip(c))  # another voice
+    # niah's eval voice is always among the clips.
+    assert ad.clip_keys(('en-us',), (140, 220)) == [('en', 175), ('en-us', 140), ('en-us', 220)]
+    assert ad.clip_keys(VOICES, (140, 175)) == [('en', 140), ('en', 175), ('en-us+f1', 140),
+                                                ('en-us+f1', 175)]
+
+
+def test_the_eval_voice_is_niahs_clip_sample_for_sample(bank, niah):
+    _, clip, (_, clip_s) = niah
+    np.testing.assert_array_equal(bank.clip(bank.index('falcon')), clip)
+    assert clip_s == len(clip) / ad.SAMPLE_RATE
+
+
+def test_the_prompt_is_what_the_server_lays_out_for_niahs_audio(bank, niah, tmp_path):
+    path, _, (start_s, clip_s) = niah
+    media = MediaResolver(presets.default_config(), TOK, MediaStore(tmp_path / 'store')).resolve(
+        pb.Part(inline_data=pb.Blob(mime_type='audio/flac', data=path.read_bytes())), 'contents[0]')
+    task = AudioSecretWord(word='falcon')
+    (context,) = task.contexts(SECONDS, [80.0], 1)
+    sent = prompt.render(task.contents(media, context.questions[0]), context.system, TOK)
+    ex = _niah_example(bank)
+    holes = np.flatnonzero(np.asarray(sent) < 0)
+    assert media.rows == len(holes) == SECONDS * TPS
+    np.testing.assert_array_equal(holes, ex.row_positions.reshape(-1))
+    np.testing.assert_array_equal(np.where(np.asarray(sent) < 0, 0, sent), ex.prompt_ids)
+    assert ex.row_positions.shape == (SECONDS // 10, ROWS)
+    assert ex.needle_start_s == start_s and ex.needle_seconds == clip_s
+    assert (ex.word, ex.voice, ex.rate, ex.task) == ('falcon', 'en', 175, 'audio')
+    answer = ex.input_ids[ex.prompt_len:].tolist()
+    assert answer == TOK.encode('falcon') + [TOK.token_id(prompt.END_OF_TURN)]
+    assert ex.answer == 'falcon' and ex.loss_mask.sum() == len(answer) and ex.loss_mask[ex.prompt_len:].all()
+    assert ad.media_ids(SECONDS, TPS, TOK) == [i if i >= 0 else -1 for i in media.ids]
+
+
+def test_the_sound_and_mel_are_what_the_server_decodes_from_niahs_file(bank, niah):
+    path, _, _ = niah
+    noise = np.concatenate(list(niah_audio.synthesise(0, 0, SECONDS * ad.SAMPLE_RATE)))
+    track = ad.sound_track(bank, SECONDS // 10, 0.8, np.random.default_rng(0), word='falcon',
+                           clip=bank.index('falcon'), noise=noise)
+    decoded, rate = sf.read(path, dtype='float32')
+    assert rate == ad.SAMPLE_RATE
+    np.testing.assert_array_equal(track.samples, decoded)  # the FLAC round trip, sample for sample
+    server = np.stack(list(audio_lib.load_windows(path, 'audio/flac')))  # [2, 80, 1000]
+    ex = _niah_example(bank)
+    assert ex.mel.shape == server.shape == (2, 80, 1000) and ex.mel.dtype == np.float32
+    # Same samples, same computation: bit for bit (measured max |diff| on the log-mel: 0).
+    assert float(np.abs(ex.mel - server).max()) == 0.0
+
+
+@pytest.mark.parametrize('depth,windows', [(0.0, 1), (0.3, 2), (1.0, 4)])
+def test_the_needle_is_where_the_example_says(bank, depth, windows):
+    """windows=4: 40 s of track from 30 s of bank noise, which loops."""
+    ex = ad.example(bank, windows, depth, np.random.default_rng(5), tokens_per_second=TPS, tokenizer=TOK)
+    track = ad.sound_track(bank, windows, depth, np.random.default_rng(5))
+    clip = bank.clip(track.clip)
+    total = windows * 10 * ad.SAMPLE_RATE
+    start = niah_audio.needle_start(total, len(clip), depth * 100)
+    assert track.needle_start == start == round(ex.needle_start_s * ad.SAMPLE_RATE)
+    assert ex.needle_seconds == len(clip) / ad.SAMPLE_RATE and ex.clip == track.clip
+    assert (ex.word, ex.voice, ex.rate) == (bank.clip_words[ex.clip], bank.clip_voices[ex.clip],
+                                             bank.clip_rates[ex.clip])
+    np.testing.assert_array_equal(track.samples[start:start + len(clip)], clip)  # spliced in, clean
+    noise = ad.quantise(np.take(bank.noise, np.arange(track.noise_start, track.noise_start + total),
+                                mode='wrap'))
+    outside = np.ones(total, bool)
+    outside[start:start + len(clip)] = False
+    np.testing.assert_array_equal(track.samples[outside], noise[outside])
+    np.testing.assert_array_equal(ex.mel, np.stack(list(audio_lib.mel_windows([track.samples]))))
+    assert ex.mel.shape == (windows, 80, 1000)
+    assert (np.diff(ex.row_positions.reshape(-1)) == 1).all()  # one run of rows
+    first = ex.row_positions[0, 0]
+    assert ex.input_ids[first - 1] == TOK.token_id(ad.MEDIA_START)
+    assert ex.input_ids[ex.row_positions[-1, -1] + 1] == TOK.token_id(ad.MEDIA_END)
+    assert ex.embed_mask.sum() == windows * ROWS and not ex.input_ids[ex.embed_mask].any()
+    assert ex.loss_mask.sum() == len(TOK.encode(ex.word)) + 1
+
+
+def test_quantise_is_soundfiles_flac_round_trip(tmp_path):
+    x = np.concatenate([np.linspace(-1.2, 1.2, 50_001), np.random.default_rng(0).normal(0, 0.3, 50_000),
+                        np.arange(-3, 4) / 32768 + 0.5 / 32768]).astype(np.float32)  # ties too
+    sf.write(tmp_path / 'q.flac', np.clip(x, -1.0, 32767 / 32768), 16_000, format='FLAC', subtype='PCM_16')
+    back, _ = sf.read(tmp_path / 'q.flac', dtype='float32')
+    np.testing.assert_array_equal(ad.quantise(x), back)
+
+
+def test_examples_are_seeded_and_sized(bank):
+    a = ad.sample_batch(np.random.default_rng(3), 2, 512, bank, tokens_per_second=TPS, tokenizer=TOK)
+    b = ad.sample_batch(np.random.default_rng(3), 2, 512, bank, tokens_per_second=TPS, tokenizer=TOK)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.mel, b.mel)
+    count = ad.windows_for_length(512, TPS, TOK)
+    assert count >= 2
+    assert a.mel.shape == (2, count, 80, 1000) and a.tokens.shape == (2, 512)
+    assert a.row_positions.shape == (2, count * ROWS)
+    for i, e in enumerate(a.examples):
+        n = len(e.input_ids)
+        assert n <= 512 and (a.tokens[i, :n] == e.input_ids).all() and not a.loss_mask[i, n:].any()
+        np.testing.assert_array_equal(a.embed_mask[i], np.isin(np.arange(512), a.row_positions[i]))
+    # As many windows as fit: one more, with the longest word, would not.
+    longest = max(ad.WORDS, key=lambda w: len(TOK.encode(w)))
+    over = ad.example(bank, count + 1, 0.5, np.random.default_rng(0), tokens_per_second=TPS,
+                      tokenizer=TOK, word=longest)
+    assert len(over.input_ids) > 512
+    fit = ad.example(bank, count, 0.5, np.random.default_rng(0), tokens_per_second=TPS,
+                     tokenizer=TOK, word=longest)
+    assert len(fit.input_ids) <= 512
+    # Padding: a shorter example's missing window is zeros and its rows point past the end.
+    short = ad.example(bank, 1, 0.5, np.random.default_rng(1), tokens_per_second=TPS, tokenizer=TOK)
+    padded = ad.pad_batch([fit, short], 512)
+    assert not padded.mel[1, 1:].any() and (padded.row_positions[1, ROWS:] == 512).all()
+    with pytest.raises(ValueError, match='more than the batch length'):
+        ad.pad_batch([over], 512)
+
+
+def test_bad_inputs_are_named(bank):
+    rng = np.random.default_rng(0)
+    kw = dict(tokens_per_second=TPS, tokenizer=TOK)
+    with pytest.raises(ValueError, match='too short for an audio example'):
+        ad.windows_for_length(40, TPS, TOK)
+    with pytest.raises(ValueError, match='at least one window'):
+        ad.example(bank, 0, 0.5, rng, **kw)
+    with pytest.raises(ValueError, match=r'depth=1.5: must be in \[0, 1\]'):
+        ad.example(bank, 1, 1.5, rng, **kw)
+    with pytest.raises(ValueError, match="word='zebra' has no clip"):
+        ad.example(bank, 1, 0.5, rng, word='zebra', **kw)
+    with pytest.raises(ValueError, match='the bank has clips 0 to'):
+        ad.example(bank, 1, 0.5, rng, clip=len(bank), **kw)
+    with pytest.raises(ValueError, match="not word='falcon'"):
+        ad.example(bank, 1, 0.5, rng, word='falcon', clip=bank.index('harbor'), **kw)
+    with pytest.raises(ValueError, match='noise has 100 samples'):
+        ad.example(bank, 1, 0.5, rng, noise=np.zeros(100, np.float32), **kw)
+    with pytest.raises(ValueError, match='no clip of'):
+        bank.index('falcon', 'en-gb-scotland')
+    with pytest.raises(ValueError, match='at least one voice and one rate'):
+        ad.build_bank(voices=(), cache_dir=None)
+    with pytest.raises(ValueError, match='noise_seconds=0'):
+        ad.build_bank(noise_seconds=0, cache_dir=None)
+
+
+TINY = trainer.model_config(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128)
+
+
+def test_a_tiny_audio_run_lowers_the_loss_and_trains_the_audio_encoder(bank, tmp_path):
+    cfg = trainer.TrainConfig(out=str(tmp_path), steps=30, batch=8, lr=6e-3, warmup=3, lengths=(256,),
+                              tasks=('audio', 'audio', 'passkey'), fillers=('passkey',), checkpoint_every=100,
+                              eval_examples=2, progress=False, seed=0)
+    log = io.StringIO()
+    summary = trainer.train(cfg, TINY, log=log, media_banks={'audio': bank})
+    lines = [json.loads(line) for line in (tmp_path / trainer.LOG_FILE).read_text().splitlines()]
+    audio = [line['loss'] for line in lines if line.get('media') == 'audio']
+    text = [line['loss'] for line in lines if 'loss' in line and 'media' not in line]
+    assert len(audio) + len(text) == 30 and len(audio) > len(text) > 0
+    assert np.mean(audio[-4:]) < 0.6 * np.mean(audio[:2]), audio
+    assert set(summary.media_recall['audio']) == {256} and 'audio recall at 256 tokens' in log.getvalue()
+    _, trained = checkpoint.load(tmp_path)
+    fresh, after = nnx.state(type(trained)(TINY, rngs=nnx.Rngs(0))), nnx.state(trained)
+
+    def changed(module: str) -> bool:
+        return any(not np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(fresh[module]), jax.tree.leaves(after[module])))
+
+    assert changed('audio') and not changed('vision')
