@@ -4,9 +4,10 @@
 
 Writes `ringserve_config.json` (named 'ringserve-default', dtype float32: what the server computes
 in) and `model.safetensors` with every tensor stored as bfloat16, which halves the repo's copy;
-model/checkpoint.py casts to the config dtype on load. Before writing, it measures passkey recall
-(train/long_eval.py) with the float32 weights and with the bfloat16-rounded ones, and refuses to
-ship if rounding costs recall at any of --check-lengths.
+model/checkpoint.py casts to the config dtype on load. Before writing, it measures recall on
+--check-tasks (train/long_eval.py; passkey by default, video too for a model trained on it) with
+the float32 weights and with the bfloat16-rounded ones, and refuses to ship if rounding costs
+recall at any of --check-lengths.
 """
 
 from __future__ import annotations
@@ -41,18 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('train_dir', help='a checkpoint written by python -m train')
     p.add_argument('--check-lengths', default='1024,4096', help='passkey lengths compared before shipping')
     p.add_argument('--examples', type=int, default=8)
+    p.add_argument('--check-tasks', default='passkey',
+                   help='tasks compared before shipping (train.long_eval names, e.g. passkey,video)')
     args = p.parse_args(argv)
     config, model = checkpoint.load(args.train_dir, dtype='float32')
     config = config.replace(name=presets.DEFAULT_NAME)
     small = rounded(model)
     lengths = [int(x) for x in args.check_lengths.split(',') if x]
-    if lengths:
-        full = long_eval.recall(model, lengths, args.examples, ['passkey'])
-        half = long_eval.recall(small, lengths, args.examples, ['passkey'])
+    for task in [t for t in args.check_tasks.split(',') if t] if lengths else []:
+        full = long_eval.recall(model, lengths, args.examples, [task])
+        half = long_eval.recall(small, lengths, args.examples, [task])
         for n in lengths:
-            print(f'passkey recall at {n}: float32 {full[n]:.1%}, bfloat16 weights {half[n]:.1%}')
+            print(f'{task} recall at {n}: float32 {full[n]:.1%}, bfloat16 weights {half[n]:.1%}')
         if any(half[n] < full[n] for n in lengths):
-            print('bfloat16 rounding lowers recall; not shipping', file=sys.stderr)
+            print(f'bfloat16 rounding lowers {task} recall; not shipping', file=sys.stderr)
             return 1
     target = presets.SHIPPED_DEFAULT
     target.mkdir(parents=True, exist_ok=True)
