@@ -7,7 +7,8 @@ serves finds needles, through the real server and the project's own NIAH client.
   passkey retrieval from a 4K-token haystack at depths 0 / 50 / 100 %, and gkamradt's classic
   needle in the standard library's docs (system prompt, <context> tags, question turn); each
   answer is scored by niah's scorer. A random model scores 0 here (the pass key is 5 random
-  digits; the classic answer is an exact 12-word phrase).
+  digits; the classic answer is an exact 12-word phrase);
+- `ringserve niah --modality video` against the same server: the secret word of a one-minute video.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from safetensors import safe_open
 
 import ringserve
 from model import checkpoint, presets
-from ringserve.niah import haystack, tasks
+from ringserve import cli
+from ringserve.niah import haystack, results, tasks
 from ringserve.niah.runner import Grid, Runner, Settings
 
 
@@ -62,3 +64,19 @@ def test_default_model_answers_the_classic_needle_in_the_stdlib_docs(trained_ser
                 tmp_path)
     assert len(rows) == 2
     assert [row['score'] for row in rows] == [1.0, 1.0], rows
+
+
+def test_default_model_reads_the_secret_word_of_a_video(trained_server_target, tmp_path, capsys):
+    """`ringserve niah --modality video`: niah draws a one-minute 1 fps video (generated filler
+    frames, one frame reading "The secret word is: <word>"), uploads it, and asks for the word; the
+    server decodes it with ffmpeg, encodes the frames with the shipped image encoder and prefills
+    their rows. A model that cannot read the frame scores about 1 in 32 (the word list)."""
+    out = tmp_path / 'video.jsonl'
+    argv = ['niah', '--target', trained_server_target, '--modality', 'video', '--durations', '1m',
+            '--depths', '0,50,100', '--seed', '3', '--out', str(out), '--work-dir', str(tmp_path / 'work')]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = results.read_rows(out)
+    assert len(rows) == 3 and len({row['expected'][0] for row in rows}) > 1  # seeded words differ
+    for row in rows:
+        assert row['prompt_tokens_details']['VIDEO'] == 60 * 16
+        assert row['score'] == 1.0, row
