@@ -79,9 +79,9 @@ class LongEval:
         """Greedy answer ids; `media` is (positions i32[M], rows f32[M, D]): prompt position
         positions[m] takes rows[m] instead of its token's embedding."""
         n = len(prompt_ids)
-        embeds_at = {}
+        row_at = np.full(n, -1, np.int64)  # [n]: the media row each prompt position takes, or -1
         if media is not None:
-            embeds_at = dict(zip(media[0].tolist(), range(len(media[0]))))
+            row_at[media[0]] = np.arange(len(media[0]))
         if n + max_new > self.cache.max_len:
             raise ValueError(f'prompt of {n} tokens + {max_new} new exceeds max_len {self.cache.max_len}.')
         nxt = None
@@ -96,10 +96,9 @@ class LongEval:
             if media is not None:
                 embeds = np.zeros((1, bucket, media[1].shape[1]), np.float32)
                 mask = np.zeros((1, bucket), bool)
-                for j in range(len(piece)):
-                    m = embeds_at.get(start + j)
-                    if m is not None:
-                        embeds[0, j], mask[0, j] = media[1][m], True
+                rows = row_at[start:start + len(piece)]
+                mask[0, :len(piece)] = rows >= 0
+                embeds[0, :len(piece)][rows >= 0] = media[1][rows[rows >= 0]]
             nxt, self.cache = _forward(self.graphdef, self.state, self.cache, tokens, positions, embeds, mask)
         out, pos = [], n
         for _ in range(max_new):
