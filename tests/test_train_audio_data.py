@@ -155,6 +155,33 @@ def test_the_needle_is_where_the_example_says(bank, depth, windows):
     assert ex.loss_mask.sum() == len(TOK.encode(ex.word)) + 1
 
 
+def test_a_looped_track_says_its_word_all_through(bank):
+    """The hearing stage's track: whole clips of one word (any voice and rate) one after another,
+    0.1-0.5 s apart, from the first half second until the next would not fit."""
+    sr = ad.SAMPLE_RATE
+    for seed in range(4):
+        track = np.full(2 * 10 * sr, 7.0, np.float32)  # a value no clip holds: the gaps keep it
+        clip = int(np.random.default_rng(seed).integers(len(bank)))
+        first = ad.loop_needles(track, bank, clip, np.random.default_rng(seed))
+        said = track != 7.0
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], said.astype(np.int8), [0]])))
+        runs = list(zip(edges[::2], edges[1::2]))  # [start, end) of each clip
+        assert runs[0][0] == first < sr // 2 and len(runs) >= 5
+        mine = [bank.clip(c) for c in bank.clips_of(bank.clip_words[clip])]
+        np.testing.assert_array_equal(track[runs[0][0]:runs[0][1]], bank.clip(clip))
+        for start, end in runs:  # each run is one whole clip of the word
+            assert any(len(c) == end - start and np.array_equal(track[start:end], c) for c in mine)
+        gaps = [b[0] - a[1] for a, b in zip(runs, runs[1:])]
+        assert all(sr // 10 <= g < sr // 2 for g in gaps), gaps
+        assert len(track) - runs[-1][1] < max(len(c) for c in mine) + sr // 2
+    # Through the example path: loop batches are shaped as the plain ones.
+    batch = ad.sample_batch(np.random.default_rng(0), 2, 512, bank, tokens_per_second=TPS, tokenizer=TOK,
+                            loop=True)
+    plain = ad.sample_batch(np.random.default_rng(0), 2, 512, bank, tokens_per_second=TPS, tokenizer=TOK)
+    assert batch.mel.shape == plain.mel.shape and batch.tokens.shape == plain.tokens.shape
+    assert trainer.trainable(('audio_loop', 'passkey')) == trainer.trainable(('audio',))
+
+
 def test_quantise_is_soundfiles_flac_round_trip(tmp_path):
     x = np.concatenate([np.linspace(-1.2, 1.2, 50_001), np.random.default_rng(0).normal(0, 0.3, 50_000),
                         np.arange(-3, 4) / 32768 + 0.5 / 32768]).astype(np.float32)  # ties too

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--tasks', type=_names(TASKS), default=tuple(data.TASKS),
                    help=f'comma-separated tasks, drawn uniformly per example: repeat one to weight it '
                         f'(default the text ones: {",".join(data.TASKS)}); "video" makes whole steps video '
-                        f'ones at its share and trains the image encoder too')
+                        f'ones at its share and trains the image encoder too; "audio" the audio one, and "audio_loop" '
+                        f'says the audio needle all through the track (a first, hearing stage)')
     p.add_argument('--fillers', type=_names(data.FILLERS), default=data.FILLERS,
                    help=f'haystack texts (default {",".join(data.FILLERS)})')
     p.add_argument('--seed', type=int, default=0)

@@ -22,8 +22,9 @@ from model.config import ModelConfig
 from preprocess.tokenizer import Tokenizer
 from train import audio_data, video_data
 
-TASKS = (video_data.TASK, audio_data.TASK)
-ENCODER = {video_data.TASK: 'vision', audio_data.TASK: 'audio'}  # the submodule each task trains
+TASKS = (video_data.TASK, audio_data.TASK, audio_data.LOOP_TASK)
+# the submodule each task trains
+ENCODER = {video_data.TASK: 'vision', audio_data.TASK: 'audio', audio_data.LOOP_TASK: 'audio'}
 
 
 def _image_rows(model, frames: jax.Array) -> jax.Array:
@@ -42,14 +43,14 @@ def _audio_rows(model, mel: jax.Array) -> jax.Array:
     return rows.reshape(b, -1, rows.shape[-1])
 
 
-_ROWS = {video_data.TASK: _image_rows, audio_data.TASK: _audio_rows}
+_ROWS = {video_data.TASK: _image_rows, audio_data.TASK: _audio_rows, audio_data.LOOP_TASK: _audio_rows}
 
 
 @dataclasses.dataclass(frozen=True)
 class MediaTask:
     """One media task of a run: its bank and how its batches are drawn."""
 
-    name: str  # 'video' or 'audio'
+    name: str  # 'video', 'audio' or 'audio_loop'
     bank: object  # video_data.FrameBank or audio_data.ClipBank
     config: ModelConfig
 
@@ -58,7 +59,8 @@ class MediaTask:
             return video_data.sample_batch(rng, batch, length, self.bank,
                                            rows_per_frame=self.config.vision.tokens_per_image, tokenizer=tokenizer)
         return audio_data.sample_batch(rng, batch, length, self.bank,
-                                       tokens_per_second=self.config.audio.tokens_per_second, tokenizer=tokenizer)
+                                       tokens_per_second=self.config.audio.tokens_per_second, tokenizer=tokenizer,
+                                       loop=self.name == audio_data.LOOP_TASK)
 
     @staticmethod
     def inputs(batch) -> np.ndarray:
@@ -73,7 +75,7 @@ def media_task(name: str, config: ModelConfig, bank=None) -> MediaTask:
         if config.vision is None:
             raise ValueError('the video task needs a model with an image encoder (config.vision).')
         bank = bank or video_data.build_bank(config.vision.image_size)
-    elif name == audio_data.TASK:
+    elif name in (audio_data.TASK, audio_data.LOOP_TASK):
         if config.audio is None:
             raise ValueError('the audio task needs a model with an audio encoder (config.audio).')
         bank = bank or audio_data.build_bank()
