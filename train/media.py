@@ -43,7 +43,7 @@ def _audio_rows(model, mel: jax.Array) -> jax.Array:
     return rows.reshape(b, -1, rows.shape[-1])
 
 
-_ROWS = {video_data.TASK: _image_rows, audio_data.TASK: _audio_rows, audio_data.LOOP_TASK: _audio_rows}
+_ROWS = {task: _image_rows if encoder == 'vision' else _audio_rows for task, encoder in ENCODER.items()}
 
 
 @dataclasses.dataclass(frozen=True)
