@@ -1,7 +1,9 @@
 """train/audio_data.py: the sound is what the server decodes from niah's own audio haystack
 (sample for sample, so the log-mel windows too), the prompt is what the server lays out, id for
 id; the needle is where the example says; examples are seeded and sized to their length. And audio
-steps in the trainer: a tiny run lowers the loss and trains the audio encoder (not the image one)."""
+steps in the trainer: a tiny run lowers the loss and trains the audio encoder (not the image one).
+And the hearing stage (train/hearing.py): its windows hold the word exactly when labelled so, and
+it trains the audio encoder alone."""
 
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from ringserve.niah.media_tasks import AudioSecretWord
 from ringserve.v1 import inference_pb2 as pb
 from server.media import MediaResolver
 from server.media_store import MediaStore
+from model.transformer import Transformer
 from train import audio_data as ad
+from train import hearing
 from train import trainer
 
 TOK = Tokenizer.default()
@@ -267,3 +271,67 @@ def test_a_tiny_audio_run_lowers_the_loss_and_trains_the_audio_encoder(bank, tmp
                    for a, b in zip(jax.tree.leaves(fresh[module]), jax.tree.leaves(after[module])))
 
     assert changed('audio') and not changed('vision')
+
+
+def test_word_spans_start_where_the_words_differ(bank):
+    spans = hearing.word_spans(bank)
+    for voice in VOICES:
+        clips = [c for c in range(len(bank)) if bank.clip_voices[c] == voice]
+        starts = spans[clips, 0]
+        # "The secret word is" at 175 wpm takes most of a second; no word starts before it.
+        assert (starts > 0.6 * ad.SAMPLE_RATE).all() and (spans[clips, 1] == np.diff(bank.offsets)[clips]).all()
+        first = min(clips, key=lambda c: spans[c, 0])
+        # Up to the earliest start, every clip of the voice says the same samples.
+        n = int(spans[first, 0])
+        assert all(np.abs(bank.clip(c)[:n] - bank.clip(first)[:n]).max() <= 1e-3 for c in clips)
+
+
+def test_hearing_windows_hold_the_word_only_when_labelled(bank):
+    spans = hearing.word_spans(bank)
+    rng = np.random.default_rng(3)
+    size = audio_lib.MelSpec().window_samples
+    kinds = {'word': 0, 'noise': 0, 'clip, no word': 0}
+    for _ in range(200):
+        w = hearing.window(bank, spans, rng)
+        assert w.samples.shape == (size,) and np.array_equal(w.samples, ad.quantise(w.samples))
+        if w.clip < 0:
+            assert w.label == hearing.NONE
+            kinds['noise'] += 1
+            continue
+        clip = bank.clip(w.clip)
+        mid = w.clip_start + (spans[w.clip, 0] + spans[w.clip, 1]) // 2
+        lo, hi = max(w.clip_start, 0), min(w.clip_start + len(clip), size)
+        assert hi > lo  # the clip is heard
+        assert np.array_equal(w.samples[lo:hi], ad.quantise(clip[lo - w.clip_start:hi - w.clip_start]))
+        if w.label == hearing.NONE:
+            assert not 0 <= mid < size
+            kinds['clip, no word'] += 1
+        else:
+            assert 0 <= mid < size and ad.WORDS[w.label] == bank.clip_words[w.clip]
+            kinds['word'] += 1
+    assert min(kinds.values()) > 30, kinds  # p_word 0.5: about 100 / 50 / 50
+
+
+def test_hearing_trains_the_audio_encoder_alone_into_a_servable_checkpoint(bank, tmp_path):
+    start = checkpoint.save(tmp_path / 'start', TINY, Transformer(TINY, rngs=nnx.Rngs(0)))
+    log = io.StringIO()
+    result = hearing.train_hearing(start, tmp_path / 'heard', steps=3, batch_size=4, eval_every=0,
+                                   eval_windows=32, bank=bank, log=log)
+    assert result['step'] == 3 and result['n_word'] + result['n_none'] == 32
+    assert 'hearing step 3' in log.getvalue() and (tmp_path / 'heard' / hearing.HEAD_FILE).is_file()
+    lines = [json.loads(x) for x in (tmp_path / 'heard' / hearing.LOG_FILE).read_text().splitlines()]
+    assert [x['step'] for x in lines] == [1, 2, 3] and all(np.isfinite(x['loss']) for x in lines)
+    _, before = checkpoint.load(start)
+    _, after = checkpoint.load(tmp_path / 'heard')
+    a, b = nnx.state(before, nnx.Param).to_pure_dict(), nnx.state(after, nnx.Param).to_pure_dict()
+    changed = {k for k in a if any(not np.array_equal(np.asarray(x), np.asarray(y))
+                                   for x, y in zip(jax.tree.leaves(a[k]), jax.tree.leaves(b[k])))}
+    assert changed == {'audio'}
+
+
+def test_a_frozen_decoder_run_trains_only_the_named_encoders():
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    _, params, _ = nnx.split(model, trainer.trainable(('audio', 'passkey'), decoder=False), ...)
+    assert set(params.to_pure_dict()) == {'audio'}
+    with pytest.raises(ValueError, match='nothing to train'):
+        trainer.TrainConfig(out='x', tasks=('passkey',), train_decoder=False)

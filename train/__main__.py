@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                         f'says the audio needle all through the track (a first, hearing stage)')
     p.add_argument('--fillers', type=_names(data.FILLERS), default=data.FILLERS,
                    help=f'haystack texts (default {",".join(data.FILLERS)})')
+    p.add_argument('--freeze-decoder', action='store_true',
+                   help='train only the media tasks\' encoders: the decoder (and with it text and the other '
+                        'media) stays as it is')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--dtype', choices=COMPUTE_DTYPES, default='float32',
                    help='compute dtype of the forward pass; master weights stay float32')
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                           fillers=args.fillers, seed=args.seed, compute_dtype=args.dtype,
                           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                           eval_examples=args.eval_examples, time_limit=args.time_limit,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, train_decoder=not args.freeze_decoder)
         shape = (args.d_model, args.layers, args.heads, args.kv_heads, args.head_dim, args.mlp_dim,
                  args.layer_kinds, args.rope_theta)
         if args.init_from and any(x is not None for x in shape):

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
@@ -57,10 +58,15 @@ TRAINABLE = nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(name)) for name in _EN
 TASKS = (*data.TASKS, *media.TASKS)
 
 
-def trainable(tasks: Sequence[str]):
-    """Which parameters a run with `tasks` trains: the decoder, and each media task's encoder."""
-    frozen = [name for name in _ENCODERS if not any(media.ENCODER.get(t) == name for t in tasks)]
-    return nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(name)) for name in frozen))
+def trainable(tasks: Sequence[str], decoder: bool = True):
+    """Which parameters a run with `tasks` trains: the decoder (unless `decoder` is False), and
+    each media task's encoder."""
+    used = [name for name in _ENCODERS if any(media.ENCODER.get(t) == name for t in tasks)]
+    if not decoder:
+        # An encoder learns to speak to a decoder kept as it is: what the decoder already does
+        # (text, the other media) cannot change.
+        return nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(name) for name in used)))
+    return nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(name)) for name in _ENCODERS if name not in used))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +93,7 @@ class TrainConfig:
     eval_examples: int = 8
     time_limit: float | None = None  # seconds; stop cleanly (and checkpoint) when exceeded
     progress: bool = True
+    train_decoder: bool = True  # False: only the media tasks' encoders train
 
     def __post_init__(self):
         if self.batch_tokens is not None and self.batch_tokens <= 0:
@@ -106,6 +113,9 @@ class TrainConfig:
         for filler in self.fillers:
             if filler not in data.FILLERS:
                 raise ValueError(f'filler {filler!r}: use some of {data.FILLERS}.')
+        if not self.train_decoder and not self.media_tasks:
+            raise ValueError('train_decoder=False leaves nothing to train: name a media task (video, audio, '
+                             'audio_loop), whose encoder then trains alone.')
 
     def batch_at(self, step: int) -> int:
         """Examples in (0-based) `step`: `batch`, or the same token count at every curriculum length."""
@@ -396,7 +406,7 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
     if init_from is not None and config is not None:
         raise ValueError('init_from takes the checkpoint\'s own architecture: give no model shape with it.')
     if resume:
-        config, graphdef, params, frozen, opt_state, start = load_checkpoint(out, optimizer, trainable(cfg.tasks))
+        config, graphdef, params, frozen, opt_state, start = load_checkpoint(out, optimizer, trainable(cfg.tasks, cfg.train_decoder))
     else:
         if init_from is not None:
             # Master weights in float32 whatever the checkpoint stores (the shipped one is bfloat16).
@@ -407,7 +417,7 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
         if config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f'model vocab_size={config.vocab_size} differs from the tokenizer\'s '
                              f'{tokenizer.vocab_size} ({tokenizer.path}).')
-        graphdef, params, frozen = nnx.split(model, trainable(cfg.tasks), ...)
+        graphdef, params, frozen = nnx.split(model, trainable(cfg.tasks, cfg.train_decoder), ...)
         opt_state = optimizer.init(params)
         start = 0
         out.mkdir(parents=True, exist_ok=True)
@@ -432,7 +442,12 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
     media_recall: dict[str, dict[int, float]] = {}
     stopped_early = False
     step = start
-    with open(out / LOG_FILE, 'a') as journal:
+    # The next step's batch is made on a thread while this one runs: a batch is a function of
+    # (seed, step) alone, so this changes no number, and audio batches (log-mel, ~40 ms a window)
+    # cost about as much as their step.
+    lookahead = ThreadPoolExecutor(1, thread_name_prefix='batches')
+    upcoming = lookahead.submit(batch_for_step, cfg, start, tokenizer, tasks)
+    with open(out / LOG_FILE, 'a') as journal, lookahead:
         for step in range(start, cfg.steps):
             over_time = cfg.time_limit is not None and time.monotonic() - began > cfg.time_limit
             if over_time or (until is not None and step >= until):
@@ -440,7 +455,9 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
                 break
             length = cfg.length_at(step)
             kind = cfg.media_at(step)
-            batch = batch_for_step(cfg, step, tokenizer, tasks)
+            batch = upcoming.result()
+            if step + 1 < cfg.steps:
+                upcoming = lookahead.submit(batch_for_step, cfg, step + 1, tokenizer, tasks)
             at, targets, weights = answer_slots(batch, cfg.max_answer)
             t0 = time.monotonic()
             if kind is not None:
