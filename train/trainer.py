@@ -406,7 +406,8 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
     if init_from is not None and config is not None:
         raise ValueError('init_from takes the checkpoint\'s own architecture: give no model shape with it.')
     if resume:
-        config, graphdef, params, frozen, opt_state, start = load_checkpoint(out, optimizer, trainable(cfg.tasks, cfg.train_decoder))
+        config, graphdef, params, frozen, opt_state, start = load_checkpoint(
+            out, optimizer, trainable(cfg.tasks, cfg.train_decoder))
     else:
         if init_from is not None:
             # Master weights in float32 whatever the checkpoint stores (the shipped one is bfloat16).
@@ -446,7 +447,7 @@ def train(cfg: TrainConfig, config: ModelConfig | None = None, *, resume: bool =
     # (seed, step) alone, so this changes no number, and audio batches (log-mel, ~40 ms a window)
     # cost about as much as their step.
     lookahead = ThreadPoolExecutor(1, thread_name_prefix='batches')
-    upcoming = lookahead.submit(batch_for_step, cfg, start, tokenizer, tasks)
+    upcoming = lookahead.submit(batch_for_step, cfg, start, tokenizer, tasks) if start < cfg.steps else None
     with open(out / LOG_FILE, 'a') as journal, lookahead:
         for step in range(start, cfg.steps):
             over_time = cfg.time_limit is not None and time.monotonic() - began > cfg.time_limit
