@@ -5,7 +5,7 @@
 Writes `ringserve_config.json` (named 'ringserve-default', dtype float32: what the server computes
 in) and `model.safetensors` with every tensor stored as bfloat16, which halves the repo's copy;
 model/checkpoint.py casts to the config dtype on load. Before writing, it measures recall on
---check-tasks (train/long_eval.py; passkey by default, video too for a model trained on it) with
+--check-tasks (train/long_eval.py; passkey by default, video and audio too for a model trained on them) with
 the float32 weights and with the bfloat16-rounded ones, and refuses to ship if rounding costs
 recall at any of --check-lengths.
 """
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--check-lengths', default='1024,4096', help='passkey lengths compared before shipping')
     p.add_argument('--examples', type=int, default=8)
     p.add_argument('--check-tasks', default='passkey',
-                   help='tasks compared before shipping (train.long_eval names, e.g. passkey,video)')
+                   help='tasks compared before shipping (train.long_eval names, e.g. passkey,video,audio)')
     args = p.parse_args(argv)
     config, model = checkpoint.load(args.train_dir, dtype='float32')
     config = config.replace(name=presets.DEFAULT_NAME)

@@ -28,6 +28,8 @@ from server.media_store import MediaStore
 from model.transformer import Transformer
 from train import audio_data as ad
 from train import hearing
+from train import long_eval
+from train import media
 from train import trainer
 
 TOK = Tokenizer.default()
@@ -335,3 +337,28 @@ def test_a_frozen_decoder_run_trains_only_the_named_encoders():
     assert set(params.to_pure_dict()) == {'audio'}
     with pytest.raises(ValueError, match='nothing to train'):
         trainer.TrainConfig(out='x', tasks=('passkey',), train_decoder=False)
+
+
+def test_long_eval_answers_an_audio_prompt_as_the_training_forward_pass_does(bank, monkeypatch):
+    """train.long_eval (chunked prefill into the paged cache, the audio rows spliced into the
+    chunks, greedy decode from the cache) against the trainer's cache-free forward pass over the
+    whole prompt: the same greedy ids. Chunks of 64 cut the 230-token prompt, and its 200 audio
+    rows, in four."""
+    monkeypatch.setattr(long_eval, 'CHUNK', 64)
+    model = Transformer(TINY, rngs=nnx.Rngs(1))
+    ex = _niah_example(bank)
+    evaluator = long_eval.LongEval(model, 512)
+    rows = evaluator.audio_rows(ex.mel, batch=3)  # a padded batch: the rows must not depend on it
+    np.testing.assert_allclose(rows, np.asarray(model.encode_audio(ex.mel)).reshape(rows.shape), atol=1e-5)
+    got = evaluator.answer(ex.prompt_ids.tolist(), 4, frozenset(), (ex.row_positions.reshape(-1), rows))
+
+    ids, want = list(ex.prompt_ids), []
+    mel, positions = ex.mel[None], ex.row_positions.reshape(1, -1)
+    for _ in range(4):
+        tokens = np.asarray(ids, np.int32)[None]
+        mask = np.zeros(tokens.shape, bool)
+        mask[0, positions[0]] = True
+        out = media.logits(model, ad.TASK, tokens, np.asarray([[len(ids) - 1]]), mel, positions, mask)
+        want.append(int(np.argmax(out[0, 0])))
+        ids.append(want[-1])
+    assert got == want

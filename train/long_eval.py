@@ -11,6 +11,8 @@ trainer's `eval_lengths`; the recorded figures come from `ringserve niah` agains
 `--tasks video` asks for the secret word of a video (train/video_data.py) as many frames long as
 fit the length, with fillers from a bank training never saw; the frames go through the model's
 image encoder and their rows into the prefill chunks, as the server's engine loop does.
+`--tasks audio` does the same for a spoken word (train/audio_data.py) in niah's voice, over noise
+training never heard, as many 10 s windows as fit the length, through the audio encoder.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from model.kv_pages import PagedKVCache
 from preprocess import prompt
 from preprocess.tokenizer import Tokenizer
 from ringserve.niah import scoring
-from train import data, video_data
+from train import audio_data, data, video_data
 
 PAGE = 64  # tokens per page
 CHUNK = 1024  # prefill tokens per call (a power of two: one compiled program per bucket)
@@ -54,6 +56,12 @@ def _encode_frames(graphdef, state, frames):
     return model.encode_images((frames.astype(jnp.float32) / 255.0 - 0.5) / 0.5).astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_mel(graphdef, state, mel):
+    """f32[N, M, A] log-mel windows -> f32[N, R, D]."""
+    return nnx.merge(graphdef, state).encode_audio(mel).astype(jnp.float32)
+
+
 class LongEval:
     """Greedy answers for prompts of any length up to `max_len`, one prompt at a time."""
 
@@ -66,11 +74,18 @@ class LongEval:
 
     def rows(self, frames: np.ndarray, batch: int = 64) -> np.ndarray:
         """f32[N * R, D]: the image encoder's rows for u8[N, S, S, 3] frames, in order."""
-        out = []
-        for i in range(0, len(frames), batch):
-            part = np.zeros((batch, *frames.shape[1:]), np.uint8)
-            part[:len(frames[i:i + batch])] = frames[i:i + batch]
-            out.append(np.asarray(_encode_frames(self.graphdef, self.state, part))[:len(frames[i:i + batch])])
+        return self._encoded(_encode_frames, frames, batch)
+
+    def audio_rows(self, mel: np.ndarray, batch: int = 16) -> np.ndarray:
+        """f32[N * R, D]: the audio encoder's rows for f32[N, M, A] log-mel windows, in order."""
+        return self._encoded(_encode_mel, mel, batch)
+
+    def _encoded(self, encode, inputs: np.ndarray, batch: int) -> np.ndarray:
+        out = []  # fixed-size batches, the last one zero-padded: one compiled program
+        for i in range(0, len(inputs), batch):
+            part = np.zeros((batch, *inputs.shape[1:]), inputs.dtype)
+            part[:len(inputs[i:i + batch])] = inputs[i:i + batch]
+            out.append(np.asarray(encode(self.graphdef, self.state, part))[:len(inputs[i:i + batch])])
         rows = np.concatenate(out)
         return rows.reshape(-1, rows.shape[-1])
 
@@ -120,9 +135,11 @@ def recall(model: nnx.Module, lengths: Sequence[int], examples: int, tasks: Sequ
     tokenizer = tokenizer or Tokenizer.default()
     stops = prompt.stop_token_ids(tokenizer)
     evaluator = LongEval(model, max(lengths) + 64)
-    bank = None
+    bank = clips = None
     if video_data.TASK in tasks:
         bank = video_data.build_bank(model.config.vision.image_size, seed=video_data.EVAL_BANK_SEED)
+    if audio_data.TASK in tasks:
+        clips = audio_data.build_bank(seed=audio_data.EVAL_BANK_SEED)
     out = {}
     for length in lengths:
         scores = []
@@ -132,6 +149,9 @@ def recall(model: nnx.Module, lengths: Sequence[int], examples: int, tasks: Sequ
             depth = depths[i % len(depths)] if depths else (i + 0.5) / examples
             if task == video_data.TASK:
                 scores.append(_video_score(evaluator, bank, length, depth, rng, tokenizer, stops, log))
+                continue
+            if task == audio_data.TASK:
+                scores.append(_audio_score(evaluator, clips, length, depth, rng, tokenizer, stops, log))
                 continue
             filler = 'passkey' if task == 'passkey' else 'stdlib'
             ex = data.TASKS[task](length, depth, rng, filler=filler, tokenizer=tokenizer)
@@ -163,6 +183,23 @@ def _video_score(evaluator: LongEval, bank, length: int, depth: float, rng, toke
     return score
 
 
+def _audio_score(evaluator: LongEval, bank, length: int, depth: float, rng, tokenizer, stops, log) -> float:
+    per_second = evaluator.config.audio.tokens_per_second
+    windows = audio_data.windows_for_length(length, per_second, tokenizer)
+    word = audio_data.WORDS[int(rng.integers(len(audio_data.WORDS)))]
+    ex = audio_data.example(bank, windows, depth, rng, tokens_per_second=per_second, tokenizer=tokenizer,
+                            word=word, clip=bank.index(word))  # niah's voice and rate
+    t0 = time.monotonic()
+    rows = evaluator.audio_rows(ex.mel)
+    ids = evaluator.answer(ex.prompt_ids.tolist(), 6, stops, (ex.row_positions.reshape(-1), rows))
+    text = tokenizer.decode(ids)
+    score = float(scoring.contains(text, (ex.word,)))  # niah's scorer for the audio task
+    if log:
+        log(f'audio {length} ({windows} windows) depth {depth:.2f}: {text!r} vs {ex.word!r} -> {score:.2f} '
+            f'({time.monotonic() - t0:.1f} s)')
+    return score
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='python -m train.long_eval', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--lengths', default='1024,4096,16384', help='comma-separated prompt lengths in tokens')
     p.add_argument('--examples', type=int, default=8, help='examples per length, at evenly spread depths')
     p.add_argument('--tasks', default='passkey',
-                   help=f'comma-separated, from {",".join(data.TASKS)},{video_data.TASK}')
+                   help=f'comma-separated, from {",".join(data.TASKS)},{video_data.TASK},{audio_data.TASK}')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('-v', '--verbose', action='store_true', help='print every answer')
     args = p.parse_args(argv)
