@@ -188,6 +188,33 @@ def test_a_looped_track_says_its_word_all_through(bank):
     assert trainer.trainable(('audio_loop', 'passkey')) == trainer.trainable(('audio',))
 
 
+def test_an_edge_track_cuts_its_clip_at_a_window_edge(bank):
+    """audio_edge: a window edge falls inside the clip, every edge and the track's end alike; the
+    clip is spliced in clean there and the example says where."""
+    window = 10 * ad.SAMPLE_RATE
+    cut_at = []
+    for seed in range(60):
+        track = ad.sound_track(bank, 3, None, np.random.default_rng(seed), edge=True)
+        clip = bank.clip(track.clip)
+        start, end = track.needle_start, track.needle_start + len(clip)
+        np.testing.assert_array_equal(track.samples[start:end], ad.quantise(clip))
+        edges = [e for e in (window, 2 * window, 3 * window) if start < e <= end]
+        assert len(edges) == 1, (start, end)
+        cut_at.append(edges[0] // window)
+        if edges[0] == 3 * window:
+            assert end == 3 * window  # the last edge: the clip ends the track
+    assert set(cut_at) == {1, 2, 3} and min(np.bincount(cut_at)[1:]) > 10, np.bincount(cut_at)
+    ex = ad.example(bank, 3, None, np.random.default_rng(7), tokens_per_second=TPS, tokenizer=TOK, edge=True)
+    track = ad.sound_track(bank, 3, None, np.random.default_rng(7), edge=True)
+    assert round(ex.needle_start_s * ad.SAMPLE_RATE) == track.needle_start and ex.clip == track.clip
+    with pytest.raises(ValueError, match='neither a depth nor loop'):
+        ad.sound_track(bank, 3, 0.5, np.random.default_rng(0), edge=True)
+    batch = ad.sample_batch(np.random.default_rng(0), 2, 512, bank, tokens_per_second=TPS, tokenizer=TOK,
+                            edge=True)
+    assert batch.mel.shape[:2] == (2, 4)
+    assert trainer.trainable(('audio_edge',)) == trainer.trainable(('audio',))
+
+
 def test_quantise_is_soundfiles_flac_round_trip(tmp_path):
     x = np.concatenate([np.linspace(-1.2, 1.2, 50_001), np.random.default_rng(0).normal(0, 0.3, 50_000),
                         np.arange(-3, 4) / 32768 + 0.5 / 32768]).astype(np.float32)  # ties too

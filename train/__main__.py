@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--tasks', type=_names(TASKS), default=tuple(data.TASKS),
                    help=f'comma-separated tasks, drawn uniformly per example: repeat one to weight it '
                         f'(default the text ones: {",".join(data.TASKS)}); "video" makes whole steps video '
-                        f'ones at its share and trains the image encoder too; "audio" the audio one, and "audio_loop" '
-                        f'says the audio needle all through the track (a first, hearing stage)')
+                        f'ones at its share and trains the image encoder too; "audio" the audio one, "audio_loop" '
+                        f'says the audio needle all through the track (a first, hearing stage), and '
+                        f'"audio_edge" puts it across a window edge or at the track\'s end')
     p.add_argument('--fillers', type=_names(data.FILLERS), default=data.FILLERS,
                    help=f'haystack texts (default {",".join(data.FILLERS)})')
     p.add_argument('--freeze-decoder', action='store_true',

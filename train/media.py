@@ -22,9 +22,10 @@ from model.config import ModelConfig
 from preprocess.tokenizer import Tokenizer
 from train import audio_data, video_data
 
-TASKS = (video_data.TASK, audio_data.TASK, audio_data.LOOP_TASK)
+TASKS = (video_data.TASK, audio_data.TASK, audio_data.LOOP_TASK, audio_data.EDGE_TASK)
 # the submodule each task trains
-ENCODER = {video_data.TASK: 'vision', audio_data.TASK: 'audio', audio_data.LOOP_TASK: 'audio'}
+ENCODER = {video_data.TASK: 'vision', audio_data.TASK: 'audio', audio_data.LOOP_TASK: 'audio',
+           audio_data.EDGE_TASK: 'audio'}
 
 
 def _image_rows(model, frames: jax.Array) -> jax.Array:
@@ -50,7 +51,7 @@ _ROWS = {task: _image_rows if encoder == 'vision' else _audio_rows for task, enc
 class MediaTask:
     """One media task of a run: its bank and how its batches are drawn."""
 
-    name: str  # 'video', 'audio' or 'audio_loop'
+    name: str  # 'video', 'audio', 'audio_loop' or 'audio_edge'
     bank: object  # video_data.FrameBank or audio_data.ClipBank
     config: ModelConfig
 
@@ -60,7 +61,8 @@ class MediaTask:
                                            rows_per_frame=self.config.vision.tokens_per_image, tokenizer=tokenizer)
         return audio_data.sample_batch(rng, batch, length, self.bank,
                                        tokens_per_second=self.config.audio.tokens_per_second, tokenizer=tokenizer,
-                                       loop=self.name == audio_data.LOOP_TASK)
+                                       loop=self.name == audio_data.LOOP_TASK,
+                                       edge=self.name == audio_data.EDGE_TASK)
 
     @staticmethod
     def inputs(batch) -> np.ndarray:
@@ -75,7 +77,7 @@ def media_task(name: str, config: ModelConfig, bank=None) -> MediaTask:
         if config.vision is None:
             raise ValueError('the video task needs a model with an image encoder (config.vision).')
         bank = bank or video_data.build_bank(config.vision.image_size)
-    elif name in (audio_data.TASK, audio_data.LOOP_TASK):
+    elif name in (audio_data.TASK, audio_data.LOOP_TASK, audio_data.EDGE_TASK):
         if config.audio is None:
             raise ValueError('the audio task needs a model with an audio encoder (config.audio).')
         bank = bank or audio_data.build_bank()

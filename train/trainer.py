@@ -115,7 +115,7 @@ class TrainConfig:
                 raise ValueError(f'filler {filler!r}: use some of {data.FILLERS}.')
         if not self.train_decoder and not self.media_tasks:
             raise ValueError('train_decoder=False leaves nothing to train: name a media task (video, audio, '
-                             'audio_loop), whose encoder then trains alone.')
+                             'audio_loop, audio_edge), whose encoder then trains alone.')
 
     def batch_at(self, step: int) -> int:
         """Examples in (0-based) `step`: `batch`, or the same token count at every curriculum length."""
