@@ -200,9 +200,9 @@ class SoundTrack:
 
 
 def edge_start(total: int, clip: int, window: int, rng: np.random.Generator) -> int:
-    """Where a `clip`-sample needle starts in a `total`-sample track so that one of its window
-    edges (a multiple of `window`, the track's end included, each as likely) falls inside it: at a
-    uniform point of the clip, which ends with the track at the last edge."""
+    """Where a `clip`-sample needle starts in a `total`-sample track so that one of the track's
+    window edges (the multiples of `window`, its end included, each as likely) falls inside the
+    clip, at a uniform point of it; at the track's end the clip ends with the track."""
     if not 0 < clip <= total:
         raise ValueError(f'a {clip}-sample clip does not fit a {total}-sample track.')
     edge = window * int(rng.integers(1, total // window + 1))
