@@ -82,7 +82,7 @@ class AudioTower(nnx.Module):
 
 
 class AudioProjector(PooledProjector):
-    """[B, T, W] -> average pool over `pool` positions -> [B, tokens_per_window, D]."""
+    """[B, T', W] -> average pool over `pool` positions -> [B, T' // pool, D]."""
 
     def __init__(self, cfg: AudioConfig, d_model: int, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -90,11 +90,13 @@ class AudioProjector(PooledProjector):
 
     def pool(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        return jnp.mean(x.reshape(x.shape[0], cfg.tokens_per_window, cfg.pool, cfg.width), axis=2)
+        return jnp.mean(x.reshape(x.shape[0], x.shape[1] // cfg.pool, cfg.pool, cfg.width), axis=2)
 
 
 class AudioEncoder(nnx.Module):
-    """Tower + projector: log-mel windows f32[B, M, A] -> [B, tokens_per_window, D]."""
+    """Tower + projector: log-mel windows f32[B, M, A] -> [B, rows_per_window, D]: the rows of each
+    window's middle (all of them without context_frames). The context's rows are dropped after the
+    tower, whose attention has already let the middle hear them."""
 
     def __init__(self, cfg: AudioConfig, d_model: int, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -106,4 +108,8 @@ class AudioEncoder(nnx.Module):
         if mel.ndim != 3 or tuple(mel.shape[1:]) != (m, a):
             raise ValueError(f'mel features have shape {tuple(mel.shape)}; the audio encoder takes [B, {m}, {a}] '
                              '(n_mels bins x window_frames frames at 100 frames/s; pad or split to that window).')
-        return self.projector(self.tower(mel))
+        x = self.tower(mel)  # [B, T, W]
+        if self.cfg.context_rows:
+            edge = self.cfg.context_rows * self.cfg.pool
+            x = x[:, edge:x.shape[1] - edge]
+        return self.projector(x)

@@ -122,6 +122,9 @@ class AudioConfig:
     mlp_dim: int = 512
     norm_eps: float = 1e-5  # LayerNorm (Whisper uses torch's default); the projector's RMSNorm too
     tokens_per_second: int = 10
+    # Mel frames of neighbouring audio each window also sees, on each side, beyond the frames
+    # whose rows it hands on (preprocess.audio.MelSpec.context_frames). 0: Whisper's plain cut.
+    context_frames: int = 0
 
     def __post_init__(self):
         _check_positive_ints(self, ('n_mels', 'window_frames', 'width', 'n_layers', 'n_heads', 'mlp_dim',
@@ -141,6 +144,11 @@ class AudioConfig:
         if per_second % self.tokens_per_second:
             raise ValueError(f'AudioConfig.tokens_per_second={self.tokens_per_second}: must divide the encoder\'s '
                              f'{per_second} positions per second; use one of {_divisors(per_second)}.')
+        per_token = MEL_FRAMES_PER_SECOND // self.tokens_per_second
+        if self.context_frames < 0 or self.context_frames % per_token or 2 * self.context_frames >= self.window_frames:
+            raise ValueError(f'AudioConfig.context_frames={self.context_frames}: must be >= 0, a multiple of the '
+                             f'{per_token} frames behind one token, and under half of window_frames='
+                             f'{self.window_frames}.')
 
     @property
     def positions(self) -> int:
@@ -154,7 +162,18 @@ class AudioConfig:
 
     @property
     def tokens_per_window(self) -> int:
+        """Rows the encoder computes for one window (context included)."""
         return self.window_frames // MEL_FRAMES_PER_SECOND * self.tokens_per_second
+
+    @property
+    def context_rows(self) -> int:
+        """Rows at each end of a window that are context, not handed on."""
+        return self.context_frames * self.tokens_per_second // MEL_FRAMES_PER_SECOND
+
+    @property
+    def rows_per_window(self) -> int:
+        """Rows one window hands to the decoder: its middle, tokens_per_window - 2 * context_rows."""
+        return self.tokens_per_window - 2 * self.context_rows
 
     @property
     def head_dim(self) -> int:

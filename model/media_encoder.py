@@ -21,7 +21,7 @@ AUDIO_BATCHES = (1, 4)
 
 class MediaEncoder:
     """`images(f32[B, S, S, 3]) -> f32[B, tokens_per_image, D]` and
-    `audio(f32[B, n_mels, frames]) -> f32[B, tokens_per_window, D]`, thread-safe."""
+    `audio(f32[B, n_mels, frames]) -> f32[B, rows_per_window, D]`, thread-safe."""
 
     def __init__(self, config, model, device: jax.Device | None = None):
         self.config = config
@@ -36,7 +36,8 @@ class MediaEncoder:
             self._vision = self._compile(model.vision, device)
         if config.audio is not None:
             self.n_mels, self.window_frames = config.audio.n_mels, config.audio.window_frames
-            self.tokens_per_window = config.audio.tokens_per_window
+            self.context_frames = config.audio.context_frames
+            self.rows_per_window = config.audio.rows_per_window
             self._audio = self._compile(model.audio, device)
 
     @property

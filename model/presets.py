@@ -27,7 +27,7 @@ def default_config() -> ModelConfig:
 
     docs/model_card.md says what it is: a small decoder trained on synthetic needle-in-a-haystack
     tasks, local RoPE layers and global NoPE layers with a log-length scale, 1M-token context, and
-    the tiny image and audio encoders (random, frozen) that let media requests run end to end.
+    the tiny image and audio encoders, trained to find a shown or spoken needle word.
     """
     return ModelConfig.from_json((SHIPPED_DEFAULT / checkpoint.CONFIG_FILE).read_text())
 

@@ -60,7 +60,7 @@ class Transformer(nnx.Module):
         return self.vision(pixels).astype(self.config.jnp_dtype)
 
     def encode_audio(self, mel: jax.Array) -> jax.Array:
-        """f32[B, n_mels, window_frames] log-mel windows -> [B, tokens_per_window, D] in the model dtype."""
+        """f32[B, n_mels, window_frames] log-mel windows -> [B, rows_per_window, D] in the model dtype."""
         if self.audio is None:
             raise ValueError(f'model {self.config.name!r} has no audio encoder (config.audio is None).')
         return self.audio(mel).astype(self.config.jnp_dtype)

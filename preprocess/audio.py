@@ -3,6 +3,7 @@
     probe_audio     header only: format, duration, rate, channels; rejects bad or too-long input
     stream_samples  decode in blocks (libsndfile), downmix, resample to 16 kHz with one soxr stream
     mel_windows     re-cut any chunk sizes into 10 s slices; each slice -> log_mel, as Whisper does
+                    (with context_frames, slices overlap: each also holds its neighbours' edges)
     load_windows    the three above, for a request's audio part
 
 Container lengths: WAV, FLAC and Ogg state their length exactly, so decoding fewer frames than
@@ -52,15 +53,41 @@ class MelSpec:
     n_fft: int = 400
     hop: int = 160
     window_frames: int = 1000  # frames per encoder window (10 s)
+    # Frames of the neighbouring audio a window also holds on each side (0: Whisper's plain cut).
+    # Windows then start every stride_frames = window_frames - 2 * context_frames, and the encoder
+    # hands on only the rows of their middle stride_frames, so a sound cut by a stride edge is
+    # still heard whole by the window whose middle it starts in (if it is under context long).
+    context_frames: int = 0
 
     def __post_init__(self):
-        if min(self.n_mels, self.n_fft, self.hop, self.window_frames) < 1:
-            raise ValueError(f"MelSpec fields must all be >= 1, got {self}")
+        if min(self.n_mels, self.n_fft, self.hop, self.window_frames) < 1 or self.context_frames < 0:
+            raise ValueError(f"MelSpec fields must all be >= 1 (context_frames >= 0), got {self}")
+        if self.stride_frames < 1:
+            raise ValueError(f"MelSpec.context_frames={self.context_frames} leaves no middle in a window of "
+                             f"{self.window_frames} frames; it must be under window_frames / 2")
+
+    @property
+    def stride_frames(self) -> int:
+        """Frames from one window's start to the next's: window_frames - 2 * context_frames."""
+        return self.window_frames - 2 * self.context_frames
 
     @property
     def window_samples(self) -> int:
         """16 kHz samples behind one window: window_frames * hop (160000 = 10 s)."""
         return self.window_frames * self.hop
+
+    @property
+    def stride_samples(self) -> int:
+        """16 kHz samples whose rows one window hands on: stride_frames * hop."""
+        return self.stride_frames * self.hop
+
+    @property
+    def context_samples(self) -> int:
+        return self.context_frames * self.hop
+
+    def window_count(self, samples: int) -> int:
+        """How many windows MelFrames makes of `samples` samples: ceil(samples / stride_samples)."""
+        return -(-samples // self.stride_samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +160,12 @@ def log_mel(samples: np.ndarray, spec: MelSpec = MelSpec()) -> np.ndarray:
 class MelFrames:
     """Iterator of float32 [n_mels, window_frames] windows from a stream of 16 kHz chunks.
 
-    Window k is log_mel of samples [k * W, (k + 1) * W) of the whole stream, W = spec.window_samples;
-    the last is zero-padded to W (Whisper pads to 30 s the same way). At most W samples are
-    buffered. total_samples counts the samples consumed so far: exact once iteration ends.
+    Window k is log_mel of samples [k * S - C, k * S - C + W) of the whole stream, W =
+    spec.window_samples, S = spec.stride_samples, C = spec.context_samples (with no context: [k * W,
+    (k + 1) * W)); samples before the start or past the end are zeros (Whisper pads to 30 s the same
+    way). Windows come until every sample has been in a window's middle [k * S, (k + 1) * S):
+    spec.window_count(total_samples) of them. At most W samples are buffered. total_samples counts
+    the samples consumed so far: exact once iteration ends.
     """
 
     def __init__(self, chunks: Iterable[np.ndarray], spec: MelSpec = MelSpec()):
@@ -162,9 +192,9 @@ class MelFrames:
             close()
 
     def _generate(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        size = self.spec.window_samples
+        size, keep = self.spec.window_samples, 2 * self.spec.context_samples
         buf = np.zeros(size, np.float32)  # [W]; log_mel copies it, so it is reused
-        filled = 0
+        filled = keep // 2  # the first window's left context: before the start, silence
         for chunk in chunks:
             chunk = np.asarray(chunk, dtype=np.float32)
             if chunk.ndim != 1:
@@ -178,10 +208,13 @@ class MelFrames:
                 pos += take
                 if filled == size:
                     yield log_mel(buf, self.spec)
-                    filled = 0
-        if filled:
+                    buf[:keep] = buf[size - keep:]  # the next window's left context and its start
+                    filled = keep
+        while filled > keep // 2:  # samples that no window's middle has held yet
             buf[filled:] = 0.0
             yield log_mel(buf, self.spec)
+            buf[:keep] = buf[size - keep:]
+            filled -= size - keep
 
 
 def mel_windows(chunks: Iterable[np.ndarray], spec: MelSpec = MelSpec()) -> MelFrames:

@@ -345,7 +345,8 @@ class MediaEmbedder:
     def __init__(self, encoder, limits: MediaLimits = MediaLimits(), *,
                  cache_bytes: int = 1 << 30, processes: int = 2):
         self.encoder, self.limits = encoder, limits
-        self.mel_spec = (audio_lib.MelSpec(n_mels=encoder.n_mels, window_frames=encoder.window_frames)
+        self.mel_spec = (audio_lib.MelSpec(n_mels=encoder.n_mels, window_frames=encoder.window_frames,
+                                             context_frames=encoder.context_frames)
                          if getattr(encoder, "n_mels", None) else None)
         self.cache_bytes = cache_bytes
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()

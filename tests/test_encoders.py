@@ -3,6 +3,7 @@ projector pooling checked by hand, media embeddings in the decoder, checkpoints,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -255,6 +256,24 @@ def test_encoders_in_the_model_feed_embeds():
         text_only.encode_images(jnp.zeros((1, 16, 16, 3)))
     with pytest.raises(ValueError, match='no audio encoder'):
         text_only.encode_audio(jnp.zeros((1, 8, 100)))
+
+
+def test_audio_context_frames_are_heard_but_not_handed_on():
+    # A window with context: the tower runs over all of it, the decoder gets only the middle rows.
+    config = _media_config()
+    with_context = dataclasses.replace(config, audio=dataclasses.replace(TINY_AUDIO, context_frames=20))
+    assert (with_context.audio.context_rows, with_context.audio.rows_per_window) == (2, 6)
+    plain, model = _random_model(config, seed=9), _random_model(with_context, seed=9)  # the same weights
+    mel = np.random.default_rng(10).normal(size=(2, 8, 100)).astype(np.float32)
+    rows = _jit_call(model, 'encode_audio')(mel)
+    assert rows.shape == (2, 6, 32)
+    np.testing.assert_allclose(rows, _jit_call(plain, 'encode_audio')(mel)[:, 2:8], rtol=1e-5, atol=1e-5)
+    heard = mel.copy()
+    heard[:, :, :20] = 0.0  # change the left context only
+    assert np.max(np.abs(_jit_call(model, 'encode_audio')(heard) - rows)) > 1e-3
+    for bad in (5, 50, -10):  # not a whole token; no middle left; negative
+        with pytest.raises(ValueError, match='context_frames'):
+            dataclasses.replace(TINY_AUDIO, context_frames=bad)
 
 
 def test_bfloat16_config_keeps_encoder_params_and_outputs_in_bfloat16():

@@ -111,6 +111,23 @@ def test_streamed_windows_equal_windows_of_the_whole_signal(length):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("length", [0.0, 0.3, 0.6, 0.61, 1.0, 2.45, 3.0])
+def test_windows_with_context_overlap_and_every_sample_is_in_one_middle(length):
+    # 1 s windows holding 0.2 s of each neighbour: they start every 0.6 s, from 0.2 s before the start.
+    spec = audio.MelSpec(window_frames=100, context_frames=20)
+    assert (spec.stride_samples, spec.context_samples) == (9600, 3200)
+    x = np.random.default_rng(3).standard_normal(int(length * 16000)).astype(np.float32) * 0.1
+    chunks = np.split(x, [x.size // 3, x.size // 3 + 1])
+    windows = list(audio.mel_windows(chunks, spec))
+    # Middles [0.6k, 0.6k + 0.6) s: as many as cover every sample, none that covers none.
+    assert len(windows) == spec.window_count(x.size) == math.ceil(length / 0.6 - 1e-9)
+    padded = np.concatenate([np.zeros(3200, np.float32), x, np.zeros(16000, np.float32)])
+    for k, window in enumerate(windows):
+        np.testing.assert_array_equal(window, audio.log_mel(padded[k * 9600:k * 9600 + 16000], spec))
+    with pytest.raises(ValueError, match="context_frames"):
+        audio.MelSpec(window_frames=100, context_frames=50)
+
+
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
 def test_chunked_resampling_equals_resampling_the_whole(rate):
     x = (np.random.default_rng(rate).standard_normal((int(2.3 * rate), 2)) * 0.1).astype(np.float32)

@@ -7,6 +7,7 @@ it trains the audio encoder alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -366,25 +367,48 @@ def test_a_frozen_decoder_run_trains_only_the_named_encoders():
         trainer.TrainConfig(out='x', tasks=('passkey',), train_decoder=False)
 
 
-def test_long_eval_answers_an_audio_prompt_as_the_training_forward_pass_does(bank, monkeypatch):
+def test_with_context_the_example_cuts_and_places_rows_as_the_server_does(bank, niah):
+    """Windows holding 1 s of each neighbour (the shipped model's context_frames=100): 20 s make
+    three windows whose middles start every 8 s; their rows fill the prompt's 200 holes in order,
+    and the last window's 40 rows past the end go nowhere."""
+    path, _, _ = niah
+    spec = ad.mel_spec(dataclasses.replace(presets.default_config().audio, context_frames=100))
+    ex, plain = _niah_example(bank, mel_spec=spec), _niah_example(bank)
+    server = np.stack(list(audio_lib.load_windows(path, 'audio/flac', spec)))
+    assert ex.mel.shape == server.shape == (3, 80, 1000) and float(np.abs(ex.mel - server).max()) == 0.0
+    assert ex.row_positions.shape == (3, 80)
+    at = ex.row_positions.reshape(-1)
+    np.testing.assert_array_equal(at[:200], plain.row_positions.reshape(-1))
+    assert (at[200:] == -1).all()
+    np.testing.assert_array_equal(ex.prompt_ids, plain.prompt_ids)
+    np.testing.assert_array_equal(ex.embed_mask, plain.embed_mask)
+    padded = ad.pad_batch([ex], 300)
+    assert padded.row_positions.shape == (1, 240) and (padded.row_positions[0, 200:] == 300).all()
+
+
+@pytest.mark.parametrize('context_frames', [0, 100])
+def test_long_eval_answers_an_audio_prompt_as_the_training_forward_pass_does(bank, monkeypatch, context_frames):
     """train.long_eval (chunked prefill into the paged cache, the audio rows spliced into the
     chunks, greedy decode from the cache) against the trainer's cache-free forward pass over the
     whole prompt: the same greedy ids. Chunks of 64 cut the 230-token prompt, and its 200 audio
-    rows, in four."""
+    rows, in four. With context, three overlapping windows make the 200 rows and 40 that go nowhere."""
     monkeypatch.setattr(long_eval, 'CHUNK', 64)
-    model = Transformer(TINY, rngs=nnx.Rngs(1))
-    ex = _niah_example(bank)
+    config = dataclasses.replace(TINY, audio=dataclasses.replace(TINY.audio, context_frames=context_frames))
+    model = Transformer(config, rngs=nnx.Rngs(1))
+    ex = _niah_example(bank, mel_spec=ad.mel_spec(config.audio))
     evaluator = long_eval.LongEval(model, 512)
     rows = evaluator.audio_rows(ex.mel, batch=3)  # a padded batch: the rows must not depend on it
     np.testing.assert_allclose(rows, np.asarray(model.encode_audio(ex.mel)).reshape(rows.shape), atol=1e-5)
-    got = evaluator.answer(ex.prompt_ids.tolist(), 4, frozenset(), (ex.row_positions.reshape(-1), rows))
+    at = ex.row_positions.reshape(-1)
+    got = evaluator.answer(ex.prompt_ids.tolist(), 4, frozenset(), (at[at >= 0], rows[at >= 0]))
 
     ids, want = list(ex.prompt_ids), []
-    mel, positions = ex.mel[None], ex.row_positions.reshape(1, -1)
+    mel = ex.mel[None]
+    positions = ad.pad_batch([ex], len(ex.input_ids) + 8).row_positions  # nowhere: past the end
     for _ in range(4):
         tokens = np.asarray(ids, np.int32)[None]
         mask = np.zeros(tokens.shape, bool)
-        mask[0, positions[0]] = True
+        mask[0, at[at >= 0]] = True
         out = media.logits(model, ad.TASK, tokens, np.asarray([[len(ids) - 1]]), mel, positions, mask)
         want.append(int(np.argmax(out[0, 0])))
         ids.append(want[-1])

@@ -12,7 +12,9 @@ What `ringserve niah --modality audio` sends, and what the server makes of it:
 - the server lays out <|media_start|>, ceil(seconds * tokens_per_second) rows, <|media_end|>
   (`server.media.MediaResolver`), decodes the FLAC (libsndfile: sample / 32768, no resampling at
   16 kHz) and cuts it into 10 s log-mel windows (`preprocess.audio.mel_windows`), each encoded to
-  10 * tokens_per_second rows (`server.media.MediaEmbedder`).
+  the rows of its middle (`server.media.MediaEmbedder`): with the model's `context_frames` C,
+  windows start every 10 s - 2C and hand on (10 s - 2C) * tokens_per_second rows; with none,
+  windows are back to back and hand on 10 * tokens_per_second.
 
 Training takes its sound from the same path: a `ClipBank` is a few minutes of haystack noise made
 by niah's `synthesise` (bank seeds away from niah's eval seeds) and, for every word, the needle
@@ -28,8 +30,8 @@ An example is a whole number of 10 s windows: a random slice of the bank's noise
 track is longer than the noise), the needle clip of its word spliced in at its depth exactly as
 niah splices it, quantised as the FLAC round trip does (round(x * 32768) / 32768 after niah's
 clip: measured on soundfile's PCM_16 FLAC write and read), then cut into log-mel windows by the
-server's own `mel_windows`. With whole windows the rows are windows * 10 * tokens_per_second:
-no trimming. The answer is the word, then <end_of_turn>; the loss is on those tokens only.
+server's own `mel_windows` (`mel_spec`: the model's window and context). The rows are seconds *
+tokens_per_second; the last window's rows past the track's end, if any, go nowhere (position -1). The answer is the word, then <end_of_turn>; the loss is on those tokens only.
 
 Limits: the words are niah's 32 key nouns in one phrase; the voices are espeak-ng's, robotic
 and few (an eval with the binary espeak-ng of another version, or a user's --needle-audio clip,
@@ -199,10 +201,16 @@ class SoundTrack:
     noise_start: int  # the bank noise's sample at the track's start (-1: the given `noise`)
 
 
+def mel_spec(cfg) -> MelSpec:
+    """The server's log-mel windows for a model's AudioConfig (server.media.MediaEmbedder's)."""
+    return MelSpec(n_mels=cfg.n_mels, window_frames=cfg.window_frames, context_frames=cfg.context_frames)
+
+
 def edge_start(total: int, clip: int, window: int, rng: np.random.Generator) -> int:
     """Where a `clip`-sample needle starts in a `total`-sample track so that one of the track's
     window edges (the multiples of `window`, its end included, each as likely) falls inside the
-    clip, at a uniform point of it; at the track's end the clip ends with the track."""
+    clip, at a uniform point of it; at the track's end the clip ends with the track. `window`:
+    MelSpec.stride_samples, where one window's middle ends and the next's begins."""
     if not 0 < clip <= total:
         raise ValueError(f'a {clip}-sample clip does not fit a {total}-sample track.')
     edge = window * int(rng.integers(1, total // window + 1))
@@ -255,7 +263,7 @@ def sound_track(bank: ClipBank, windows: int, depth: float | None, rng: np.rando
     if loop:
         start = loop_needles(track, bank, c, rng)
     else:
-        start = (edge_start(total, len(needle), mel_spec.window_samples, rng) if edge
+        start = (edge_start(total, len(needle), mel_spec.stride_samples, rng) if edge
                  else niah_audio.needle_start(total, len(needle), depth * 100))  # niah's depth is in %
         track[start:start + len(needle)] = needle
     return SoundTrack(quantise(track), start, c, bank.clip_words[c], first)
@@ -285,7 +293,7 @@ class AudioExample(media_batch.MediaExample):
     loss_mask: np.ndarray  # bool[T]: True on the answer tokens and the <end_of_turn>
     prompt_len: int
     mel: np.ndarray  # f32[Wn, n_mels, window_frames]: the server's log-mel windows
-    row_positions: np.ndarray  # i32[Wn, R]: where window k's R rows go in input_ids
+    row_positions: np.ndarray  # i32[Wn, R]: where window k's R rows go in input_ids (-1: nowhere)
     needle_start_s: float  # when the needle clip starts (needle_start_s * 16000: its sample)
     needle_seconds: float  # how long it lasts
     word: str  # what the clip says: the answer
@@ -347,19 +355,23 @@ def example(bank: ClipBank, windows: int, depth: float | None, rng: np.random.Ge
                         noise=noise, loop=loop, edge=edge)
     window_s = mel_spec.window_samples // SAMPLE_RATE
     mel = np.stack(list(audio_lib.mel_windows([track.samples], mel_spec)))  # [Wn, M, A]
-    assert len(mel) == windows
+    assert len(mel) == mel_spec.window_count(len(track.samples))
     sound = media_ids(windows * window_s, tokens_per_second, tokenizer)
     prompt_ids, answer_ids = _render(sound, track.word, tokenizer)
     ids = np.asarray(prompt_ids + answer_ids, np.int64)
     holes = np.flatnonzero(ids == -1).astype(np.int32)
-    rows = window_s * tokens_per_second
-    assert len(holes) == windows * rows
+    assert len(holes) == windows * window_s * tokens_per_second
+    rows, odd = divmod(mel_spec.stride_samples * tokens_per_second, SAMPLE_RATE)  # per window
+    if odd:
+        raise ValueError(f'{mel_spec}: a window\'s middle is not a whole number of rows at '
+                         f'{tokens_per_second} per second.')
     ids[holes] = 0
+    holes = np.concatenate([holes, np.full(len(mel) * rows - len(holes), -1, np.int32)])
     mask = np.zeros(len(ids), bool)
     mask[len(prompt_ids):] = True
     c = track.clip
     return AudioExample(ids.astype(np.int32), mask, len(prompt_ids), mel,
-                        holes.reshape(windows, rows), track.needle_start / SAMPLE_RATE,
+                        holes.reshape(len(mel), rows), track.needle_start / SAMPLE_RATE,
                         float(bank.offsets[c + 1] - bank.offsets[c]) / SAMPLE_RATE, track.word,
                         bank.clip_voices[c], bank.clip_rates[c], c)
 
@@ -384,10 +396,10 @@ def pad_batch(examples: list[AudioExample], length: int, pad_id: int = 0) -> Aud
 
 def sample_batch(rng: np.random.Generator, batch: int, length: int, bank: ClipBank, *,
                  tokens_per_second: int, tokenizer: Tokenizer, loop: bool = False,
-                 edge: bool = False) -> AudioBatch:
+                 edge: bool = False, mel_spec: MelSpec = MelSpec()) -> AudioBatch:
     """`batch` examples of as many windows as fit `length` tokens, random words, clips, depths
     (`loop`: the word said all through; `edge`: across a window edge; see `sound_track`)."""
     count = windows_for_length(length, tokens_per_second, tokenizer)
     examples = [example(bank, count, None, rng, tokens_per_second=tokens_per_second,
-                        tokenizer=tokenizer, loop=loop, edge=edge) for _ in range(batch)]
+                        tokenizer=tokenizer, loop=loop, edge=edge, mel_spec=mel_spec) for _ in range(batch)]
     return pad_batch(examples, length, max(tokenizer.pad_id, 0))

@@ -188,10 +188,12 @@ def _audio_score(evaluator: LongEval, bank, length: int, depth: float, rng, toke
     windows = audio_data.windows_for_length(length, per_second, tokenizer)
     word = audio_data.WORDS[int(rng.integers(len(audio_data.WORDS)))]
     ex = audio_data.example(bank, windows, depth, rng, tokens_per_second=per_second, tokenizer=tokenizer,
-                            word=word, clip=bank.index(word))  # niah's voice and rate
+                            word=word, clip=bank.index(word),  # niah's voice and rate
+                            mel_spec=audio_data.mel_spec(evaluator.config.audio))
     t0 = time.monotonic()
     rows = evaluator.audio_rows(ex.mel)
-    ids = evaluator.answer(ex.prompt_ids.tolist(), 6, stops, (ex.row_positions.reshape(-1), rows))
+    at = ex.row_positions.reshape(-1)
+    ids = evaluator.answer(ex.prompt_ids.tolist(), 6, stops, (at[at >= 0], rows[at >= 0]))
     text = tokenizer.decode(ids)
     score = float(scoring.contains(text, (ex.word,)))  # niah's scorer for the audio task
     if log:

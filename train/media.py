@@ -62,7 +62,8 @@ class MediaTask:
         return audio_data.sample_batch(rng, batch, length, self.bank,
                                        tokens_per_second=self.config.audio.tokens_per_second, tokenizer=tokenizer,
                                        loop=self.name == audio_data.LOOP_TASK,
-                                       edge=self.name == audio_data.EDGE_TASK)
+                                       edge=self.name == audio_data.EDGE_TASK,
+                                       mel_spec=audio_data.mel_spec(self.config.audio))
 
     @staticmethod
     def inputs(batch) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Padding media examples (train/video_data.py, train/audio_data.py) into one batch.
 
 An example has `input_ids`, `loss_mask`, `embed_mask` ([T]), `row_positions` ([N, R]: where item
-n's R encoder rows go) and its media items (frames or log-mel windows, [N, ...]). The batch pads
+n's R encoder rows go, -1 for a row that goes nowhere) and its media items (frames or log-mel windows, [N, ...]). The batch pads
 tokens to `length` and items to the most any example has: padding items are zeros, and their rows
 point at `length`, past the end, so the scatter into the prompt drops them.
 """
@@ -34,7 +34,8 @@ def pad(examples: Sequence, items: Sequence[np.ndarray], length: int, pad_id: in
             raise ValueError(f'example {i} has {n} tokens, more than the batch length {length}.')
         tokens[i, :n], loss[i, :n], embed[i, :n] = e.input_ids, e.loss_mask, e.embed_mask
         media[i, :len(x)] = x
-        positions[i, :e.row_positions.size] = e.row_positions.reshape(-1)
+        at = e.row_positions.reshape(-1)
+        positions[i, :at.size] = np.where(at < 0, length, at)  # -1: a row that goes nowhere
     return tokens, loss, media, positions, embed
 
 
@@ -69,5 +70,6 @@ class MediaExample:
     def embed_mask(self) -> np.ndarray:
         """bool[T]: the positions that take a media row instead of a token embedding."""
         mask = np.zeros(len(self.input_ids), bool)
-        mask[self.row_positions.reshape(-1)] = True
+        at = self.row_positions.reshape(-1)
+        mask[at[at >= 0]] = True
         return mask
