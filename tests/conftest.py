@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -10,12 +12,27 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count=8").strip()
 
+# One JAX compilation cache for the whole run, shared by the in-process tests and by every server
+# subprocess (they inherit the environment): the default model's serving programs compile once,
+# not once per server start (a server start measured 211 s cold, 43 s warm on a 2-core box). A
+# fresh directory per run, removed at its end, so a run never reads another run's programs.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="ringserve-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 # Tests import the tree as it is (server/, model/, preprocess/ and tests' helpers).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from serving import SERVERS, ServerProcess  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -40,8 +57,6 @@ def random_default_dir(tmp_path_factory):
     emits a stop token, so cancellation, deadlines, length limits and long streams behave the same
     whatever the prompt. The trained model answers briefly and stops (tests/test_default_model.py).
     """
-    import shutil
-
     from flax import nnx
 
     from model import checkpoint, presets
