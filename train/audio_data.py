@@ -31,7 +31,8 @@ track is longer than the noise), the needle clip of its word spliced in at its d
 niah splices it, quantised as the FLAC round trip does (round(x * 32768) / 32768 after niah's
 clip: measured on soundfile's PCM_16 FLAC write and read), then cut into log-mel windows by the
 server's own `mel_windows` (`mel_spec`: the model's window and context). The rows are seconds *
-tokens_per_second; the last window's rows past the track's end, if any, go nowhere (position -1). The answer is the word, then <end_of_turn>; the loss is on those tokens only.
+tokens_per_second; the last window's rows past the track's end, if any, go nowhere (position
+-1). The answer is the word, then <end_of_turn>; the loss is on those tokens only.
 
 Limits: the words are niah's 32 key nouns in one phrase; the voices are espeak-ng's, robotic
 and few (an eval with the binary espeak-ng of another version, or a user's --needle-audio clip,

@@ -1,9 +1,10 @@
 """Padding media examples (train/video_data.py, train/audio_data.py) into one batch.
 
 An example has `input_ids`, `loss_mask`, `embed_mask` ([T]), `row_positions` ([N, R]: where item
-n's R encoder rows go, -1 for a row that goes nowhere) and its media items (frames or log-mel windows, [N, ...]). The batch pads
-tokens to `length` and items to the most any example has: padding items are zeros, and their rows
-point at `length`, past the end, so the scatter into the prompt drops them.
+n's R encoder rows go, -1 for a row that goes nowhere) and its media items (frames or log-mel
+windows, [N, ...]). The batch pads tokens to `length` and items to the most any example has:
+padding items are zeros, and their rows (and rows at -1) point at `length`, past the end, so the
+scatter into the prompt drops them.
 """
 
 from __future__ import annotations
