@@ -43,8 +43,8 @@ def architecture() -> ModelConfig:
     - 4 heads of 32 (no grouping: a kv head per query head), MLP 384, tied embeddings, fp32;
     - context limit 1M tokens (2**20); the local layers only ever see 32 positions, so RoPE's theta
       hardly matters and stays at 10,000;
-    - tiny image (64 x 64 -> 16 tokens) and audio (10 s -> 100 tokens) encoders, random and frozen,
-      so media requests work end to end without downloads.
+    - tiny image (64 x 64 -> 16 tokens) and audio (10 s -> 100 tokens) encoders, trained on the
+      video and spoken needles (docs/training.md), so media requests work end to end without downloads.
     """
     local, glob = LayerKind(window=32), LayerKind(rope=False, log_scale=256)
     return ModelConfig(

@@ -67,16 +67,21 @@ def test_default_model_answers_the_classic_needle_in_the_stdlib_docs(trained_ser
     assert [row['score'] for row in rows] == [1.0, 1.0], rows
 
 
+def _niah_minute(target: str, modality: str, depths: str, tmp_path, capsys) -> list[dict]:
+    """`ringserve niah --modality M --durations 1m --depths D --seed 3` against the server: its rows."""
+    out = tmp_path / f'{modality}.jsonl'
+    argv = ['niah', '--target', target, '--modality', modality, '--durations', '1m', '--depths', depths,
+            '--seed', '3', '--out', str(out), '--work-dir', str(tmp_path / 'work')]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    return results.read_rows(out)
+
+
 def test_default_model_reads_the_secret_word_of_a_video(trained_server_target, tmp_path, capsys):
     """`ringserve niah --modality video`: niah draws a one-minute 1 fps video (generated filler
     frames, one frame reading "The secret word is: <word>"), uploads it, and asks for the word; the
     server decodes it with ffmpeg, encodes the frames with the shipped image encoder and prefills
     their rows. A model that cannot read the frame scores about 1 in 32 (the word list)."""
-    out = tmp_path / 'video.jsonl'
-    argv = ['niah', '--target', trained_server_target, '--modality', 'video', '--durations', '1m',
-            '--depths', '0,50,100', '--seed', '3', '--out', str(out), '--work-dir', str(tmp_path / 'work')]
-    assert cli.main(argv) == 0, capsys.readouterr().err
-    rows = results.read_rows(out)
+    rows = _niah_minute(trained_server_target, 'video', '0,50,100', tmp_path, capsys)
     assert len(rows) == 3 and len({row['expected'][0] for row in rows}) > 1  # seeded words differ
     for row in rows:
         assert row['prompt_tokens_details']['VIDEO'] == 60 * 16
@@ -89,11 +94,7 @@ def test_default_model_hears_the_secret_word_in_a_minute_of_audio(trained_server
     with ffmpeg, cuts 10 s log-mel windows and encodes them with the shipped audio encoder. The
     shipped model hears the word at most depths, not all (docs/model_card.md: the clip cut by a
     window edge costs most misses); a model that cannot hear scores about 1 in 32 a depth."""
-    out = tmp_path / 'audio.jsonl'
-    argv = ['niah', '--target', trained_server_target, '--modality', 'audio', '--durations', '1m',
-            '--depths', '0,25,50,75,100', '--seed', '3', '--out', str(out), '--work-dir', str(tmp_path / 'work')]
-    assert cli.main(argv) == 0, capsys.readouterr().err
-    rows = results.read_rows(out)
+    rows = _niah_minute(trained_server_target, 'audio', '0,25,50,75,100', tmp_path, capsys)
     assert len(rows) == 5 and len({row['expected'][0] for row in rows}) > 1  # seeded words differ
     for row in rows:
         assert row['prompt_tokens_details']['AUDIO'] == 60 * 10
