@@ -179,7 +179,10 @@ class PagedEngine:
         # Sampling compiles once per row count, not once per (rows, width) and prefill bucket:
         # it is a third of a decode program's compile time (the top-k / top-p sort). Ragged
         # decode samples inside its program: its steps feed each other on the device.
-        self._sample_step = jax.jit(self._sample_fn)
+        # Its tokens stay on the device to feed the next block-walking decode step, so they are
+        # pinned replicated: decode then sees one input sharding (warm-up's) at every step.
+        self._replicated = self._sharding(P())
+        self._sample_step = jax.jit(self._sample_fn, out_shardings=self._replicated)
         greedy = [SamplingParams(temperature=0.0)] * max_slots
         self._temperature, self._top_k, self._top_p, self._seeds = params_arrays(greedy)
 
@@ -261,6 +264,7 @@ class PagedEngine:
                                                 np.int32(steps), *params)
             return _host(out)[:steps, :rows].T.tolist()
         out = []  # rows past the ragged bound: one block-walking step at a time
+        tok = self._put(tok, self._replicated)
         for i in range(steps):
             need = max((p + i) // self.page_len + 1 for p in positions)
             width = next(w for w in self.widths if w >= need)
@@ -291,7 +295,8 @@ class PagedEngine:
                                                   np.int32(1), *params)
             for width in self.widths:
                 logits, self._pages = self._decode_step(
-                    self._state, self._pages, self._local_tables([[]] * rows, width), tok, pos)
+                    self._state, self._pages, self._local_tables([[]] * rows, width),
+                    self._put(tok, self._replicated), pos)
             if self.widths:
                 self._sample_step(logits, pos + 1, *params).block_until_ready()
 

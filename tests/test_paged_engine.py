@@ -188,6 +188,30 @@ def test_no_compilation_after_warmup(model):
     assert engine.compile_count == compiled
 
 
+def test_no_compilation_after_warmup_when_decode_walks_blocks(model, monkeypatch):
+    """Rows past the ragged bound decode one block-walking step at a time, each step fed the
+    token the last one sampled on the device: a window of several such steps compiles nothing
+    new (it did once: the sampled token's device placement was a shape warm-up never saw)."""
+    import model.paged_engine as paged_engine
+    monkeypatch.setattr(paged_engine, "FLAT_MAX_KEYS", 2 * G)  # any row past 8 positions walks
+    config, net = model
+    engine = PagedEngine(config, net, max_slots=2, num_pages=60, page_len=G, prefill_chunk=32,
+                         max_steps=4)
+    assert engine.flat_pages == 2 and engine.widths
+    engine.warmup()
+    compiled = engine.compile_count
+    pages = Pages(60, seed=5)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (13, 30)]
+    tables = [pages.table_for([], len(p) + 4) for p in prompts]
+    first = [engine.prefill(slot, p, 0, t) for slot, (p, t) in enumerate(zip(prompts, tables))]
+    for rows in (1, 2):
+        got = engine.decode_steps(list(range(rows)), first[:rows],
+                                  [len(p) for p in prompts[:rows]], tables[:rows], steps=4)
+        assert all(len(g) == 4 for g in got)
+    assert engine.compile_count == compiled
+
+
 def test_width_buckets():
     # Powers of four, 3/4 points up to 256 pages, then the whole table; multiples of S on a mesh.
     assert width_buckets(512) == (1, 4, 12, 16, 48, 64, 192, 256, 512)
