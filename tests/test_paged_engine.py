@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from _model_helpers import tiny_config, tiny_model
+from model import paged_engine
 from model.paged_engine import PagedEngine, row_buckets, width_buckets
 
 G = 4  # page length
@@ -192,7 +193,6 @@ def test_no_compilation_after_warmup_when_decode_walks_blocks(model, monkeypatch
     """Rows past the ragged bound decode one block-walking step at a time, each step fed the
     token the last one sampled on the device: a window of several such steps compiles nothing
     new (it did once: the sampled token's device placement was a shape warm-up never saw)."""
-    import model.paged_engine as paged_engine
     monkeypatch.setattr(paged_engine, "FLAT_MAX_KEYS", 2 * G)  # any row past 8 positions walks
     config, net = model
     engine = PagedEngine(config, net, max_slots=2, num_pages=60, page_len=G, prefill_chunk=32,
