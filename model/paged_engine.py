@@ -293,10 +293,10 @@ class PagedEngine:
                 flat = self._decode_pages([[]] * rows, [0] * rows, rows, size=size)
                 _, self._pages = self._steps_step(self._state, self._pages, flat, tok, pos,
                                                   np.int32(1), *params)
+            placed = self._put(tok, self._replicated)  # as the block walk feeds decode
             for width in self.widths:
                 logits, self._pages = self._decode_step(
-                    self._state, self._pages, self._local_tables([[]] * rows, width),
-                    self._put(tok, self._replicated), pos)
+                    self._state, self._pages, self._local_tables([[]] * rows, width), placed, pos)
             if self.widths:
                 self._sample_step(logits, pos + 1, *params).block_until_ready()
 
