@@ -10,6 +10,7 @@ plot), not recall.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import subprocess
 import sys
@@ -22,7 +23,9 @@ from PIL import Image
 import ringserve
 from preprocess import video as server_video
 from ringserve import cli
-from ringserve.niah import audio, deps, ffmpeg, frames, media_tasks, plot, results, scoring
+from ringserve.niah import audio, deps, espeak, ffmpeg, frames, media_tasks, plot, results
+from ringserve.niah import scoring, speech
+from ringserve.niah.media_runner import MediaHaystack
 from ringserve.niah import video as niah_video
 from ringserve.niah.command import parse_durations
 
@@ -196,6 +199,92 @@ def test_a_clip_longer_than_the_haystack_is_refused(tmp_path):
         audio.build(spec, tmp_path / "hay.flac")
 
 
+# ---- the speech haystack ------------------------------------------------------------------------
+
+LINES = ("The quick answer comes back at once.", "Every window holds ten seconds of sound.",
+         "A reader speaks these words in turn.", "Nothing here says what the needle says.")
+
+
+def test_speech_sentences_are_plain_prose_without_the_key_words():
+    units = ["Return the value of the named attribute.  ", "See ``os.path.join()`` for more.  ",
+             "The secret of this function is speed and care.  ", "Too short here.  ",
+             "A lantern hangs in the hall near the door.  ", "Call it with two plain arguments.\n"]
+    assert speech.sentences(units) == ["Return the value of the named attribute.",
+                                       "Call it with two plain arguments."]
+    lines = speech.default_lines()
+    assert len(lines) > 1000  # hours of speech: an hour does not repeat
+    words = {w for line in lines for w in line.lower().replace(".", " ").split()}
+    assert not words & (set(media_tasks._NOUNS) | {"secret"})
+
+
+def test_speech_haystack_is_espeak_voices_reading_in_turn():
+    track = np.concatenate(list(speech.synthesise(LINES, 2, 0, 12 * RATE)))  # [12 s]
+    assert len(track) == 12 * RATE and np.abs(track).max() < 1
+    # The same seed and trial: the first part of any longer track; another seed: other speech.
+    longer = np.concatenate(list(speech.synthesise(LINES, 2, 0, 20 * RATE)))
+    assert np.array_equal(longer[:len(track)], track)
+    other = np.concatenate(list(speech.synthesise(LINES, 3, 0, 12 * RATE)))
+    assert not np.allclose(other, track)
+    # Utterances, checked against espeak-ng itself: each one's samples are there, one after
+    # another, each by its own voice, rate and pitch, at SPEECH_RMS.
+    said = list(itertools.islice(speech.utterances(LINES, 2, 0), 4))
+    at, voices = 0, set()
+    for index, utterance in enumerate(said):
+        rng = media_tasks._rng(2, "audio-speech", 0, index)
+        first = rng.randrange(len(LINES))
+        text = " ".join(LINES[(first + k) % len(LINES)] for k in range(rng.randint(1, 3)))
+        voice, rate, pitch = rng.choice(speech.SPEECH_VOICES), rng.randint(*speech.RATES), \
+            rng.randint(*speech.PITCHES)
+        voices.add(voice)
+        spoken = espeak.synthesise_16k(text, voice=voice, rate=rate, pitch=pitch)  # [n]
+        assert np.abs(spoken).max() > 0.1
+        scaled = utterance[:len(spoken)]
+        gain = float(np.dot(scaled, spoken) / np.dot(spoken, spoken))
+        assert np.abs(scaled - gain * spoken).max() < 1e-4
+        rms = np.sqrt(np.mean(scaled ** 2))
+        assert rms == pytest.approx(speech.SPEECH_RMS, rel=1e-3) or \
+            np.abs(scaled).max() == pytest.approx(speech.PEAK, rel=1e-3)
+        pause = utterance[len(spoken):]
+        assert speech.PAUSE_S[0] <= len(pause) / RATE <= speech.PAUSE_S[1] and not pause.any()
+        if at < len(track):  # the track: this utterance over the quiet noise haystack
+            end = min(at + len(utterance), len(track))
+            under = track[at:end] - utterance[:end - at]
+            noise = np.concatenate(list(audio.synthesise(2, 0, 12 * RATE)))[at:end]
+            assert np.abs(under - speech.NOISE_UNDER * noise).max() < 1e-4
+        at += len(utterance)
+    assert len(voices) >= 3 and "en" not in voices
+
+
+def test_speech_track_is_cached_and_used_as_a_haystack_file(tmp_path):
+    path = speech.track(4, 1, 6, tmp_path, lines=LINES)
+    assert speech.track(4, 1, 6, tmp_path, lines=LINES) == path  # made once
+    written, rate = soundfile.read(path, dtype="float32")
+    expected = np.concatenate(list(speech.synthesise(LINES, 4, 1, 6 * RATE)))
+    assert rate == RATE and np.abs(written - expected).max() <= 1 / 32768
+    clip = tone_clip(tmp_path / "clip.wav")
+    spec = audio.AudioSpec(duration_s=6, depth=50, needle=str(tmp_path / "clip.wav"), seed=4,
+                           trial=1, haystack=str(path))
+    start_s, _ = audio.build(spec, tmp_path / "hay.flac")
+    track, _ = soundfile.read(tmp_path / "hay.flac", dtype="float32")
+    start = round(start_s * RATE)
+    assert locate(track, clip) == start
+    outside = np.concatenate([track[:start] - written[:start],
+                              track[start + len(clip):] - written[start + len(clip):]])
+    assert np.abs(outside).max() <= 1 / 32768  # the speech as it was, but for the needle
+
+
+def test_generated_audio_haystacks_are_named_and_checked(tmp_path):
+    assert MediaHaystack("audio", synth="speech").name == "synthesised-speech"
+    assert MediaHaystack("audio").name == "synthesised-noise"
+    with pytest.raises(ValueError, match="generated audio haystack is noise or speech"):
+        MediaHaystack("video", synth="speech")
+    with pytest.raises(ValueError, match="got 'babble'"):
+        MediaHaystack("audio", synth="babble")
+    (tmp_path / "hay.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match="with the file"):
+        MediaHaystack("audio", str(tmp_path / "hay.wav"), synth="speech")
+
+
 # ---- tasks, flags, results ----------------------------------------------------------------------
 
 def test_media_tasks_draw_a_seeded_word_per_cell():
@@ -278,6 +367,12 @@ def test_missing_packages_and_espeak_are_named(tmp_path, monkeypatch, capsys):
                      "127.0.0.1:9", "--out", out]) == 2  # refused before any RPC
     assert "install it (e.g. apt-get install espeak-ng) or pass --needle-audio CLIP " \
         "--answer TEXT" in capsys.readouterr().err
+    tone_clip(tmp_path / "clip.wav")  # a clip of one's own does not make the speech haystack
+    assert cli.main(["niah", "--modality", "audio", "--durations", "5s", "--haystack-audio",
+                     "speech", "--needle-audio", str(tmp_path / "clip.wav"), "--answer", "tones",
+                     "--target", "127.0.0.1:9", "--out", out]) == 2
+    assert "the speech haystack (--haystack-audio speech) is read by espeak-ng, which is not " \
+        "installed" in capsys.readouterr().err
 
 
 # ---- end to end: the CLI against the real server ------------------------------------------------
@@ -377,3 +472,28 @@ def test_cli_audio_with_a_supplied_clip(server_target, client, tmp_path, capsys)
     assert "overall" in capsys.readouterr().out
     assert cli.main(argv) == 0  # resumed
     assert len(results.read_rows(out)) == 2
+
+
+def test_cli_audio_inside_other_speech(server_target, client, tmp_path, capsys):
+    """`--haystack-audio speech`: the spoken needle (espeak-ng) spliced into other voices reading
+    prose; the speech track is made once in the work dir and reused by every depth."""
+    out, work = tmp_path / "speech.jsonl", tmp_path / "work"
+    argv = ["niah", "--target", server_target, "--modality", "audio", "--haystack-audio",
+            "speech", "--durations", "20s", "--depths", "0,50", "--seed", "5",
+            "--max-output-tokens", "2", "--out", str(out), "--work-dir", str(work)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = results.read_rows(out)
+    assert [(r["duration_s"], r["depth"]) for r in rows] == [(20, 0.0), (20, 50.0)]
+    (hay,) = work.glob("speech-haystack-seed5-t0-20s-*.flac")
+    said, _ = soundfile.read(hay, dtype="float32")
+    assert np.sqrt(np.mean(said ** 2)) > 0.5 * speech.SPEECH_RMS  # mostly speech, not pauses
+    for row in rows:
+        assert row["haystack"] == "synthesised-speech"
+        assert row["prompt_tokens_details"]["AUDIO"] == 20 * client.model_info().audio_tokens_per_second
+        (built,) = work.glob(f"audio-20s-d{results.format_depth(row['depth'])}-seed5-*.flac")
+        track, _ = soundfile.read(built, dtype="float32")
+        # the row's times are rounded to 0.1 ms: a sample or two either way
+        start, end = round(row["needle_s"] * RATE), round((row["needle_s"] + row["needle_length_s"]) * RATE)
+        assert np.abs(np.delete(track - said, np.s_[max(start - 2, 0):end + 2])).max() <= 1 / 32768
+        assert np.abs(track[start:end] - said[start:end]).max() > 0.1  # the needle, spliced in
+    assert not our_uploads(client)

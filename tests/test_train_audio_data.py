@@ -22,6 +22,7 @@ from preprocess import audio as audio_lib
 from preprocess import prompt
 from preprocess.tokenizer import Tokenizer
 from ringserve.niah import audio as niah_audio
+from ringserve.niah import speech
 from ringserve.niah.media_tasks import AudioSecretWord
 from ringserve.v1 import inference_pb2 as pb
 from server.media import MediaResolver
@@ -214,6 +215,36 @@ def test_an_edge_track_cuts_its_clip_at_a_window_edge(bank):
                             edge=True)
     assert batch.mel.shape[:2] == (2, 4)
     assert trainer.trainable(('audio_edge',)) == trainer.trainable(('audio',))
+
+
+def test_a_speech_bank_is_niahs_speech_haystack_and_feeds_audio_speech(cache):
+    """audio_speech: the needle inside other voices; the bank's haystack is niah's speech track
+    from the bank's seed sample for sample, its clips the noise bank's, cached apart from it."""
+    speech_bank = ad.build_bank(voices=VOICES, rates=(175,), noise_seconds=SECONDS, cache_dir=cache,
+                                haystack='speech')
+    said = np.concatenate(list(speech.synthesise(speech.default_lines(), ad.BANK_SEED, 0,
+                                                 SECONDS * ad.SAMPLE_RATE)))
+    np.testing.assert_array_equal(speech_bank.noise, said)
+    noise_bank = ad.build_bank(voices=VOICES, rates=(175,), noise_seconds=SECONDS, cache_dir=cache)
+    np.testing.assert_array_equal(speech_bank.clips, noise_bank.clips)
+    assert not np.allclose(speech_bank.noise, noise_bank.noise)
+    assert len(list(cache.glob('bank-*.npz'))) >= 2
+    again = ad.build_bank(voices=VOICES, rates=(175,), noise_seconds=SECONDS, cache_dir=cache,
+                          haystack='speech')
+    np.testing.assert_array_equal(again.noise, said)
+    track = ad.sound_track(speech_bank, 2, 0.5, np.random.default_rng(3))
+    clip = speech_bank.clip(track.clip)
+    start, end = track.needle_start, track.needle_start + len(clip)
+    np.testing.assert_array_equal(track.samples[start:end], ad.quantise(clip))
+    around = np.delete(np.arange(len(track.samples)), np.s_[start:end])
+    np.testing.assert_allclose(track.samples[around], ad.quantise(np.take(
+        said, track.noise_start + around, mode='wrap')), atol=0)
+    task = media.media_task('audio_speech', presets.default_config(), speech_bank)
+    batch = task.sample(np.random.default_rng(0), 2, 512, TOK)
+    assert batch.mel.shape[:2] == (2, 4)
+    assert trainer.trainable(('audio_speech',)) == trainer.trainable(('audio',))
+    with pytest.raises(ValueError, match="haystack='babble'"):
+        ad.build_bank(haystack='babble', cache_dir=None)
 
 
 def test_quantise_is_soundfiles_flac_round_trip(tmp_path):

@@ -58,7 +58,7 @@ from preprocess.audio import MelSpec
 from preprocess.tokenizer import Tokenizer
 from ringserve.niah import audio as niah_audio
 from ringserve.niah import espeak
-from ringserve.niah import media_tasks
+from ringserve.niah import media_tasks, speech
 from ringserve.niah.tasks import _NOUNS
 from server.media import MEDIA_END, MEDIA_START
 from train import media_batch
@@ -69,6 +69,10 @@ LOOP_TASK = 'audio_loop'  # the needle phrase looped over the whole track: the "
 # put it (depth 100 always; 25, 50 and 75 whenever they land near a multiple of 10 s), and where
 # the shipped model missed (docs/benchmarks.md "The audio needle").
 EDGE_TASK = 'audio_edge'
+# The needle inside other speech: the bank's haystack is niah's speech haystack (other espeak-ng
+# voices reading prose, `speech.synthesise`) instead of its noise.
+SPEECH_TASK = 'audio_speech'
+HAYSTACKS = ('noise', 'speech')
 SAMPLE_RATE = niah_audio.SAMPLE_RATE  # 16 kHz: niah's track, the server's samples
 WINDOW_S = 10  # seconds of sound per encoder window (MelSpec().window_samples / SAMPLE_RATE)
 BANK_SEED = 7_000_000  # the noise's seed; niah's eval uses small seeds (default 0)
@@ -138,11 +142,14 @@ def clip_keys(voices: tuple[str, ...], rates: tuple[int, ...]) -> list[tuple[str
 
 def build_bank(*, voices: tuple[str, ...] = VOICES, rates: tuple[int, ...] = RATES,
                noise_seconds: int = 300, cache_dir: Path | None = BANK_DIR,
-               seed: int = BANK_SEED) -> ClipBank:
-    """`noise_seconds` of niah's haystack noise from `seed`, and every word spoken in every voice
-    at every rate, plus niah's eval voice (EVAL_VOICE at EVAL_RATE) when those leave it out;
-    cached by its parameters (cache_dir None: not cached). Evals take another `seed`
-    (EVAL_BANK_SEED): noise training never heard."""
+               seed: int = BANK_SEED, haystack: str = 'noise') -> ClipBank:
+    """`noise_seconds` of niah's haystack from `seed` (`haystack`: 'noise', its synthesised
+    noise, or 'speech', its speech haystack), and every word spoken in every voice at every rate,
+    plus niah's eval voice (EVAL_VOICE at EVAL_RATE) when those leave it out; cached by its
+    parameters (cache_dir None: not cached). Evals take another `seed` (EVAL_BANK_SEED): sound
+    training never heard."""
+    if haystack not in HAYSTACKS:
+        raise ValueError(f'haystack={haystack!r}: use one of {HAYSTACKS}.')
     voices, rates = tuple(voices), tuple(int(r) for r in rates)
     if not voices or not rates:
         raise ValueError(f'a clip bank needs at least one voice and one rate, got voices={voices} '
@@ -152,6 +159,8 @@ def build_bank(*, voices: tuple[str, ...] = VOICES, rates: tuple[int, ...] = RAT
     keys = clip_keys(voices, rates)
     params = {'keys': keys, 'noise_seconds': noise_seconds, 'seed': seed, 'words': list(WORDS),
               'version': 1}
+    if haystack != 'noise':  # the noise banks' cache tags stay as they were
+        params.update(haystack=haystack, speech_version=speech.VERSION)
     tag = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     cached = cache_dir / f'bank-{tag}.npz' if cache_dir is not None else None
     if cached is not None and cached.is_file():
@@ -160,7 +169,11 @@ def build_bank(*, voices: tuple[str, ...] = VOICES, rates: tuple[int, ...] = RAT
                             tuple(str(w) for w in z['clip_words']),
                             tuple(str(v) for v in z['clip_voices']),
                             tuple(int(r) for r in z['clip_rates']))
-    noise = np.concatenate(list(niah_audio.synthesise(seed, 0, noise_seconds * SAMPLE_RATE)))
+    if haystack == 'speech':
+        noise = np.concatenate(list(speech.synthesise(speech.default_lines(), seed, 0,
+                                                      noise_seconds * SAMPLE_RATE)))
+    else:
+        noise = np.concatenate(list(niah_audio.synthesise(seed, 0, noise_seconds * SAMPLE_RATE)))
     task = media_tasks.AudioSecretWord()
     spoken, words, names, speeds = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,7 +12,8 @@ trainer's `eval_lengths`; the recorded figures come from `ringserve niah` agains
 fit the length, with fillers from a bank training never saw; the frames go through the model's
 image encoder and their rows into the prefill chunks, as the server's engine loop does.
 `--tasks audio` does the same for a spoken word (train/audio_data.py) in niah's voice, over noise
-training never heard, as many 10 s windows as fit the length, through the audio encoder.
+training never heard, as many 10 s windows as fit the length, through the audio encoder;
+`--tasks audio_speech` over other voices reading prose (niah's speech haystack) instead.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from model.kv_pages import PagedKVCache
 from preprocess import prompt
 from preprocess.tokenizer import Tokenizer
 from ringserve.niah import scoring
-from train import audio_data, data, video_data
+from train import audio_data, data, media, video_data
 
 PAGE = 64  # tokens per page
 CHUNK = 1024  # prefill tokens per call (a power of two: one compiled program per bucket)
@@ -135,11 +136,14 @@ def recall(model: nnx.Module, lengths: Sequence[int], examples: int, tasks: Sequ
     tokenizer = tokenizer or Tokenizer.default()
     stops = prompt.stop_token_ids(tokenizer)
     evaluator = LongEval(model, max(lengths) + 64)
-    bank = clips = None
+    bank = clips = speech = None
     if video_data.TASK in tasks:
         bank = video_data.build_bank(model.config.vision.image_size, seed=video_data.EVAL_BANK_SEED)
     if audio_data.TASK in tasks:
         clips = audio_data.build_bank(seed=audio_data.EVAL_BANK_SEED)
+    if audio_data.SPEECH_TASK in tasks:  # other voices training never heard
+        speech = audio_data.build_bank(seed=audio_data.EVAL_BANK_SEED, haystack='speech',
+                                       noise_seconds=media.SPEECH_SECONDS)
     out = {}
     for length in lengths:
         scores = []
@@ -150,8 +154,9 @@ def recall(model: nnx.Module, lengths: Sequence[int], examples: int, tasks: Sequ
             if task == video_data.TASK:
                 scores.append(_video_score(evaluator, bank, length, depth, rng, tokenizer, stops, log))
                 continue
-            if task == audio_data.TASK:
-                scores.append(_audio_score(evaluator, clips, length, depth, rng, tokenizer, stops, log))
+            if task in (audio_data.TASK, audio_data.SPEECH_TASK):
+                scores.append(_audio_score(evaluator, clips if task == audio_data.TASK else speech, length,
+                                           depth, rng, tokenizer, stops, log, task))
                 continue
             filler = 'passkey' if task == 'passkey' else 'stdlib'
             ex = data.TASKS[task](length, depth, rng, filler=filler, tokenizer=tokenizer)
@@ -183,7 +188,8 @@ def _video_score(evaluator: LongEval, bank, length: int, depth: float, rng, toke
     return score
 
 
-def _audio_score(evaluator: LongEval, bank, length: int, depth: float, rng, tokenizer, stops, log) -> float:
+def _audio_score(evaluator: LongEval, bank, length: int, depth: float, rng, tokenizer, stops, log,
+                 task: str = audio_data.TASK) -> float:
     per_second = evaluator.config.audio.tokens_per_second
     windows = audio_data.windows_for_length(length, per_second, tokenizer)
     word = audio_data.WORDS[int(rng.integers(len(audio_data.WORDS)))]
@@ -197,7 +203,7 @@ def _audio_score(evaluator: LongEval, bank, length: int, depth: float, rng, toke
     text = tokenizer.decode(ids)
     score = float(scoring.contains(text, (ex.word,)))  # niah's scorer for the audio task
     if log:
-        log(f'audio {length} ({windows} windows) depth {depth:.2f}: {text!r} vs {ex.word!r} -> {score:.2f} '
+        log(f'{task} {length} ({windows} windows) depth {depth:.2f}: {text!r} vs {ex.word!r} -> {score:.2f} '
             f'({time.monotonic() - t0:.1f} s)')
     return score
 
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--lengths', default='1024,4096,16384', help='comma-separated prompt lengths in tokens')
     p.add_argument('--examples', type=int, default=8, help='examples per length, at evenly spread depths')
     p.add_argument('--tasks', default='passkey',
-                   help=f'comma-separated, from {",".join(data.TASKS)},{video_data.TASK},{audio_data.TASK}')
+                   help=f'comma-separated, from {",".join(data.TASKS)},{video_data.TASK},{audio_data.TASK},'
+                        f'{audio_data.SPEECH_TASK}')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('-v', '--verbose', action='store_true', help='print every answer')
     args = p.parse_args(argv)

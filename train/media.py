@@ -22,10 +22,12 @@ from model.config import ModelConfig
 from preprocess.tokenizer import Tokenizer
 from train import audio_data, video_data
 
-TASKS = (video_data.TASK, audio_data.TASK, audio_data.LOOP_TASK, audio_data.EDGE_TASK)
+TASKS = (video_data.TASK, audio_data.TASK, audio_data.LOOP_TASK, audio_data.EDGE_TASK,
+         audio_data.SPEECH_TASK)
+SPEECH_SECONDS = 600  # audio_speech's bank: ten minutes of other voices, then looped
 # the submodule each task trains
 ENCODER = {video_data.TASK: 'vision', audio_data.TASK: 'audio', audio_data.LOOP_TASK: 'audio',
-           audio_data.EDGE_TASK: 'audio'}
+           audio_data.EDGE_TASK: 'audio', audio_data.SPEECH_TASK: 'audio'}
 
 
 def _image_rows(model, frames: jax.Array) -> jax.Array:
@@ -51,7 +53,7 @@ _ROWS = {task: _image_rows if encoder == 'vision' else _audio_rows for task, enc
 class MediaTask:
     """One media task of a run: its bank and how its batches are drawn."""
 
-    name: str  # 'video', 'audio', 'audio_loop' or 'audio_edge'
+    name: str  # 'video', 'audio', 'audio_loop', 'audio_edge' or 'audio_speech'
     bank: object  # video_data.FrameBank or audio_data.ClipBank
     config: ModelConfig
 
@@ -78,10 +80,13 @@ def media_task(name: str, config: ModelConfig, bank=None) -> MediaTask:
         if config.vision is None:
             raise ValueError('the video task needs a model with an image encoder (config.vision).')
         bank = bank or video_data.build_bank(config.vision.image_size)
-    elif name in (audio_data.TASK, audio_data.LOOP_TASK, audio_data.EDGE_TASK):
+    elif name in (audio_data.TASK, audio_data.LOOP_TASK, audio_data.EDGE_TASK, audio_data.SPEECH_TASK):
         if config.audio is None:
             raise ValueError('the audio task needs a model with an audio encoder (config.audio).')
-        bank = bank or audio_data.build_bank()
+        if name == audio_data.SPEECH_TASK:  # ten minutes of other voices, from the bank's seed
+            bank = bank or audio_data.build_bank(haystack='speech', noise_seconds=SPEECH_SECONDS)
+        else:
+            bank = bank or audio_data.build_bank()
     else:
         raise ValueError(f'media task {name!r}: use one of {TASKS}.')
     return MediaTask(name, bank, config)

@@ -1,9 +1,10 @@
 """The audio haystack: a 16 kHz mono sound track with a spoken needle spliced in at its depth.
 
-The haystack is the user's sound file (decoded by ffmpeg, looped or cut to the duration) or
-synthesised: pink noise (Voss-McCartney: octave rows of held random values, summed) with random
-tone bursts, drawn block by block from the seed, the trial and the block's index, so the same
-seed gives the same sound at the same time whatever the duration.
+The haystack is the user's sound file (decoded by ffmpeg, looped or cut to the duration), the
+speech haystack (`speech.track`: other voices reading prose, written to such a file first) or
+synthesised noise: pink noise (Voss-McCartney: octave rows of held random values, summed) with
+random tone bursts, drawn block by block from the seed, the trial and the block's index, so the
+same seed gives the same sound at the same time whatever the duration.
 
 The needle is a short clip: the user's (`--needle-audio`) or "The secret word is <word>" spoken
 by espeak-ng: the `espeak-ng` binary when it is on PATH, else libespeak-ng from the
@@ -43,6 +44,10 @@ NOISE_RMS = 0.05
 ESPEAK_MISSING = ("the audio needle is spoken by espeak-ng, which is not installed: pip install "
                   "espeakng-loader (its bundled libespeak-ng), or install it (e.g. apt-get "
                   "install espeak-ng) or pass --needle-audio CLIP --answer TEXT")
+SPEECH_MISSING = ("the speech haystack (--haystack-audio speech) is read by espeak-ng, which is "
+                  "not installed: pip install espeakng-loader (its bundled libespeak-ng), or "
+                  "install it (e.g. apt-get install espeak-ng), or use --haystack-audio noise "
+                  "or FILE")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,9 +121,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     media.add_argument("--haystack-video", metavar="FILE",
                        help="your video as the haystack, at 1 fps, looped or cut to each "
                        "duration (default: generated frames of shapes and words)")
-    media.add_argument("--haystack-audio", metavar="FILE",
-                       help="your sound file as the haystack, looped or cut to each duration "
-                       "(default: synthesised pink noise with tone bursts)")
+    media.add_argument("--haystack-audio", metavar="FILE|noise|speech",
+                       help="your sound file as the haystack, looped or cut to each duration; "
+                       "or 'speech': other espeak-ng voices reading prose, the needle inside "
+                       "other speech; or 'noise' (default): synthesised pink noise with tone "
+                       "bursts (a file named so: ./speech)")
     media.add_argument("--needle-word", help="the secret word in every cell (default: a seeded "
                        "random word per cell)")
     media.add_argument("--needle-audio", metavar="CLIP",
@@ -268,7 +270,7 @@ def _run_media(args: argparse.Namespace) -> int:
         print(f"ringserve niah: {e}", file=sys.stderr)
         return 2
     from ringserve.niah.ffmpeg import BuildError
-    from ringserve.niah.media_runner import MediaHaystack, MediaRunner
+    from ringserve.niah.media_runner import AUDIO_SYNTHS, MediaHaystack, MediaRunner
     try:
         task = _media_task(args)
         grid = Grid(args.durations or parse_durations(DEFAULT_DURATIONS), args.depths,
@@ -278,7 +280,10 @@ def _run_media(args: argparse.Namespace) -> int:
             raise ValueError("--score first-integer is for the passkey task; the secret word is "
                              "scored with contains (default) or exact")
         path = args.haystack_video if modality == "video" else args.haystack_audio
-        hay = MediaHaystack(modality, path, args.frame_size or DEFAULT_FRAME_SIZE)
+        synth = "noise"
+        if path in AUDIO_SYNTHS:
+            path, synth = None, path
+        hay = MediaHaystack(modality, path, args.frame_size or DEFAULT_FRAME_SIZE, synth)
         settings = Settings(out=args.out, scorer=scorer,
                             max_output_tokens=args.max_output_tokens or task.max_output_tokens)
         with Client(args.target, timeout=args.timeout) as client:

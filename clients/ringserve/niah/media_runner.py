@@ -39,6 +39,9 @@ from ringserve.niah.tasks import Context, Question
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
+AUDIO_SYNTHS = ("noise", "speech")  # the generated audio haystacks
+
+
 @dataclasses.dataclass(frozen=True)
 class MediaHaystack:
     """Where a media haystack comes from: the user's file, or generated."""
@@ -46,10 +49,16 @@ class MediaHaystack:
     modality: str  # "video" or "audio"
     path: str | None = None  # the user's video or sound file; None: generated
     frame_size: int = 256  # video: pixels on a side of every frame
+    synth: str = "noise"  # audio without a path: "noise" or "speech" (`speech`: other voices)
 
     def __post_init__(self) -> None:
         if self.modality not in ("video", "audio"):
             raise ValueError(f"a media haystack is video or audio, not {self.modality!r}")
+        if self.synth not in AUDIO_SYNTHS or (self.synth != "noise" and (
+                self.modality != "audio" or self.path is not None)):
+            raise ValueError(f"a generated audio haystack is {' or '.join(AUDIO_SYNTHS)}, in "
+                             f"place of a file; got {self.synth!r} for a {self.modality} haystack"
+                             + (f" with the file {self.path}" if self.path else ""))
         if self.path is not None and not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: no such file (the {self.modality} haystack)")
         if self.modality == "video" and (self.frame_size < 16 or self.frame_size % 2):
@@ -60,7 +69,7 @@ class MediaHaystack:
     def name(self) -> str:
         if self.path is not None:
             return os.path.basename(self.path)
-        return "generated-frames" if self.modality == "video" else "synthesised-noise"
+        return "generated-frames" if self.modality == "video" else f"synthesised-{self.synth}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +181,8 @@ class MediaRunner:
             finally:
                 first.close()
         if self.task.modality == "audio":
+            if self.haystack.synth == "speech" and not self.builder.can_speak():
+                raise FileNotFoundError(self.builder.SPEECH_MISSING)
             if self.task.clip is None:
                 if not self.builder.can_speak():
                     raise FileNotFoundError(self.builder.ESPEAK_MISSING)
@@ -196,10 +207,14 @@ class MediaRunner:
         clip = self.task.clip
         if clip is None:
             clip = str(self.builder.speak(context.needles[0].text, work_dir))
+        hay = self.haystack.path
+        if self.haystack.synth == "speech":  # made once per (seed, trial, duration), then a file
+            from ringserve.niah import speech
+            hay = str(speech.track(self.task.seed, question.trial, context.length, work_dir))
         spec = self.builder.AudioSpec(duration_s=context.length, depth=question.depth,
                                       needle=clip, seed=self.task.seed, trial=question.trial,
-                                      haystack=self.haystack.path)
-        return spec, [_identity(self.haystack.path), _identity(clip)]
+                                      haystack=hay)
+        return spec, [_identity(hay), _identity(clip)]
 
     def _build(self, context: Context, question: Question, work_dir: pathlib.Path) -> Built:
         """The cell's media in `work_dir`: built now, or found from an earlier build."""
