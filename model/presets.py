@@ -43,8 +43,10 @@ def architecture() -> ModelConfig:
     - 4 heads of 32 (no grouping: a kv head per query head), MLP 384, tied embeddings, fp32;
     - context limit 1M tokens (2**20); the local layers only ever see 32 positions, so RoPE's theta
       hardly matters and stays at 10,000;
-    - tiny image (64 x 64 -> 16 tokens) and audio (10 s -> 100 tokens) encoders, trained on the
+    - tiny image (64 x 64 -> 16 tokens) and audio (10 tokens a second) encoders, trained on the
       video and spoken needles (docs/training.md), so media requests work end to end without downloads.
+      Audio windows overlap: each 10 s window hands on the 80 rows of its middle 8 s and hears 1 s
+      either side (context_frames=100), so a word cut by an 8 s edge is heard whole by one window.
     """
     local, glob = LayerKind(window=32), LayerKind(rope=False, log_scale=256)
     return ModelConfig(
@@ -70,7 +72,7 @@ def architecture() -> ModelConfig:
         bos_id=1,
         eos_ids=(2,),
         vision=VisionConfig(),
-        audio=AudioConfig(),
+        audio=AudioConfig(context_frames=100),
         layer_kinds=(local, glob, local, glob),
     )
 
