@@ -4,12 +4,12 @@ speech" (the Gemini 1.5 report's audio haystack is speech too) rather than in no
 The words: the plain sentences of the default text haystack (`haystack.stdlib()`, the running
 interpreter's docstrings): letters, spaces and , ; ' - only, 6 to 30 words, none saying one of
 the key nouns the needle words are drawn from, nor "secret", so the track's one secret word is the
-needle's. That is about 2,600 sentences, three hours of speech: an hour does not repeat.
+needle's. That is about 2,600 sentences, three hours of speech read once each.
 
 The voices: utterance i is drawn from (seed, trial, i): one to three sentences that follow one
-another in the text, from a random start; a voice from SPEECH_VOICES (espeak-ng's English voices
-other than the needle's plain "en", without the breathy ones, whose noise is seeded by the clock);
-40 to 70 words a minute either side of espeak's 175; a pitch from 25 to 75. Each utterance is
+another in the text, from a random start; one of the 33 SPEECH_VOICES (espeak-ng's English
+accents and variants other than the needle's plain "en", without the breathy ones, whose noise is
+seeded by the clock); 135 to 245 words a minute; a pitch from 25 to 75. Each utterance is
 scaled to SPEECH_RMS, about the needle's own level, and followed by a 0.15 to 0.8 s pause. Under
 all of it runs the noise haystack (`audio.synthesise`) at a quarter of its level, so that pauses
 are not digital silence.
