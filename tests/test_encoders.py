@@ -349,7 +349,8 @@ def test_config_json_round_trip_and_validation():
 
 def test_default_config_has_both_encoders():
     config = presets.default_config()
-    assert config.vision == VisionConfig() and config.audio == AudioConfig()
+    # audio windows that overlap by 1 s either side: a word cut by a window edge is heard whole
+    assert config.vision == VisionConfig() and config.audio == AudioConfig(context_frames=100)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -241,7 +241,7 @@ def test_a_speech_bank_is_niahs_speech_haystack_and_feeds_audio_speech(cache):
         said, track.noise_start + around, mode='wrap')), atol=0)
     task = media.media_task('audio_speech', presets.default_config(), speech_bank)
     batch = task.sample(np.random.default_rng(0), 2, 512, TOK)
-    assert batch.mel.shape[:2] == (2, 4)
+    assert batch.mel.shape[:2] == (2, 5)  # 40 s of sound, windows every 8 s (context_frames=100)
     assert trainer.trainable(('audio_speech',)) == trainer.trainable(('audio',))
     with pytest.raises(ValueError, match="haystack='babble'"):
         ad.build_bank(haystack='babble', cache_dir=None)
