@@ -160,7 +160,9 @@ def build_bank(*, voices: tuple[str, ...] = VOICES, rates: tuple[int, ...] = RAT
     params = {'keys': keys, 'noise_seconds': noise_seconds, 'seed': seed, 'words': list(WORDS),
               'version': 1}
     if haystack != 'noise':  # the noise banks' cache tags stay as they were
-        params.update(haystack=haystack, speech_version=speech.VERSION)
+        # the sentences come from the running interpreter's docstrings: another Python, another bank
+        lines = hashlib.sha256('\n'.join(speech.default_lines()).encode()).hexdigest()[:12]
+        params.update(haystack=haystack, speech_version=speech.VERSION, lines=lines)
     tag = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     cached = cache_dir / f'bank-{tag}.npz' if cache_dir is not None else None
     if cached is not None and cached.is_file():
