@@ -80,7 +80,7 @@ def media_task(name: str, config: ModelConfig, bank=None) -> MediaTask:
         if config.vision is None:
             raise ValueError('the video task needs a model with an image encoder (config.vision).')
         bank = bank or video_data.build_bank(config.vision.image_size)
-    elif name in (audio_data.TASK, audio_data.LOOP_TASK, audio_data.EDGE_TASK, audio_data.SPEECH_TASK):
+    elif ENCODER.get(name) == 'audio':
         if config.audio is None:
             raise ValueError('the audio task needs a model with an audio encoder (config.audio).')
         if name == audio_data.SPEECH_TASK:  # ten minutes of other voices, from the bank's seed
