@@ -476,7 +476,7 @@ class EngineLoop:
         if active.request.pin_as is not None:
             self._pin(active, first)
             return
-        if token in self._stop_ids:
+        if token in self._stop_ids and not active.request.ignore_eos:
             self._finish(active, STOP, first_token_time=first)
             return
         active.generated += 1

@@ -50,6 +50,7 @@ class GenerationRequest:
     params: SamplingParams
     max_new_tokens: int
     stop_sequences: tuple[str, ...]
+    ignore_eos: bool = False  # the model's stop ids are ordinary tokens (generation_config.ignore_eos)
     pin_as: str | None = None  # compute the prompt only and pin its pages as this named cache
     # (media key, f32[rows, D] embeddings) of every media item whose placeholder ids (< 0) are in
     # prompt_ids, set by the servicer (server/media.py); rows may still be filling, and `ready`
@@ -211,4 +212,5 @@ def validate_generate(request: pb.GenerateRequest, tokenizer: Tokenizer, limits:
         params=params,
         max_new_tokens=max_new,
         stop_sequences=stops,
+        ignore_eos=config.ignore_eos,
     ), media_items

@@ -64,3 +64,18 @@ class ServerProcess:
         while self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         return self.proc.poll()
+
+
+def wait_idle(stats, timeout: float = 60.0):
+    """Polls `stats()` (GetStats, or the SDK's `client.stats`) until no request runs or waits for a
+    slot, and returns that snapshot. Running totals are read from it, after one's own requests
+    ended. The timeout only bounds a hang: the poll returns as soon as the server is idle, so a
+    loaded machine costs time, never a failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snapshot = stats()
+        if snapshot.running_requests == 0 and snapshot.waiting_requests == 0:
+            return snapshot
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server still busy after {timeout:.0f} s: {snapshot}")
+        time.sleep(0.02)

@@ -11,6 +11,8 @@ import time
 import grpc
 import pytest
 
+import serving
+
 import ringserve
 from ringserve import types
 
@@ -28,16 +30,9 @@ def client(server_target):
         yield c
 
 
-def _wait_idle(client: ringserve.Client, timeout: float = 10.0) -> ringserve.ServerStats:
+def _wait_idle(client: ringserve.Client) -> ringserve.ServerStats:
     """The server's stats once no request is running or waiting (cancellation freed its slot)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = client.stats()
-        if stats.running_requests == 0 and stats.waiting_requests == 0:
-            return stats
-        if time.monotonic() > deadline:
-            raise AssertionError(f"server still busy: {stats}")
-        time.sleep(0.02)
+    return serving.wait_idle(client.stats)
 
 
 def _cancelled_count(client: ringserve.Client) -> int:
@@ -179,27 +174,27 @@ def test_bad_contents_raise_invalid_argument(client):
 
 def test_tiny_timeout_raises_deadline_exceeded(client):
     with pytest.raises(ringserve.DeadlineExceeded) as info:
-        client.generate_text("hi", max_output_tokens=2000, timeout=0.001)
+        client.generate_text("hi", max_output_tokens=2000, ignore_eos=True, timeout=0.001)
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert client.generate_text("hi", max_output_tokens=2).usage.candidates_token_count == 2
+    assert client.generate_text("hi", max_output_tokens=2, ignore_eos=True).usage.candidates_token_count == 2
 
 
 def test_breaking_out_cancels_on_server(client):
     before = _cancelled_count(client)
     start = time.monotonic()
-    for chunk in client.generate("Tell me a long story.", max_output_tokens=4000):
+    for chunk in client.generate("Tell me a long story.", max_output_tokens=4000, ignore_eos=True):
         if chunk.token_ids:
             break
     # The server records the cancel and frees the slot long before 4000 tokens could be made.
     stats = _wait_idle(client)
     assert stats.finished_requests.get("CANCELLED", 0) == before + 1
     assert time.monotonic() - start < 30
-    assert client.generate_text("hi", max_output_tokens=3).usage.candidates_token_count == 3
+    assert client.generate_text("hi", max_output_tokens=3, ignore_eos=True).usage.candidates_token_count == 3
 
 
 def test_closing_the_stream_cancels(client):
     before = _cancelled_count(client)
-    stream = client.generate("Tell me a long story.", max_output_tokens=4000)
+    stream = client.generate("Tell me a long story.", max_output_tokens=4000, ignore_eos=True)
     next(stream)
     stream.close()
     assert _wait_idle(client).finished_requests.get("CANCELLED", 0) == before + 1
@@ -209,7 +204,7 @@ def test_cancel_from_another_thread_ends_the_iteration(client):
     """`Stream.cancel()` is what a Ctrl-C handler or a UI thread calls while the main thread
     iterates: the iteration ends with Cancelled and the server frees the request."""
     before = _cancelled_count(client)
-    stream = client.generate("Tell me a long story.", max_output_tokens=4000)
+    stream = client.generate("Tell me a long story.", max_output_tokens=4000, ignore_eos=True)
     seen = 0
     with pytest.raises(ringserve.Cancelled):
         for chunk in stream:
@@ -221,7 +216,7 @@ def test_cancel_from_another_thread_ends_the_iteration(client):
 
 
 def test_cancel_before_the_call_starts(client):
-    stream = client.generate("hi", max_output_tokens=4000)
+    stream = client.generate("hi", max_output_tokens=4000, ignore_eos=True)
     stream.cancel()
     with pytest.raises(ringserve.Cancelled):
         next(stream)
@@ -247,7 +242,7 @@ def test_async_client_basics(server_target):
             with pytest.raises(ringserve.InvalidArgument, match="top_p"):
                 await c.generate_text("hi", top_p=1.5)
             with pytest.raises(ringserve.DeadlineExceeded):
-                await c.generate_text("hi", max_output_tokens=2000, timeout=0.001)
+                await c.generate_text("hi", max_output_tokens=2000, ignore_eos=True, timeout=0.001)
 
     asyncio.run(main())
 
@@ -260,7 +255,7 @@ def test_async_task_cancel_cancels_rpc(server_target):
             first = asyncio.Event()
 
             async def consume():
-                async for chunk in c.generate("Tell me a long story.", max_output_tokens=4000):
+                async for chunk in c.generate("Tell me a long story.", max_output_tokens=4000, ignore_eos=True):
                     if chunk.token_ids:
                         first.set()
 
@@ -278,7 +273,7 @@ def test_async_task_cancel_cancels_rpc(server_target):
                 assert time.monotonic() < deadline, f"server still busy: {stats}"
                 await asyncio.sleep(0.02)
             assert stats.finished_requests.get("CANCELLED", 0) == before + 1
-            result = await c.generate_text("hi", max_output_tokens=2)
+            result = await c.generate_text("hi", max_output_tokens=2, ignore_eos=True)
             assert result.usage.candidates_token_count == 2
 
     asyncio.run(main())

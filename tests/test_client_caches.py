@@ -19,6 +19,8 @@ import time
 import grpc
 import pytest
 
+import serving
+
 import ringserve
 from ringserve import types
 
@@ -50,14 +52,8 @@ def cleanup(client):
             pass
 
 
-def _wait_idle(client: ringserve.Client, timeout: float = 10.0) -> ringserve.ServerStats:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = client.stats()
-        if stats.running_requests == 0 and stats.waiting_requests == 0:
-            return stats
-        assert time.monotonic() < deadline, f"server still busy: {stats}"
-        time.sleep(0.02)
+def _wait_idle(client: ringserve.Client) -> ringserve.ServerStats:
+    return serving.wait_idle(client.stats)
 
 
 # ---- requests built without a server ----------------------------------------------------------

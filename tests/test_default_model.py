@@ -109,3 +109,23 @@ def test_default_model_hears_the_secret_word_inside_other_speech(trained_server_
                         '--haystack-audio', 'speech')
     assert len(rows) == 5 and all(row['haystack'] == 'synthesised-speech' for row in rows)
     assert sum(row['score'] for row in rows) >= 4, rows
+
+
+def test_ignore_eos_runs_past_the_trained_models_stop_token(trained_server_target):
+    """The trained model answers and stops; with ignore_eos the same greedy answer goes on past
+    its stop token to max_output_tokens (the stop id is streamed as an ordinary token)."""
+    from preprocess import prompt as prompt_lib
+    from preprocess.tokenizer import Tokenizer
+
+    stops = prompt_lib.stop_token_ids(Tokenizer.default())
+    question = 'The pass key is 52817. Remember it. What is the pass key? The pass key is'
+    with ringserve.Client(trained_server_target, timeout=120) as client:
+        stopped = client.generate_text(question, temperature=0, max_output_tokens=48)
+        going = client.generate_text(question, temperature=0, max_output_tokens=48, ignore_eos=True)
+    assert stopped.finish_reason == 'STOP' and len(stopped.token_ids) < 47, stopped
+    assert going.finish_reason == 'MAX_TOKENS' and len(going.token_ids) == 48, going
+    assert going.usage.candidates_token_count == 48
+    n = len(stopped.token_ids)
+    assert going.token_ids[:n] == stopped.token_ids
+    assert going.token_ids[n] in stops
+    assert going.text.startswith(stopped.text)

@@ -322,4 +322,4 @@ def test_cancel_kills_ffmpeg(stub, tmp_path):
     while _ffmpeg_reading(spooled) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _ffmpeg_reading(spooled) == []
-    wait_idle(stub, timeout=30)
+    wait_idle(stub)

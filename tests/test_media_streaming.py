@@ -70,8 +70,13 @@ def test_prefill_follows_the_rows_and_equals_known_rows(model):
     config, net = model
     rows = np.random.default_rng(0).normal(size=(ROWS, config.d_model)).astype(np.float32)
 
-    async def live(loop):
-        await asyncio.sleep(0.3)  # several engine polls
+    async def live(loop, want):
+        # Waits (however long a loaded machine takes) for the prefill to reach `want` tokens,
+        # then gives the engine several more polls to show that it goes no further.
+        deadline = time.monotonic() + 60
+        while loop.stats().slots_live < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
         return loop.stats().slots_live
 
     async def streamed():
@@ -81,10 +86,10 @@ def test_prefill_follows_the_rows_and_equals_known_rows(model):
         stream = loop.submit(request(progress.rows, PromptReadiness(PROMPT, [progress])),
                              time.monotonic())
         events = asyncio.ensure_future(collect(stream))
-        computed = [await live(loop)]
+        computed = [await live(loop, 5)]
         progress.rows[:10] = rows[:10]
         progress.ready = 10
-        computed.append(await live(loop))
+        computed.append(await live(loop, 15))
         progress.rows[10:] = rows[10:]
         progress.ready = ROWS
         out = await events

@@ -71,7 +71,7 @@ def test_pool_pressure_preempts_and_every_stream_stays_correct(small_pool):
     recomputed; every stream still gets exactly its solo tokens, and no page leaks."""
     prompts = [f"Request {i}: " + "tell me more about the river and the mill. " * 12
                for i in range(8)]
-    configs = [dict(max_output_tokens=60, temperature=0.0 if i % 2 else 1.0, seed=i)
+    configs = [dict(max_output_tokens=60, temperature=0.0 if i % 2 else 1.0, seed=i, ignore_eos=True)
                for i in range(8)]
     solo = [token_ids(run(small_pool, request(p, **c))) for p, c in zip(prompts, configs)]
     before = wait_idle(small_pool)

@@ -8,6 +8,8 @@ import time
 import grpc
 import pytest
 
+import serving
+
 from model import checkpoint, presets
 from preprocess import prompt as prompt_lib
 from preprocess.tokenizer import Tokenizer
@@ -41,16 +43,9 @@ def token_ids(responses):
     return [t for r in responses for t in r.token_ids]
 
 
-def wait_idle(stub, timeout=10.0):
-    """Waits until no request holds a slot or waits for one; returns the stats."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = stub.GetStats(pb.GetStatsRequest())
-        if stats.running_requests == 0 and stats.waiting_requests == 0:
-            return stats
-        if time.monotonic() > deadline:
-            raise AssertionError(f"server still busy: {stats}")
-        time.sleep(0.05)
+def wait_idle(stub, timeout=60.0):
+    """The server's stats once no request holds a slot or waits for one (serving.wait_idle)."""
+    return serving.wait_idle(lambda: stub.GetStats(pb.GetStatsRequest()), timeout)
 
 
 def test_generate_streams_text_tokens_and_usage(stub):
@@ -201,11 +196,11 @@ def test_count_tokens_rejects_bad_contents(stub):
 
 def test_cancelled_stream_frees_its_slot(stub):
     before = wait_idle(stub)
-    call = stub.Generate(request(max_output_tokens=4000, temperature=1.0), timeout=120)
+    call = stub.Generate(request(max_output_tokens=4000, temperature=1.0, ignore_eos=True), timeout=120)
     got = [next(call), next(call)]
     assert got[0].token_ids
     call.cancel()
-    stats = wait_idle(stub, timeout=5.0)
+    stats = wait_idle(stub)
     assert stats.finished_requests["CANCELLED"] == before.finished_requests["CANCELLED"] + 1
     # Nothing keeps generating for the cancelled stream.
     generated = stats.generated_tokens_total
@@ -216,9 +211,9 @@ def test_cancelled_stream_frees_its_slot(stub):
 def test_deadline_stops_generation(stub):
     wait_idle(stub)
     with pytest.raises(grpc.RpcError) as err:
-        run(stub, request(max_output_tokens=4000), timeout=0.7)
+        run(stub, request(max_output_tokens=4000, ignore_eos=True), timeout=0.7)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_idle(stub, timeout=5.0)
+    wait_idle(stub)
 
 
 def test_concurrent_streams_match_solo_runs(stub):
@@ -239,10 +234,10 @@ def test_client_disconnect_frees_slot(server_target):
     with grpc.insecure_channel(server_target) as channel:
         stub = pb_grpc.InferenceStub(channel)
         wait_idle(stub)
-        call = stub.Generate(request(max_output_tokens=4000))
+        call = stub.Generate(request(max_output_tokens=4000, ignore_eos=True))
         next(call)
     with grpc.insecure_channel(server_target) as channel:
-        wait_idle(pb_grpc.InferenceStub(channel), timeout=5.0)
+        wait_idle(pb_grpc.InferenceStub(channel))
 
 
 def test_hundred_streams_with_cancels_and_deadlines_leave_nothing_behind(stub):
@@ -276,7 +271,7 @@ def test_hundred_streams_with_cancels_and_deadlines_leave_nothing_behind(stub):
         results = list(pool.map(one, plans))
     assert results.count("ok") >= sum(kind == "full" for _, kind in plans)
     assert set(results) <= {"ok", "cancelled", "CANCELLED", "DEADLINE_EXCEEDED"}
-    stats = wait_idle(stub, timeout=30.0)
+    stats = wait_idle(stub)
     assert stats.kv_pages_used == stats.kv_pages_pinned
 
 
@@ -287,7 +282,7 @@ def test_sigterm_drains_then_exits(random_default_dir):
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.InferenceStub(channel)
-            call = stub.Generate(request(max_output_tokens=8000), timeout=120)
+            call = stub.Generate(request(max_output_tokens=8000, ignore_eos=True), timeout=120)
             next(call)
             threading.Timer(0.2, server.proc.terminate).start()  # SIGTERM
             t0 = time.monotonic()

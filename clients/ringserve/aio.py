@@ -121,6 +121,7 @@ class AsyncClient:
         top_p: float | None = None,
         seed: int | None = None,
         stop_sequences: Sequence[str] | None = None,
+        ignore_eos: bool = False,
         request_id: str | None = None,
         cached_content: str | CachedContent | None = None,
         timeout: float | None = _UNSET,
@@ -132,8 +133,8 @@ class AsyncClient:
             return types.generate_request(
                 contents, system_instruction=system_instruction,
                 max_output_tokens=max_output_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, seed=seed, stop_sequences=stop_sequences, request_id=request_id,
-                cached_content=cached_content, resolve=resolve)
+                top_p=top_p, seed=seed, stop_sequences=stop_sequences, ignore_eos=ignore_eos,
+                request_id=request_id, cached_content=cached_content, resolve=resolve)
 
         upload.collect_media(build)  # checks the turns now, as the blocking client does
         return self._stream(build, self._deadline(timeout))

@@ -60,6 +60,7 @@ class Settings:
     system: str | None = None
     temperature: float | None = None
     max_output_tokens: int | None = None
+    ignore_eos: bool = False
 
 
 @contextlib.contextmanager
@@ -150,7 +151,8 @@ class Chat:
             stream = self.client.generate(
                 [m.turn() for m in self.history], system_instruction=self.settings.system,
                 temperature=self.settings.temperature,
-                max_output_tokens=self.settings.max_output_tokens)
+                max_output_tokens=self.settings.max_output_tokens,
+                ignore_eos=self.settings.ignore_eos)
         except (OSError, ValueError, RingserveError) as e:
             # An attached file went away or changed, or its upload failed.
             self._print(f"error: {_describe(e) if isinstance(e, RingserveError) else e}")
@@ -310,15 +312,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="system instruction for the whole conversation")
     parser.add_argument("--temperature", type=float, help="0 is greedy (server default: 1.0)")
     parser.add_argument("--max-output-tokens", type=int, help="cap on each answer's tokens")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="answers run to --max-output-tokens, past the model's end tokens")
 
 
 def run(args: argparse.Namespace) -> int:
-    """The `chat` subcommand (args: target, timeout, system, temperature, max_output_tokens)."""
+    """The `chat` subcommand (args: target, timeout, system, temperature, max_output_tokens,
+    ignore_eos)."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    settings = Settings(args.system, args.temperature, args.max_output_tokens)
+    settings = Settings(args.system, args.temperature, args.max_output_tokens, args.ignore_eos)
     with Client(args.target, timeout=args.timeout) as client:
         try:
             info = client.model_info(timeout=10)

@@ -56,6 +56,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", dest="stop_sequences", metavar="TEXT",
                         help="stop before this text (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="go on past the model's end tokens, to --max-output-tokens")
     parser.add_argument("--cached-content", metavar="NAME",
                         help="a named cache (`ringserve cache create`) to put before the prompt")
     parser.add_argument("--stats", action="store_true",
@@ -68,7 +70,8 @@ def _generate(args: argparse.Namespace) -> int:
         stream = client.generate(
             prompt, system_instruction=args.system, max_output_tokens=args.max_output_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            stop_sequences=args.stop_sequences, cached_content=args.cached_content)
+            stop_sequences=args.stop_sequences, ignore_eos=args.ignore_eos,
+            cached_content=args.cached_content)
         builder = types.ResultBuilder()
         try:
             for chunk in stream:

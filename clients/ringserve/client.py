@@ -177,6 +177,7 @@ class Client:
         top_p: float | None = None,
         seed: int | None = None,
         stop_sequences: Sequence[str] | None = None,
+        ignore_eos: bool = False,
         request_id: str | None = None,
         cached_content: str | CachedContent | None = None,
         timeout: float | None = _UNSET,
@@ -188,6 +189,8 @@ class Client:
         `["Describe this", Image.from_file("cat.png")]`), a `(role, text)` tuple with role "user"
         or "model" (or `(role, [parts])`), a dict `{"role", "parts" | "text"}` or a `Content`.
         Options left as None take the server's defaults (temperature 0 is greedy).
+        ignore_eos: keep going past the model's end tokens, to max_output_tokens or a stop
+        sequence (fixed-length runs for benchmarks and tests).
 
         Media: files and bytes go inline while the request's media fit `max_inline_bytes`;
         larger ones are uploaded here, before the call (once per content; with this call's
@@ -207,8 +210,8 @@ class Client:
             return types.generate_request(
                 contents, system_instruction=system_instruction,
                 max_output_tokens=max_output_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, seed=seed, stop_sequences=stop_sequences, request_id=request_id,
-                cached_content=cached_content, resolve=resolve)
+                top_p=top_p, seed=seed, stop_sequences=stop_sequences, ignore_eos=ignore_eos,
+                request_id=request_id, cached_content=cached_content, resolve=resolve)
 
         # Media are placed (and large ones uploaded) now, so a bad file fails here.
         request, names = self._resolve(build, timeout)

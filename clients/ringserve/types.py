@@ -264,6 +264,7 @@ def generate_request(
     top_p: float | None = None,
     seed: int | None = None,
     stop_sequences: Sequence[str] | None = None,
+    ignore_eos: bool = False,
     request_id: str | None = None,
     cached_content: str | CachedContent | None = None,
     resolve: Resolve | None = None,
@@ -274,7 +275,7 @@ def generate_request(
         stop_sequences = [stop_sequences]
     config = pb.GenerationConfig(
         max_output_tokens=max_output_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, stop_sequences=stop_sequences or [])
+        seed=seed, stop_sequences=stop_sequences or [], ignore_eos=ignore_eos)
     return pb.GenerateRequest(
         request_id=request_id or "", contents=to_contents(contents, resolve),
         system_instruction=_system_content(system_instruction, resolve), generation_config=config,
