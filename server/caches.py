@@ -22,6 +22,8 @@ from server.errors import InvalidArgument, NotFound
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = datetime.timedelta(hours=1)  # Gemini's default
+# The longest a cache may pin its pages for; a later UpdateCache can extend it again.
+MAX_TTL = datetime.timedelta(days=30)
 NAME_PREFIX = "cachedContents/"
 
 
@@ -57,22 +59,37 @@ def new_name() -> str:
 
 
 def expiry(ttl: duration_pb2.Duration | None, expire_time: timestamp_pb2.Timestamp | None,
-           default: datetime.timedelta | None = DEFAULT_TTL) -> datetime.datetime:
-    """The expiry a Create/UpdateCache asks for (expire_time wins over ttl)."""
+           default: datetime.timedelta | None = DEFAULT_TTL,
+           max_ttl: datetime.timedelta = MAX_TTL) -> datetime.datetime:
+    """The expiry a Create/UpdateCache asks for (expire_time wins over ttl), at most `max_ttl`
+    from now. Seconds are compared before any date arithmetic, which overflows past year 9999."""
     now = _now()
+    limit = max_ttl.total_seconds()
     if expire_time is not None:
-        when = expire_time.ToDatetime(datetime.timezone.utc)
-        if when <= now:
-            raise InvalidArgument(f"expire_time: {when.isoformat()} is not in the future")
-        return when
+        seconds = expire_time.seconds + expire_time.nanos / 1e9 - now.timestamp()
+        if seconds <= 0:
+            raise InvalidArgument(f"expire_time: {_timestamp_text(expire_time)} is not in the future")
+        if seconds > limit:
+            raise InvalidArgument(f"expire_time: {_timestamp_text(expire_time)} is more than the "
+                                  f"maximum TTL of {limit:.0f} s from now")
+        return expire_time.ToDatetime(datetime.timezone.utc)
     if ttl is not None:
-        delta = ttl.ToTimedelta()
-        if delta <= datetime.timedelta(0):
-            raise InvalidArgument(f"ttl: {delta.total_seconds()}s; must be positive")
-        return now + delta
+        seconds = ttl.seconds + ttl.nanos / 1e9
+        if seconds <= 0:
+            raise InvalidArgument(f"ttl: {seconds}s; must be positive")
+        if seconds > limit:
+            raise InvalidArgument(f"ttl: {seconds:.0f}s; the maximum TTL is {limit:.0f} s")
+        return now + ttl.ToTimedelta()
     if default is None:
         raise InvalidArgument("ttl or expire_time: set one to change the expiry")
-    return now + default
+    return now + min(default, max_ttl)
+
+
+def _timestamp_text(stamp: timestamp_pb2.Timestamp) -> str:
+    try:
+        return stamp.ToJsonString()
+    except ValueError:  # outside years 1-9999
+        return f"{stamp.seconds} s after the epoch"
 
 
 class CacheRegistry:
@@ -112,18 +129,28 @@ class CacheRegistry:
         await self._unpin(name)
 
     async def expire(self) -> int:
-        """Frees every cache past its expiry; returns how many."""
+        """Frees every cache past its expiry; returns how many. A cache that a concurrent read
+        or delete removes while this awaits an unpin is skipped, not an error."""
         now = _now()
         expired = [name for name, e in self._entries.items() if e.expire_time <= now]
+        freed = 0
         for name in expired:
-            await self.delete(name)
+            if self._entries.pop(name, None) is None:
+                continue
+            await self._unpin(name)
+            freed += 1
             log.info("cache %s expired; its pages are free", name)
-        return len(expired)
+        return freed
 
     async def expire_forever(self, period: float = 0.5) -> None:
+        """Runs `expire` every `period` seconds for the server's life: one failed round (an
+        unpin refused by a failed engine, say) is logged, and the next round runs."""
         while True:
             await asyncio.sleep(period)
-            await self.expire()
+            try:
+                await self.expire()
+            except Exception:
+                log.exception("cache expiry round failed; retrying in %.1f s", period)
 
     def touch(self, entry: CacheEntry, expire_time: datetime.datetime) -> None:
         entry.expire_time = expire_time

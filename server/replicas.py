@@ -113,17 +113,27 @@ class Replicas:
 
     def stats(self) -> Stats:
         parts = [loop.stats() for loop in self.loops]
-        if len(parts) == 1:
-            return parts[0]
-        total = Stats(finished=collections.Counter())
-        for part in parts:
-            for field in ("running", "waiting", "slots", "generated_tokens", "prompt_tokens",
-                          "cached_prompt_tokens", "preemptions", "slots_allocated", "slots_live"):
-                setattr(total, field, getattr(total, field) + getattr(part, field))
-            total.finished.update(part.finished)
-        total.serving = all(part.serving for part in parts)
-        total.kv = sum_kv([part.kv for part in parts])
-        return total
+        return parts[0] if len(parts) == 1 else sum_stats(parts)
+
+
+def sum_stats(parts: list[Stats]) -> Stats:
+    """Several replicas' stats as one, field by field from the dataclass itself, so a field
+    added to Stats is summed too (or refused here, if no rule fits its type)."""
+    fields = {}
+    for field in dataclasses.fields(Stats):
+        values = [getattr(part, field.name) for part in parts]
+        if field.name == "kv":
+            fields["kv"] = None if any(v is None for v in values) else sum_kv(values)
+        elif isinstance(values[0], bool):
+            fields[field.name] = all(values)  # serving: only when every replica serves
+        elif isinstance(values[0], collections.Counter):
+            fields[field.name] = sum(values, collections.Counter())
+        elif isinstance(values[0], int):
+            fields[field.name] = sum(values)
+        else:
+            raise TypeError(f"Stats.{field.name}: no rule to add {type(values[0]).__name__} "
+                            "values across replicas")
+    return Stats(**fields)
 
 
 def sum_kv(stats: list[KVStats]) -> KVStats:

@@ -80,3 +80,34 @@ def test_named_cache_lives_on_one_replica(replicated):
 def test_mesh_shape_replica():
     shape = MeshShape.parse("data=2,sequence=2,tensor=2")
     assert shape.size == 8 and shape.replica == MeshShape(1, 2, 2)
+
+
+def test_replica_stats_add_every_field():
+    """Every field of Stats is added across replicas (a field the sum forgot would read 0)."""
+    import collections
+    import dataclasses
+
+    from server.engine_loop import Stats
+    from server.replicas import sum_stats
+
+    def stats(k: int) -> Stats:
+        values = {}
+        for field in dataclasses.fields(Stats):
+            default = Stats().__getattribute__(field.name)
+            if isinstance(default, bool):
+                values[field.name] = k == 1
+            elif isinstance(default, int):
+                values[field.name] = k * 10 + len(values)
+            elif isinstance(default, collections.Counter):
+                values[field.name] = collections.Counter({"STOP": k, "CANCELLED": 2 * k})
+        return Stats(**values)
+
+    total = sum_stats([stats(1), stats(2)])
+    for field in dataclasses.fields(Stats):
+        one, two, got = (getattr(s, field.name) for s in (stats(1), stats(2), total))
+        if field.name == "kv":
+            assert got is None
+        elif isinstance(one, bool):
+            assert got is False  # serving only when every replica is
+        else:
+            assert got == one + two, field.name

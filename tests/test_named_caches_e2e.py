@@ -4,7 +4,7 @@ import time
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from ringserve.v1 import inference_pb2 as pb
 from ringserve.v1 import inference_pb2_grpc as pb_grpc
@@ -101,7 +101,18 @@ def test_ttl_expiry_frees_pages(stub):
     (pb.CreateCacheRequest(), grpc.StatusCode.INVALID_ARGUMENT, "contents"),
     (pb.CreateCacheRequest(contents=[user("x")], ttl=duration_pb2.Duration(seconds=-5)),
      grpc.StatusCode.INVALID_ARGUMENT, "ttl"),
-], ids=["no contents", "negative ttl"])
+    # Past year 9999 date arithmetic overflows; the answer must still name the field.
+    (pb.CreateCacheRequest(contents=[user("x")], ttl=duration_pb2.Duration(seconds=315576000000)),
+     grpc.StatusCode.INVALID_ARGUMENT, "maximum TTL"),
+    (pb.CreateCacheRequest(contents=[user("x")], ttl=duration_pb2.Duration(seconds=10**15)),
+     grpc.StatusCode.INVALID_ARGUMENT, "ttl"),
+    (pb.CreateCacheRequest(contents=[user("x")],
+                           expire_time=timestamp_pb2.Timestamp(seconds=253402300799)),
+     grpc.StatusCode.INVALID_ARGUMENT, "expire_time"),
+    (pb.CreateCacheRequest(contents=[user("x")], expire_time=timestamp_pb2.Timestamp(seconds=10**13)),
+     grpc.StatusCode.INVALID_ARGUMENT, "expire_time"),
+], ids=["no contents", "negative ttl", "ttl of 10000 years", "ttl past int64 days",
+        "expire_time in year 9999", "expire_time past year 9999"])
 def test_bad_create(stub, req, code, names):
     with pytest.raises(grpc.RpcError) as err:
         stub.CreateCache(req)
