@@ -3,6 +3,8 @@
 Two steps with different costs: `probe_image` reads only the header (format, size, EXIF
 orientation), so a request can be rejected or budgeted before any pixel is decoded; `load_image`
 decodes fully and strictly (a truncated file is an error, never a half-grey picture).
+`decode_image` stops before colour conversion and resizing, for processors with their own rules
+(the Hugging Face ones in hf_image.py composite transparency on white, not black).
 
 Only the six formats in MIME_TYPES are ever parsed: Pillow is asked to identify the bytes among
 those alone, so no other plugin (EPS, PSD, ...) runs on untrusted input. The pixel limit is checked
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -84,23 +87,36 @@ def probe_image(data: bytes, mime_type: str, *, max_pixels: int = DEFAULT_MAX_PI
 def load_image(data: bytes, mime_type: str, spec: ImageSpec, *,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode, orient, convert to RGB, pad or stretch to the square, normalise: float32 [size, size, 3]."""
+    rgb = _decode(data, mime_type, max_pixels, draft=(spec.size, spec.size), convert=_to_rgb)
+    square = _fit(rgb, spec)
+    return normalize(np.asarray(square, dtype=np.uint8), spec)  # [size, size, 3]
+
+
+def decode_image(data: bytes, mime_type: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode fully and strictly at full resolution, EXIF orientation applied; the mode is left as
+    decoded (RGBA, P, L, I;16, ...), for processors with their own colour rules (hf_image.to_rgb)."""
+    return _decode(data, mime_type, max_pixels, draft=None, convert=lambda im: im)
+
+
+def _decode(data: bytes, mime_type: str, max_pixels: int, *, draft: tuple[int, int] | None,
+            convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """_open, load, exif_transpose, convert(image); every Pillow failure becomes MediaError."""
     im, fmt = _open(data, mime_type, max_pixels)
     with im:
-        if fmt == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= size on both sides
+        if fmt == "JPEG" and draft is not None:
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= draft on both sides
             # (what Image.thumbnail does): a 24 MP photo for a 224 encoder decodes in a fraction.
-            im.draft(im.mode, (spec.size, spec.size))
+            im.draft(im.mode, draft)
         try:
             im.load()  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: truncation raises here
             # Pillow's plugins raise many types (OSError, SyntaxError, ValueError, struct.error, ...)
             # on corrupt data; every one of them means the same thing to the user.
-            rgb = _to_rgb(ImageOps.exif_transpose(im))
+            # exif_transpose returns a new image (a copy when upright), so it outlives the file.
+            return convert(ImageOps.exif_transpose(im))
         except Image.DecompressionBombError as e:  # a GIF frame or TIFF tile larger than the header
             raise MediaTooLarge(f"image too large: {e} (limit {max_pixels} pixels)") from e
         except Exception as e:
             raise MediaError(f"corrupt or truncated {fmt} image: {e}") from e
-    square = _fit(rgb, spec)
-    return normalize(np.asarray(square, dtype=np.uint8), spec)  # [size, size, 3]
 
 
 def normalize(frames_uint8: np.ndarray, spec: ImageSpec) -> np.ndarray:
