@@ -1,4 +1,4 @@
-"""Checkpoint IO: Hugging Face Llama / Qwen2 / Gemma directories and ringserve's own format.
+"""Checkpoint IO: Hugging Face Llama / Qwen2 / Gemma / Gemma 3 directories and ringserve's own format.
 
 ringserve's format is a directory with `ringserve_config.json` (ModelConfig.to_json) and
 `model.safetensors` whose tensor names are the model's parameter paths joined by dots
@@ -9,6 +9,8 @@ Two older layouts still load, converted on the way in: per-head 'attn.q_proj' [N
 Media encoders (config.vision / config.audio) are ordinary parameters under 'vision.' and 'audio.'.
 Hugging Face SigLIP vision and Whisper encoder weights come in through siglip_vision_params /
 whisper_encoder_params and assign_params (into model.vision.tower / model.audio.tower).
+A Gemma 3 multimodal directory (Gemma3ForConditionalGeneration) loads its decoder from the tensors
+under `hf_decoder_prefix` (its vision tower and projector tensors are not read by `load`).
 
 Loading builds an abstract model (shapes only, no random init) and fills it one tensor at a time,
 so at most one parameter (with the few source tensors a fused one is built from) exists twice
@@ -120,13 +122,27 @@ def _load_hf(path: Path, dtype: str | None) -> tuple[ModelConfig, Transformer]:
     if not files:
         raise ValueError(f'{path} has {HF_CONFIG_FILE} but no *.safetensors weights (.bin is not supported).')
     with _TensorFiles(files) as tensors:
-        prefix = 'model.' if 'model.embed_tokens.weight' in tensors.names else ''
-        sources = _hf_sources(config, prefix)
+        prefix = hf_decoder_prefix(tensors.names)
+        # Gemma 3 multimodal directories as transformers saves them keep the head beside the decoder.
+        lm_head = 'language_model.lm_head.weight' if prefix == 'language_model.model.' else 'lm_head.weight'
+        sources = _hf_sources(config, prefix, lm_head)
         needed = {name for names, _ in sources.values() for name in names}
         missing = sorted(name for name in needed if name not in tensors.names)
         if missing:
             raise ValueError(f'{path} lacks tensors {missing} needed by {hf["model_type"]} config.')
         return config, from_params(config, lambda name: _fetch(tensors, sources, name))
+
+
+# Where a decoder's tensors sit: causal LMs under 'model.' (bare decoders at the root); Gemma 3's
+# multimodal model under 'language_model.model.' as transformers saves it and as Google's checkpoints
+# have it, or under 'model.language_model.' (its module names since transformers 5).
+_HF_DECODER_PREFIXES = ('model.', 'language_model.model.', 'model.language_model.')
+
+
+def hf_decoder_prefix(names) -> str:
+    """The prefix of the decoder's tensors ('model.embed_tokens.weight' -> 'model.') among `names`;
+    '' when none of the known prefixes holds an embedding table."""
+    return next((p for p in _HF_DECODER_PREFIXES if f'{p}embed_tokens.weight' in names), '')
 
 
 # ringserve name -> (source tensor names, conversion taking those tensors in that order).
@@ -157,20 +173,35 @@ def _qkv(config: ModelConfig) -> Callable[..., np.ndarray]:
     return lambda q, k, v: group_qkv(q, k, v, config.n_kv_heads)
 
 
-def _hf_sources(config: ModelConfig, prefix: str) -> Sources:
-    """ringserve name -> HF tensor names and conversion. torch Linear weights are [out, in]."""
+def _hf_sources(config: ModelConfig, prefix: str, lm_head: str = 'lm_head.weight') -> Sources:
+    """ringserve name -> HF tensor names and conversion. torch Linear weights are [out, in].
+
+    HF norm names differ by family: Llama's `post_attention_layernorm` is the norm before the MLP,
+    Gemma 2 / 3's (config.post_norms) is the norm of the attention output, with
+    `pre_feedforward_layernorm` before the MLP and `post_feedforward_layernorm` after it.
+    """
     sources = {
         'embedder.table': ((f'{prefix}embed_tokens.weight',), _same),
         'final_norm.scale': ((f'{prefix}norm.weight',), _same),
     }
     if not config.tie_embeddings:
-        sources['unembed'] = (('lm_head.weight',), _same)
+        sources['unembed'] = ((lm_head,), _same)
     for i in range(config.n_layers):
         hf, ours = f'{prefix}layers.{i}.', f'layers.{i}.'
         qkv = tuple(f'{hf}self_attn.{x}_proj.weight' for x in 'qkv')
+        if config.post_norms:
+            sources.update({
+                f'{ours}mlp_norm.scale': ((f'{hf}pre_feedforward_layernorm.weight',), _same),
+                f'{ours}attn_post_norm.scale': ((f'{hf}post_attention_layernorm.weight',), _same),
+                f'{ours}mlp_post_norm.scale': ((f'{hf}post_feedforward_layernorm.weight',), _same),
+            })
+        else:
+            sources[f'{ours}mlp_norm.scale'] = ((f'{hf}post_attention_layernorm.weight',), _same)
+        if config.qk_norm:
+            sources[f'{ours}attn.q_norm.scale'] = ((f'{hf}self_attn.q_norm.weight',), _same)
+            sources[f'{ours}attn.k_norm.scale'] = ((f'{hf}self_attn.k_norm.weight',), _same)
         sources.update({
             f'{ours}attn_norm.scale': ((f'{hf}input_layernorm.weight',), _same),
-            f'{ours}mlp_norm.scale': ((f'{hf}post_attention_layernorm.weight',), _same),
             f'{ours}attn.qkv_proj': (qkv, lambda q, k, v: _qkv(config)(q.T, k.T, v.T)),  # [D, K, R+2, H]
             f'{ours}attn.o_proj': ((f'{hf}self_attn.o_proj.weight',), _columns),  # [N * H, D]
             f'{ours}mlp.gate_up': ((f'{hf}mlp.gate_proj.weight', f'{hf}mlp.up_proj.weight'),

@@ -28,7 +28,18 @@ _HF_ACTIVATIONS = {
     'gelu_tanh': 'gelu_tanh',
     'gelu_new': 'gelu_tanh',
 }
-HF_MODEL_TYPES = ('llama', 'qwen2', 'gemma')
+# `gemma3_text` is Gemma3ForCausalLM; `gemma3` is Gemma3ForConditionalGeneration, whose decoder loads
+# (its vision tower is not read yet).
+HF_MODEL_TYPES = ('llama', 'qwen2', 'gemma', 'gemma3_text', 'gemma3')
+# Gemma3TextConfig's defaults: a Gemma 3 multimodal config.json writes only the text settings that
+# differ from them (the 4B's text_config names hidden_size, layers, window and rope_scaling alone).
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation='gelu_pytorch_tanh', max_position_embeddings=131_072,
+    rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True, rope_theta=1_000_000.0,
+    rope_local_base_freq=10_000.0, query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+)
+_GEMMA3_LAYER_TYPES = ('sliding_attention', 'full_attention')
 
 # Whisper's log-mel features: 100 frames per second (hop 160 at 16 kHz); its conv2 halves that.
 MEL_FRAMES_PER_SECOND = 100
@@ -40,6 +51,11 @@ def _check_positive_ints(owner: object, fields: tuple[str, ...]) -> None:
         value = getattr(owner, field)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f'{type(owner).__name__}.{field}={value!r}: must be a positive int.')
+
+
+def _positive_number(value: object) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            and value > 0)
 
 
 def _divisors(n: int) -> list[int]:
@@ -223,6 +239,9 @@ class LayerKind:
     - `window`: a sliding window of that many keys; the query at position p sees keys at positions
       p - window < s <= p (Mistral / Gemma 3 `sliding_window` semantics). None: every key s <= p.
     - `rope`: False gives a NoPE layer (Llama 4's), whose queries and keys carry no position at all.
+    - `local_rope`: rotate by the model's local RoPE settings (ModelConfig.local_rope_theta and
+      local_rope_scaling) rather than rope_theta and rope_scaling. Gemma 3's sliding-window layers
+      use base 10,000 unscaled while its global layers use 1,000,000, scaled 8x in the 4B and up.
     - `log_scale`: a base length n0; queries at position p are multiplied by log(p + 1) / log(n0), so
       attention keeps its sharpness as the number of keys grows (scalable softmax, arXiv 2501.19399;
       Llama 4's attention temperature tuning is the same idea). None: no extra scale.
@@ -233,6 +252,7 @@ class LayerKind:
     window: int | None = None
     rope: bool = True
     log_scale: int | None = None
+    local_rope: bool = False
 
     def __post_init__(self):
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, (int, np.integer))
@@ -243,27 +263,37 @@ class LayerKind:
         if self.log_scale is not None and (isinstance(self.log_scale, bool)
                                            or not isinstance(self.log_scale, (int, np.integer)) or self.log_scale < 2):
             raise ValueError(f'LayerKind.log_scale={self.log_scale!r}: use None or a base length >= 2.')
+        if not isinstance(self.local_rope, (bool, np.bool_)):
+            raise ValueError(f'LayerKind.local_rope={self.local_rope!r}: must be True or False.')
+        if self.local_rope and not self.rope:
+            raise ValueError('LayerKind(rope=False, local_rope=True): a NoPE layer has no RoPE to take from the local '
+                             'settings; set rope=True or drop local_rope.')
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.local_rope:
+            del d['local_rope']  # kinds written before local RoPE existed read back equal
+        return d
 
     @classmethod
     def parse(cls, text: str) -> LayerKind:
-        """'rope' | 'nope', then optionally '@W' (a window of W keys) and '/logN' (log scale, base N):
-        e.g. 'rope@64', 'nope/log1024', 'rope'."""
+        """'rope' | 'rope:local' | 'nope', then optionally '@W' (a window of W keys) and '/logN' (log
+        scale, base N): e.g. 'rope@64', 'rope:local@512', 'nope/log1024', 'rope'."""
         head, slash, log = text.strip().partition('/')
         base, at, window = head.partition('@')
         try:
-            if base not in ('rope', 'nope') or (slash and not log.startswith('log')) or (at and not window):
+            if (base not in ('rope', 'rope:local', 'nope') or (slash and not log.startswith('log'))
+                    or (at and not window)):
                 raise ValueError
-            return cls(window=int(window) if at else None, rope=base == 'rope',
-                       log_scale=int(log[3:]) if slash else None)
+            return cls(window=int(window) if at else None, rope=base != 'nope',
+                       log_scale=int(log[3:]) if slash else None, local_rope=base == 'rope:local')
         except ValueError:
-            raise ValueError(f'layer kind {text!r}: write rope|nope[@WINDOW][/logBASE], e.g. rope@64 or '
-                             'nope/log1024.') from None
+            raise ValueError(f'layer kind {text!r}: write rope|nope[@WINDOW][/logBASE] (rope:local for the local '
+                             'RoPE settings), e.g. rope@64, rope:local@512 or nope/log1024.') from None
 
     def __str__(self) -> str:
-        return (('rope' if self.rope else 'nope') + (f'@{self.window}' if self.window else '')
+        rope = ('rope:local' if self.local_rope else 'rope') if self.rope else 'nope'
+        return (rope + (f'@{self.window}' if self.window else '')
                 + (f'/log{self.log_scale}' if self.log_scale else ''))
 
 
@@ -277,7 +307,11 @@ GLOBAL_ROPE = LayerKind()
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer (Llama / Qwen2 / Gemma family)."""
+    """A decoder-only transformer (Llama / Qwen2 / Gemma / Gemma 3 family).
+
+    Fields after `layer_kinds` were added for Gemma 3; their defaults are the models before it, and
+    `to_dict` leaves them out while they hold those defaults.
+    """
 
     name: str
     vocab_size: int  # V
@@ -304,6 +338,12 @@ class ModelConfig:
     audio: AudioConfig | None = None  # an audio encoder feeding Transformer.encode_audio
     # One LayerKind per layer (window, RoPE or not, log scale); None: every layer global with RoPE.
     layer_kinds: tuple[LayerKind, ...] | None = None
+    qk_norm: bool = False  # RMSNorm over H of every query and key head, before RoPE (Gemma 3).
+    post_norms: bool = False  # Also norm the attention and MLP outputs before each residual add (Gemma 2 / 3).
+    query_pre_attn_scalar: float | None = None  # Attention scale is this ** -0.5; None: 1 / sqrt(H).
+    # RoPE of layers whose LayerKind has local_rope (Gemma 3's sliding-window layers); None: no such layers.
+    local_rope_theta: float | None = None
+    local_rope_scaling: RopeScaling | None = None
 
     def __post_init__(self):
         # JSON gives lists and dicts; normalise so equality and hashing behave.
@@ -311,8 +351,9 @@ class ModelConfig:
             object.__setattr__(self, 'eos_ids', (self.eos_ids,))
         else:
             object.__setattr__(self, 'eos_ids', tuple(int(i) for i in self.eos_ids))
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, 'rope_scaling', RopeScaling(**self.rope_scaling))
+        for field in ('rope_scaling', 'local_rope_scaling'):
+            if isinstance(getattr(self, field), dict):
+                object.__setattr__(self, field, RopeScaling(**getattr(self, field)))
         for field, kind in (('vision', VisionConfig), ('audio', AudioConfig)):
             value = getattr(self, field)
             if isinstance(value, dict):
@@ -361,6 +402,25 @@ class ModelConfig:
         for i in self.eos_ids:
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f'eos id {i} is outside the vocabulary [0, {self.vocab_size}).')
+        for field in ('qk_norm', 'post_norms'):
+            if not isinstance(getattr(self, field), (bool, np.bool_)):
+                raise ValueError(f'{field}={getattr(self, field)!r}: must be True or False.')
+        if self.query_pre_attn_scalar is not None and not _positive_number(self.query_pre_attn_scalar):
+            raise ValueError(f'query_pre_attn_scalar={self.query_pre_attn_scalar}: use None (scale 1/sqrt(head_dim)) '
+                             'or a value > 0 (scale value ** -0.5).')
+        if self.local_rope_theta is None:
+            if self.local_rope_scaling is not None:
+                raise ValueError('local_rope_scaling is set but local_rope_theta is None: give the local RoPE base '
+                                 'too, or drop the scaling.')
+            local = [i for i in range(self.n_layers) if self.layer_kind(i).local_rope]
+            if local:
+                raise ValueError(f'layers {local} have LayerKind(local_rope=True) but local_rope_theta is None: set '
+                                 'local_rope_theta (e.g. 10000.0) or drop local_rope from those layers.')
+        elif not _positive_number(self.local_rope_theta):
+            raise ValueError(f'local_rope_theta={self.local_rope_theta}: must be > 0 (or None: no local RoPE).')
+        if self.local_rope_scaling is not None and not isinstance(self.local_rope_scaling, RopeScaling):
+            raise ValueError(f'local_rope_scaling={self.local_rope_scaling!r}: use a RopeScaling, a dict of its '
+                             'fields, or None.')
 
     # Derived values.
     @property
@@ -377,10 +437,15 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
+        if self.query_pre_attn_scalar is None:
+            return 1.0 / math.sqrt(self.head_dim)
+        return float(self.query_pre_attn_scalar) ** -0.5  # as transformers' Gemma 3 writes it
 
-    def rope_inv_freq(self) -> np.ndarray:
-        """f32[H // 2] inverse frequencies, computed in float32 exactly as transformers does."""
+    def rope_inv_freq(self, kind: LayerKind = GLOBAL_ROPE) -> np.ndarray:
+        """f32[H // 2] inverse frequencies of a layer of this `kind` (the local settings when it has
+        local_rope, else rope_theta and rope_scaling), in float32 exactly as transformers computes them."""
+        if kind.local_rope:
+            return rope_inv_freq(self.head_dim, self.local_rope_theta, self.local_rope_scaling)
         return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
 
     def replace(self, **changes) -> ModelConfig:
@@ -392,6 +457,13 @@ class ModelConfig:
         d['eos_ids'] = list(self.eos_ids)
         if self.layer_kinds is None:
             del d['layer_kinds']  # configs written before layer kinds existed read back equal
+        else:
+            d['layer_kinds'] = [kind.to_dict() for kind in self.layer_kinds]
+        # Fields added for Gemma 3 are written only when set, so every earlier config (and the engine
+        # identity processes compare, server/runtime.py) stays byte-identical.
+        for field in _GEMMA3_FIELDS:
+            if d[field] == _FIELD_DEFAULTS[field]:
+                del d[field]
         return d
 
     def to_json(self) -> str:
@@ -411,72 +483,145 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], *, dtype: str = 'float32') -> ModelConfig:
-        """Translate a Hugging Face `config.json` dict (llama, qwen2 or gemma)."""
+        """Translate a Hugging Face `config.json` dict (llama, qwen2, gemma, gemma3_text, or gemma3,
+        whose decoder settings sit under `text_config`; see `hf_text_config`)."""
         model_type = hf.get('model_type')
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f'Unsupported Hugging Face model_type {model_type!r}; supported: {HF_MODEL_TYPES}.')
-        d_model = hf['hidden_size']
-        n_heads = hf['num_attention_heads']
-        head_dim = hf.get('head_dim') or d_model // n_heads
-        gemma = model_type == 'gemma'
-        act_name = hf.get('hidden_activation') or hf.get('hidden_act') or ('gelu_pytorch_tanh' if gemma else 'silu')
+        text = hf_text_config(hf)
+        family = text['model_type']
+        gemma = family in ('gemma', 'gemma3_text')
+        d_model = text['hidden_size']
+        n_heads = text['num_attention_heads']
+        head_dim = text.get('head_dim') or d_model // n_heads
+        act_name = (text.get('hidden_activation') or text.get('hidden_act')
+                    or ('gelu_pytorch_tanh' if gemma else 'silu'))
         if gemma and act_name == 'gelu':
             act_name = 'gelu_pytorch_tanh'  # transformers does the same for legacy Gemma configs
         if act_name not in _HF_ACTIVATIONS:
             raise ValueError(f'Unsupported hidden_act {act_name!r}; supported: {sorted(_HF_ACTIVATIONS)}.')
-        if hf.get('mlp_bias'):
+        if text.get('mlp_bias'):
             raise ValueError('mlp_bias=True is not supported (ringserve MLPs have no biases).')
-        if model_type != 'qwen2' and hf.get('attention_bias'):
+        if family != 'qwen2' and text.get('attention_bias'):
             raise ValueError(f'attention_bias=True {model_type} models are not supported (o_proj would need a bias).')
-        theta, scaling = _hf_rope(hf)
-        eos = hf.get('eos_token_id')
+        eos = text.get('eos_token_id')
         eos_ids = (2,) if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
-        bos = hf.get('bos_token_id')
+        bos = text.get('bos_token_id')
+        if family == 'gemma3_text':
+            extra = _gemma3_fields(text)
+        else:
+            theta, scaling = _hf_rope(text)
+            extra = dict(rope_theta=theta, rope_scaling=scaling)
         return cls(
             name=hf.get('_name_or_path') or model_type,
-            vocab_size=hf['vocab_size'],
+            vocab_size=text['vocab_size'],
             d_model=d_model,
-            n_layers=hf['num_hidden_layers'],
+            n_layers=text['num_hidden_layers'],
             n_heads=n_heads,
-            n_kv_heads=hf.get('num_key_value_heads') or n_heads,
+            n_kv_heads=text.get('num_key_value_heads') or n_heads,
             head_dim=head_dim,
-            mlp_dim=hf['intermediate_size'],
+            mlp_dim=text['intermediate_size'],
             mlp_activation=_HF_ACTIVATIONS[act_name],
-            norm_eps=hf.get('rms_norm_eps', 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            tie_embeddings=hf.get('tie_word_embeddings', gemma),
-            logit_softcap=hf.get('final_logit_softcapping'),
+            norm_eps=text.get('rms_norm_eps', 1e-6),
+            tie_embeddings=text.get('tie_word_embeddings', gemma),
+            logit_softcap=text.get('final_logit_softcapping'),
             embed_scale=gemma,
             norm_offset=1.0 if gemma else 0.0,
-            qkv_bias=model_type == 'qwen2',
-            max_context=hf.get('max_position_embeddings', 8192),
+            qkv_bias=family == 'qwen2',
+            max_context=text.get('max_position_embeddings', 8192),
             dtype=dtype,
             bos_id=1 if bos is None else bos,
             eos_ids=eos_ids,
+            **extra,
         )
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+_GEMMA3_FIELDS = ('qk_norm', 'post_norms', 'query_pre_attn_scalar', 'local_rope_theta', 'local_rope_scaling')
+
+
+def hf_text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's settings in a Hugging Face config dict, as transformers runs them.
+
+    For llama / qwen2 / gemma / gemma3_text that is the dict itself. For gemma3 (Gemma3ForConditional-
+    Generation) it is `text_config` over Gemma3TextConfig's defaults, with the wrapper's own
+    tie_word_embeddings (which decides whether lm_head is stored) and token ids, and no final logit
+    soft-capping: the wrapper's forward never applies it (transformers 5.25), whatever text_config says.
+    The wrapper's `vision_config` is for the vision tower, which is read elsewhere.
+    """
+    if hf.get('model_type') == 'gemma3_text':
+        return {**_GEMMA3_TEXT_DEFAULTS, **hf}
+    if hf.get('model_type') != 'gemma3':
+        return hf
+    text = {**_GEMMA3_TEXT_DEFAULTS, **(hf.get('text_config') or {}), 'model_type': 'gemma3_text'}
+    text['tie_word_embeddings'] = hf.get('tie_word_embeddings', True)
+    for key in ('bos_token_id', 'eos_token_id'):
+        if hf.get(key) is not None:
+            text[key] = hf[key]
+    text['final_logit_softcapping'] = None
+    return text
+
+
+def _gemma3_fields(text: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields particular to a Gemma 3 decoder (a `hf_text_config` dict).
+
+    Sliding layers see keys p - sliding_window < s <= p, transformers' rule and LayerKind.window's,
+    so the window is taken as is. `attn_logit_softcapping` is ignored because transformers' Gemma 3
+    attention never applies it.
+    """
+    if text.get('use_bidirectional_attention'):
+        raise ValueError('use_bidirectional_attention=True (EmbeddingGemma) is not supported: ringserve decoders '
+                         'attend causally.')
+    n_layers = text['num_hidden_layers']
+    types = text.get('layer_types')
+    if types is None:  # configs written before layer_types: every pattern-th layer is global
+        pattern = text.get('sliding_window_pattern') or text.get('_sliding_window_pattern') or 6
+        types = ['full_attention' if (i + 1) % pattern == 0 else 'sliding_attention' for i in range(n_layers)]
+    if len(types) != n_layers or set(types) - set(_GEMMA3_LAYER_TYPES):
+        raise ValueError(f'layer_types={types!r}: give one of {_GEMMA3_LAYER_TYPES} per layer, {n_layers} in all.')
+    window = text.get('sliding_window')
+    if 'sliding_attention' in types and not (isinstance(window, int) and window > 0):
+        raise ValueError(f'sliding_window={window!r}: sliding_attention layers need a positive window size.')
+    sliding = LayerKind(window=window, local_rope=True)
+    kinds = tuple(sliding if t == 'sliding_attention' else GLOBAL_ROPE for t in types)
+    # transformers 5 keeps one rope_parameters dict per layer type; older configs have rope_theta and
+    # rope_scaling (global layers only) and rope_local_base_freq (sliding layers, never scaled).
+    params = text.get('rope_parameters') or {}
+    if set(params) - set(_GEMMA3_LAYER_TYPES):
+        raise ValueError(f'Gemma 3 rope_parameters {params!r}: give one dict per layer type, keyed by '
+                         f'{_GEMMA3_LAYER_TYPES}.')
+    full = {**(params.get('full_attention') or {}), **(text.get('rope_scaling') or {})}
+    theta, scaling = _rope_params(full, text['rope_theta'])
+    local_theta, local_scaling = _rope_params(params.get('sliding_attention') or {}, text['rope_local_base_freq'])
+    return dict(layer_kinds=kinds, rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta,
+                local_rope_scaling=local_scaling, qk_norm=True, post_norms=True,
+                query_pre_attn_scalar=float(text['query_pre_attn_scalar']))
 
 
 def _hf_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """(rope_theta, rope_scaling) from either transformers 5 `rope_parameters` or the older keys."""
     params = dict(hf.get('rope_parameters') or {})
     old = hf.get('rope_scaling') or {}
-    merged = {**old, **params}
-    theta = float(merged.get('rope_theta', hf.get('rope_theta', 10000.0)))
-    kind = merged.get('rope_type', merged.get('type', 'default'))
+    return _rope_params({**old, **params}, hf.get('rope_theta', 10000.0))
+
+
+def _rope_params(params: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from one transformers rope dict: rope_type (or type), rope_theta, factor, ..."""
+    theta = float(params.get('rope_theta', default_theta))
+    kind = params.get('rope_type', params.get('type', 'default'))
     if kind in (None, 'default'):
         return theta, None
-    if merged.get('partial_rotary_factor', 1.0) != 1.0:
+    if params.get('partial_rotary_factor', 1.0) != 1.0:
         raise ValueError('partial_rotary_factor != 1 is not supported.')
     if kind == 'linear':
-        return theta, RopeScaling('linear', float(merged['factor']))
+        return theta, RopeScaling('linear', float(params['factor']))
     if kind == 'llama3':
         return theta, RopeScaling(
             'llama3',
-            float(merged['factor']),
-            low_freq_factor=float(merged['low_freq_factor']),
-            high_freq_factor=float(merged['high_freq_factor']),
-            original_max_position_embeddings=int(merged['original_max_position_embeddings']),
+            float(params['factor']),
+            low_freq_factor=float(params['low_freq_factor']),
+            high_freq_factor=float(params['high_freq_factor']),
+            original_max_position_embeddings=int(params['original_max_position_embeddings']),
         )
     raise ValueError(f'Unsupported rope type {kind!r}; supported: default, {ROPE_KINDS}.')
 

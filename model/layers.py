@@ -7,7 +7,8 @@ runs those far faster than head-batched einsums, see docs/benchmarks.md) and so 
 parallelism splits one axis of each (the kv heads, the MLP hidden axis) without moving columns:
 qkv_proj [D, K, R + 2, H] (for kv head k: its R query heads, then its key, then its value; query head
 n = k * R + r, Hugging Face's grouping), qkv_bias [K, R + 2, H], o_proj [N * H, D], gate_up [D, 2, F]
-(gate, then up), down [F, D], embedding table [V, D].
+(gate, then up), down [F, D], embedding table [V, D]; norm scales [D], or [H] for the per-head
+query and key norms (q_norm, k_norm).
 
 Every parameter names its logical axes (`axes=` metadata); model/sharding.py maps them to the mesh.
 """
@@ -63,10 +64,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, rope: rope_lib.RopeTables) ->
 class RMSNorm(nnx.Module):
     """x / rms(x) * (offset + scale); offset 1.0 gives Gemma's (1 + w), whose scale starts at 0."""
 
-    def __init__(self, dim: int, *, eps: float, offset: float, dtype):
+    def __init__(self, dim: int, *, eps: float, offset: float, dtype, axes: tuple[str, ...] = ('embed',)):
         self.eps = eps
         self.offset = offset
-        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype), axes=('embed',))
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype), axes=axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -106,14 +107,21 @@ def log_length_scale(positions: jax.Array, base: int) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Fused q/k/v projection + RoPE + cache write + `attention.attend`, as the layer's `LayerKind`
-    says: RoPE or none (NoPE), a sliding window or global, a log-length query scale or none."""
+    """Fused q/k/v projection + (with config.qk_norm) per-head query and key RMSNorm + RoPE + cache
+    write + `attention.attend`, as the layer's `LayerKind` says: RoPE (the model's or the local
+    settings) or none (NoPE), a sliding window or global, a log-length query scale or none. Which
+    RoPE tables a layer gets is the caller's choice (Transformer, from `config.rope_inv_freq(kind)`)."""
 
     def __init__(self, config: ModelConfig, kind: LayerKind = GLOBAL_ROPE, *, rngs: nnx.Rngs):
         d, n, k, h, dtype = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.jnp_dtype
         self.n_heads, self.n_kv_heads, self.head_dim = n, k, h
         self.scale = config.attn_scale
         self.window, self.rope, self.log_scale = kind.window, kind.rope, kind.log_scale
+        if config.qk_norm:
+            norm = dict(eps=config.norm_eps, offset=config.norm_offset, dtype=dtype, axes=('head_dim',))
+            self.q_norm, self.k_norm = RMSNorm(h, **norm), RMSNorm(h, **norm)
+        else:
+            self.q_norm = self.k_norm = None
         # Drawn per head in [heads, D, H] (the order and shapes of earlier ringserve versions), so a
         # seed still gives the same model, then laid out as one matrix.
         q, k_, v = (_normal(rngs, (count, d, h), d**-0.5).transpose(1, 0, 2).reshape(d, count * h)
@@ -146,6 +154,8 @@ class Attention(nnx.Module):
         q = qkv[:, :, :, :-2].reshape(b, t, n, h)  # [B, T, N, H]
         k = qkv[:, :, :, -2]  # [B, T, K, H]
         v = qkv[:, :, :, -1]  # [B, T, K, H]
+        if self.q_norm is not None:  # Gemma 3 bounds attention logits so (Gemma 2 soft-capped them)
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
         if self.log_scale is not None:
@@ -181,7 +191,9 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)). With config.post_norms
+    (Gemma 2 / 3's "sandwich"), each branch's output is normed too before it is added:
+    x + post_norm(attn(norm(x))), then x + post_norm(mlp(norm(x)))."""
 
     def __init__(self, config: ModelConfig, kind: LayerKind = GLOBAL_ROPE, *, rngs: nnx.Rngs):
         norm = dict(eps=config.norm_eps, offset=config.norm_offset, dtype=config.jnp_dtype)
@@ -189,9 +201,19 @@ class Block(nnx.Module):
         self.attn = Attention(config, kind, rngs=rngs)
         self.mlp_norm = RMSNorm(config.d_model, **norm)
         self.mlp = MLP(config, rngs=rngs)
+        # Norms draw no random numbers, so a seed gives the other weights their old values.
+        if config.post_norms:
+            self.attn_post_norm, self.mlp_post_norm = RMSNorm(config.d_model, **norm), RMSNorm(config.d_model, **norm)
+        else:
+            self.attn_post_norm = self.mlp_post_norm = None
 
     def __call__(self, x, positions, rope, cache, layer, kv_span=None):
-        h, cache = self.attn(self.attn_norm(x), positions, rope, cache, layer, kv_span)
+        h, cache = self.attn(self.attn_norm(x), positions, rope, cache, layer, kv_span)  # [B, T, D]
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
         x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x))  # [B, T, D]
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        x = x + h
         return x, cache

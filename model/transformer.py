@@ -18,7 +18,7 @@ _ModuleList = getattr(nnx, 'List', list)
 
 
 class Transformer(nnx.Module):
-    """Llama / Qwen2 / Gemma style decoder.
+    """Llama / Qwen2 / Gemma / Gemma 3 style decoder.
 
     `__call__(tokens, positions, cache)`:
     - without a cache, plain causal attention over the T tokens (positions only feed RoPE);
@@ -77,8 +77,12 @@ class Transformer(nnx.Module):
         embed_mask: jax.Array | None = None,  # bool[B, T]
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
-        # Trace-time constants; at least 64K positions so small test configs never clamp.
-        rope = rope_lib.rope_tables(cfg.rope_inv_freq(), max(cfg.max_context, 1 << 16))
+        # Trace-time constants, one set per distinct RoPE (the model's, and the local one layers with
+        # LayerKind.local_rope use; `rope_tables` hands equal frequencies the same tables); at least
+        # 64K positions so small test configs never clamp.
+        max_positions = max(cfg.max_context, 1 << 16)
+        ropes = [rope_lib.rope_tables(cfg.rope_inv_freq(cfg.layer_kind(i)), max_positions)
+                 for i in range(cfg.n_layers)]
         if cache is not None and kv_span is not None and not 0 < kv_span <= cache.span_limit:
             raise ValueError(f'kv_span={kv_span} must be in [1, cache.max_len={cache.span_limit}].')
         x = self.embedder.encode(tokens)  # [B, T, D]
@@ -90,7 +94,7 @@ class Transformer(nnx.Module):
                                  f'[B, T, D] = {tuple(x.shape)} and [B, T] = {tuple(tokens.shape)}.')
             x = jnp.where(embed_mask[:, :, None], embeds.astype(x.dtype), x)
         for i, block in enumerate(self.layers):
-            x, cache = block(x, positions, rope, cache, i, kv_span)
+            x, cache = block(x, positions, ropes[i], cache, i, kv_span)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)  # [B, M, D]
         x = self.final_norm(x)
