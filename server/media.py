@@ -33,6 +33,7 @@ import math
 import multiprocessing
 import threading
 from collections.abc import Sequence
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -367,6 +368,33 @@ class MediaEmbedder:
                 self._processes, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
+    async def _decode_image(self, source) -> np.ndarray:
+        """f32[S, S, 3] pixels, decoded in the process pool. A pool whose worker died (killed,
+        out of memory, a crashing codec) is broken for good, so it is replaced: a pool found
+        broken before this job ran is retried once on the new one; a worker that died running
+        this job fails this request only, naming the image."""
+        loop = asyncio.get_running_loop()
+        args = (source.bytes(), source.mime_type, self.encoder.image_size, self.limits.max_pixels)
+        for attempt in range(2):
+            pool = self._decoders()
+            try:
+                future = pool.submit(_decode_image, *args)
+            except BrokenProcessPool:
+                self._replace_pool(pool)
+                continue
+            try:
+                return await asyncio.wrap_future(future, loop=loop)
+            except BrokenProcessPool:
+                self._replace_pool(pool)
+                raise MediaError("the image decoder's worker process died on this image "
+                                 "(a corrupt or hostile file?)") from None
+        raise MediaError("the image decoder's worker processes cannot start")
+
+    def _replace_pool(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
+        if self._pool is broken:
+            self._pool = None
+            broken.shutdown(wait=False, cancel_futures=True)
+
     def cached(self, key: int) -> np.ndarray | None:
         rows = self._cache.get(key)
         if rows is not None:
@@ -422,9 +450,7 @@ class MediaEmbedder:
     async def _compute(self, media: MediaTokens, progress: Progress) -> np.ndarray:
         source = media.source
         if source.modality == IMAGE:
-            pixels = await asyncio.get_running_loop().run_in_executor(
-                self._decoders(), _decode_image, source.bytes(), source.mime_type,
-                self.encoder.image_size, self.limits.max_pixels)
+            pixels = await self._decode_image(source)
             progress.rows[:] = (await asyncio.to_thread(self.encoder.images, pixels[None]))[0]
             progress.ready = len(progress.rows)
         else:

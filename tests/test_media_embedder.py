@@ -109,3 +109,33 @@ def test_limits(parts):
     with pytest.raises(InvalidArgument, match="no image input"):
         text_only.resolve(part(_media.png(), "image/png"), "p")
     assert IMAGE not in text_only.modalities
+
+
+def test_a_dead_image_decoder_is_replaced(parts):
+    """A decoding worker that dies (killed, out of memory, a crashing codec) breaks its process
+    pool for good; later images must still decode, on a new pool."""
+    import os
+    import signal
+
+    config, model, tokenizer, store = parts
+    resolver = MediaResolver(config, tokenizer, store)
+    embedder = MediaEmbedder(MediaEncoder(config, model))
+    images = [resolver.resolve(part(_media.png(seed=s), "image/png"), "p") for s in (4, 5, 6)]
+
+    async def run():
+        first = await embedder.embed(images[0])
+        for process in list(embedder._pool._processes.values()):
+            os.kill(process.pid, signal.SIGKILL)
+        try:
+            second = await embedder.embed(images[1])  # the pool may learn of it only now
+        except InvalidArgument as error:
+            assert "worker process died" in str(error)
+            second = None
+        return first, second, await embedder.embed(images[2])
+
+    try:
+        first, second, third = asyncio.run(run())
+    finally:
+        embedder.close()
+    assert third.shape == first.shape == (config.vision.tokens_per_image, config.d_model)
+    assert second is None or second.shape == first.shape
