@@ -258,6 +258,13 @@ def _open(source, mime_type: str) -> tuple[sf.SoundFile, str]:
         actual = f.format
         f.close()
         raise MediaError(f"MIME type {base} says {fmt} but the data is {actual}")
+    lo, hi = _PCM_RATES
+    if not lo <= f.samplerate <= hi:
+        # A forged header rate would make one decode block the whole file and the resampler's
+        # work absurd; no real recording is outside this range.
+        rate = f.samplerate
+        f.close()
+        raise MediaError(f"{fmt} sample rate {rate} Hz is outside {lo}..{hi} Hz")
     if fmt == "WAV":
         declared, present = _wav_data_bytes(_head(source), size)
         if declared > present:
@@ -284,6 +291,12 @@ def _decode(f: sf.SoundFile, fmt: str, block_seconds: float) -> Iterator[np.ndar
             if len(block_data) == 0:
                 break
             decoded += len(block_data)
+            if not np.isfinite(block_data).all():  # float WAV/FLAC can hold NaN or inf
+                raise MediaError(f"{fmt} audio holds NaN or infinite samples past "
+                                 f"{(decoded - len(block_data)) / rate:.2f} s")
+            # Float formats may exceed full scale; any player clips there, and so do we, so
+            # one loud sample cannot blow up the log-mel features.
+            block_data = np.clip(block_data, -1.0, 1.0)
             mono = np.ascontiguousarray(block_data.mean(axis=1, dtype=np.float32))  # [n]
             out = mono if resampler is None else resampler.resample_chunk(mono)
             if out.size:

@@ -183,6 +183,41 @@ def test_bad_input(source, mime, error, match):
         list(audio.load_windows(source, mime, max_seconds=1.0))
 
 
+def _with_rate(wav: bytes, rate: int) -> bytes:
+    """The WAV with its fmt chunk's sample rate (and byte rate) replaced."""
+    pos = wav.index(b"fmt ") + 8
+    block_align = int.from_bytes(wav[pos + 12:pos + 14], "little")
+    return (wav[:pos + 4] + rate.to_bytes(4, "little") + (rate * block_align).to_bytes(4, "little")
+            + wav[pos + 12:])
+
+
+@pytest.mark.parametrize("rate", [2_000_000_000, 400_000, 10])
+def test_absurd_header_sample_rate_is_refused_before_decoding(rate):
+    forged = _with_rate(encode(tone(440, 16000, 0.5), 16000, "WAV"), rate)
+    with pytest.raises(MediaError, match=f"sample rate {rate} Hz is outside 1000..384000"):
+        audio.probe_audio(forged, "audio/wav")
+    with pytest.raises(MediaError, match="sample rate"):
+        audio.stream_samples(forged, "audio/wav")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_float_samples_are_refused(bad):
+    data = tone(440, 16000, 1.0)
+    data[12000] = bad
+    wav = encode(data, 16000, "WAV", subtype="FLOAT")
+    assert audio.probe_audio(wav, "audio/wav").duration_s == pytest.approx(1.0)
+    with pytest.raises(MediaError, match="NaN or infinite samples past 0.00 s"):
+        decode_all(wav, "audio/wav")
+
+
+def test_float_samples_past_full_scale_are_clipped():
+    data = tone(440, 16000, 1.0) * 1e30
+    samples = decode_all(encode(data, 16000, "WAV", subtype="FLOAT"), "audio/wav")
+    assert np.abs(samples).max() == 1.0
+    mel = audio.log_mel(samples)
+    assert np.isfinite(mel).all()
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(MediaError, match="cannot read audio file"):
         audio.probe_audio(tmp_path / "nope.wav", "audio/wav")
