@@ -208,7 +208,10 @@ class EngineLoop:
         self._on_failure = on_failure
         self._metrics = metrics or Metrics()
         self._inbox: queue.SimpleQueue[Stream] = queue.SimpleQueue()
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        # (run, refuse) pairs: run on the engine thread, or refused once it has ended.
+        self._calls: queue.SimpleQueue[tuple[Callable[[], None], Callable[[Exception], None]]] = (
+            queue.SimpleQueue())
+        self._ended = threading.Event()  # the engine thread has returned
         self._active: dict[str, _Active] = {}  # by internal id (client request ids may repeat)
         self._finished = False  # a request ended since the last step
         self._outbox = _Outbox()
@@ -249,9 +252,21 @@ class EngineLoop:
         return stream
 
     def call(self, fn: Callable[[KVCacheManager], object]) -> asyncio.Future:
-        """Runs `fn(kv_manager)` on the engine thread between steps; awaits its result."""
+        """Runs `fn(kv_manager)` on the engine thread between steps; awaits its result. Once the
+        engine thread has ended (failed or stopped), the future fails with Unavailable instead
+        of waiting for a thread that will never run it."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+
+        def settle(result, error) -> None:
+            def set_it() -> None:
+                if future.done():
+                    return
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+            loop.call_soon_threadsafe(set_it)
 
         def run() -> None:
             try:
@@ -259,17 +274,11 @@ class EngineLoop:
             except Exception as e:  # noqa: BLE001 - handed to the awaiting coroutine
                 result, error = None, e
             self._refresh_stats()  # before the caller resumes: its next GetStats sees the change
+            settle(result, error)
 
-            def settle() -> None:
-                if future.done():
-                    return
-                if error is None:
-                    future.set_result(result)
-                else:
-                    future.set_exception(error)
-            loop.call_soon_threadsafe(settle)
-
-        self._calls.put(run)
+        self._calls.put((run, lambda error: settle(None, error)))
+        if self._ended.is_set():  # the thread may have ended before or after the put: no matter
+            self._refuse_calls()
         return future
 
     def pool_tokens_free_of_pins(self) -> int:
@@ -314,9 +323,14 @@ class EngineLoop:
             # Report first, so anyone woken by a failed stream already sees NOT_SERVING.
             if self._on_failure is not None:
                 self._on_failure(error)
-            self._fail_all(EngineFailure(f"the inference engine failed: {error!r}"))
-            return
-        self._fail_all(None)
+            # The message goes to clients: the exception's type only, its text stays in the log.
+            self._fail_all(EngineFailure(f"the inference engine failed ({type(error).__name__}); "
+                                         "the server log has the details"))
+        else:
+            self._fail_all(None)
+        finally:
+            self._ended.set()
+            self._refuse_calls()
 
     def _note_compiles(self) -> None:
         """Warns when a step compiled a program warm-up did not: every stream stalled for it."""
@@ -330,9 +344,20 @@ class EngineLoop:
     def _run_calls(self) -> None:
         while True:
             try:
-                self._calls.get_nowait()()
+                run, _ = self._calls.get_nowait()
             except queue.Empty:
                 return
+            run()
+
+    def _refuse_calls(self) -> None:
+        """Fails every queued `call`: the engine thread has ended and will not run them."""
+        while True:
+            try:
+                _, refuse = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            refuse(Unavailable("the inference engine has stopped; the server cannot change its "
+                               "KV cache any more"))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
