@@ -315,11 +315,15 @@ class MediaResolver:
                           duration_s=info.duration_s, width=info.width, height=info.height)
 
 
+def _seconds(duration) -> float:
+    # Not Duration.ToTimedelta(): it overflows on values past ~2**31 days, and any int64 of
+    # seconds is a valid (if absurd) request that must get INVALID_ARGUMENT, not UNKNOWN.
+    return duration.seconds + duration.nanos * 1e-9
+
+
 def _video_read(metadata, field: str) -> VideoRead:
-    start = metadata.start_offset.ToTimedelta().total_seconds() if metadata.HasField(
-        "start_offset") else 0.0
-    end = metadata.end_offset.ToTimedelta().total_seconds() if metadata.HasField(
-        "end_offset") else None
+    start = _seconds(metadata.start_offset) if metadata.HasField("start_offset") else 0.0
+    end = _seconds(metadata.end_offset) if metadata.HasField("end_offset") else None
     fps = metadata.fps or 1.0
     if not (math.isfinite(fps) and 0 < fps <= 24):
         raise InvalidArgument(f"{field}.fps: {metadata.fps}; use a rate in (0, 24] frames/s")

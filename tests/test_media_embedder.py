@@ -139,3 +139,18 @@ def test_a_dead_image_decoder_is_replaced(parts):
         embedder.close()
     assert third.shape == first.shape == (config.vision.tokens_per_image, config.d_model)
     assert second is None or second.shape == first.shape
+
+
+@pytest.mark.parametrize("metadata, field", [
+    (dict(start_offset=dict(seconds=10**15)), "start_offset"),
+    (dict(start_offset=dict(seconds=2**62)), "start_offset"),
+    (dict(end_offset=dict(seconds=10**15)), "end_offset"),
+    (dict(start_offset=dict(seconds=-2**62)), "start_offset"),
+])
+def test_absurd_video_offsets_are_invalid_argument(parts, tmp_path, metadata, field):
+    """Offsets past what datetime.timedelta holds once overflowed into UNKNOWN."""
+    config, _, tokenizer, store = parts
+    clip = _media.video(tmp_path / "clip.mp4", 4, fps=2)
+    with pytest.raises(InvalidArgument, match=field):
+        MediaResolver(config, tokenizer, store).resolve(
+            part(clip.read_bytes(), "video/mp4", video_metadata=pb.VideoMetadata(**metadata)), "p")
