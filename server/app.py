@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from ringserve.v1 import inference_pb2 as pb
 from ringserve.v1 import inference_pb2_grpc as pb_grpc
 from server import runtime as runtime_lib
+from server.auth import AuthInterceptor, Security
 from server.metrics import Metrics
 from server.servicer import InferenceServicer
 
@@ -24,8 +25,12 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
-                grace_period: float = 10.0, metrics_port: int | None = None) -> None:
+                grace_period: float = 10.0, metrics_port: int | None = None,
+                security: Security = Security()) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight streams for `grace_period` seconds."""
+    security.check(host)
+    keys = security.keyring()  # a bad key file or certificate fails now, before the model loads
+    credentials = security.server_credentials()
     loop = asyncio.get_running_loop()
     health_servicer = health.aio.HealthServicer()
 
@@ -40,7 +45,7 @@ async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
         bound_metrics = rt.metrics.start_http_server(metrics_port, host)
         print(f"ringserve: metrics on http://{host}:{bound_metrics}/metrics", flush=True)
 
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[AuthInterceptor(keys)] if keys else [], options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
@@ -51,7 +56,9 @@ async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (server.add_insecure_port(address) if credentials is None
+             else server.add_secure_port(address, credentials))
     if bound == 0:
         raise OSError(f"could not listen on {host}:{port}")
     await server.start()
@@ -63,6 +70,8 @@ async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if keys is not None:
+        loop.add_signal_handler(signal.SIGHUP, keys.reload)
     await stop.wait()
 
     log.info("shutting down: no new calls; in-flight streams have %.1fs", grace_period)

@@ -11,6 +11,7 @@ import sys
 
 from model.sharding import MeshShape
 from server import app, distributed, runtime
+from server.auth import Security
 from server.media import MediaLimits
 from server.runtime import RuntimeOptions
 
@@ -71,6 +72,17 @@ def parser() -> argparse.ArgumentParser:
                        help="longest audio or video accepted")
     media.add_argument("--media-store-gib", type=float, default=20.0,
                        help="uploads kept at once; past it UploadMedia answers RESOURCE_EXHAUSTED")
+    security = p.add_argument_group("security (docs/security.md)")
+    security.add_argument("--api-keys", metavar="FILE",
+                          help="accepted API keys, one per line (KEY or NAME:KEY); every RPC but "
+                               "health needs one; SIGHUP reloads the file")
+    security.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
+    security.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    security.add_argument("--tls-client-ca", metavar="PEM",
+                          help="mutual TLS: clients must present a certificate this CA signed")
+    security.add_argument("--insecure-allow-remote", action="store_true",
+                          help="serve on a non-loopback --host without --api-keys (anyone who "
+                               "reaches the port can use the server)")
     p.add_argument("--log-level", default="INFO")
     group = p.add_argument_group(
         "several processes (one per host)",
@@ -120,12 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(dataclasses.replace(options, steps=channel), args)
 
 
+def _security(args: argparse.Namespace) -> Security:
+    return Security(api_keys=args.api_keys, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                    tls_client_ca=args.tls_client_ca, allow_remote=args.insecure_allow_remote)
+
+
 def _serve(options: RuntimeOptions, args: argparse.Namespace) -> int:
     """Process 0 (or the only process): the gRPC server until SIGTERM."""
     status = 1
     try:
         asyncio.run(app.serve(options, args.host, args.port, args.grace_period,
-                              args.metrics_port))
+                              args.metrics_port, _security(args)))
         status = 0
     except (ValueError, OSError, distributed.WorkerLost) as error:
         print(f"ringserve serve: {error}", file=sys.stderr)

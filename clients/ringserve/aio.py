@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import grpc
 import grpc.aio
 
-from ringserve import types, upload
+from ringserve import channels, types, upload
 from ringserve.client import _UNSET, Build, _lost_upload
 from ringserve.errors import NotFound, from_rpc_error
 from ringserve.upload import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_INLINE_BYTES, MediaInfo
@@ -48,6 +48,7 @@ class AsyncClient:
     """
 
     def __init__(self, target: str, *, timeout: float | None = None,
+                 api_key: str | None = None, tls: channels.Tls = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, object]] | None = None,
                  max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES):
@@ -55,10 +56,8 @@ class AsyncClient:
         self.timeout = timeout
         self._media = upload.MediaPlanner(max_inline_bytes)
         options = list(options or [])
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._channel = channels.aio_channel(
+            target, options, channels.credentials(tls, credentials), channels.api_key(api_key))
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._health = self._channel.unary_unary(types.HEALTH_CHECK_METHOD)
 

@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     settings = Settings(args.system, args.temperature, args.max_output_tokens, args.ignore_eos)
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client.from_args(args) as client:
         try:
             info = client.model_info(timeout=10)
         except RingserveError as e:

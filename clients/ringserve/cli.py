@@ -66,7 +66,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     prompt = _prompt(args.prompt)
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client.from_args(args) as client:
         stream = client.generate(
             prompt, system_instruction=args.system, max_output_tokens=args.max_output_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -98,7 +98,7 @@ def _add_count_tokens_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _count_tokens(args: argparse.Namespace) -> int:
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client.from_args(args) as client:
         print(client.count_tokens(_prompt(args.prompt), system_instruction=args.system,
                                   cached_content=args.cached_content))
     return 0
@@ -109,7 +109,7 @@ def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client.from_args(args) as client:
         info = dataclasses.asdict(client.model_info())
         info["health"] = client.health()
     if args.json:
@@ -201,7 +201,7 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client.from_args(args) as client:
         if args.cache_command == "create":
             if args.file is not None:
                 if args.file == "-":
@@ -271,7 +271,7 @@ def _upload(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"cannot tell the media type of {args.file!r} from its extension; "
                              "pass --mime-type (e.g. image/png, audio/wav, video/mp4)") from None
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client.from_args(args) as client:
         media = client.upload_media(args.file, mime_type, display_name=display_name,
                                     chunk_size=args.chunk_size)
     _print_media(media, args.json)
@@ -291,7 +291,7 @@ def _add_media_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _media(args: argparse.Namespace) -> int:
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client.from_args(args) as client:
         if args.media_command == "list":
             media = client.list_media()
             if args.json:
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--target", default=os.environ.get("RINGSERVE_TARGET", DEFAULT_TARGET),
                            help="server HOST:PORT (default: $RINGSERVE_TARGET or %(default)s)")
             p.add_argument("--timeout", type=float, help="deadline per call, in seconds")
+            p.add_argument("--api-key", help="the server's API key (default: $RINGSERVE_API_KEY)")
+            p.add_argument("--tls", nargs="?", const=True, default=None, metavar="CA_PEM",
+                           help="connect with TLS (the system's roots, or the CA in CA_PEM)")
         if command.add_arguments is not None:
             command.add_arguments(p)
     return parser

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
-from ringserve import types, upload
+from ringserve import channels, types, upload
 from ringserve.errors import NotFound, from_rpc_error
 from ringserve.upload import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_INLINE_BYTES, MediaInfo
 from ringserve.types import (
@@ -93,13 +93,16 @@ class Stream(Iterator[Chunk]):
 class Client:
     """A connection to one ringserve server. Thread-safe; close it (or use `with`) when done.
 
-    target: "HOST:PORT". credentials: `grpc.ChannelCredentials` for TLS (plaintext when None).
+    target: "HOST:PORT". api_key: sent on every call (default: $RINGSERVE_API_KEY; "" sends none).
+    tls: True (TLS with the system's roots), or the roots to trust (PEM bytes or a file path);
+    None: plaintext. credentials: `grpc.ChannelCredentials` instead of `tls` (mutual TLS).
     options: extra gRPC channel options, as `[(name, value), ...]`.
     max_inline_bytes: media bytes one request may carry inline; media past it are uploaded
     first (default 4 MiB less 256 KiB, under gRPC's default 4 MiB message limit).
     """
 
     def __init__(self, target: str, *, timeout: float | None = None,
+                 api_key: str | None = None, tls: channels.Tls = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, object]] | None = None,
                  max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES):
@@ -107,12 +110,16 @@ class Client:
         self.timeout = timeout
         self._media = upload.MediaPlanner(max_inline_bytes)
         options = list(options or [])
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._channel = channels.channel(target, options, channels.credentials(tls, credentials),
+                                         channels.api_key(api_key))
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._health = self._channel.unary_unary(types.HEALTH_CHECK_METHOD)
+
+    @classmethod
+    def from_args(cls, args) -> Client:
+        """A client from the command line's --target, --timeout, --api-key and --tls."""
+        return cls(args.target, timeout=args.timeout, api_key=getattr(args, "api_key", None),
+                   tls=getattr(args, "tls", None))
 
     def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""

@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(out=args.out, scorer=scorer,
                         max_output_tokens=args.max_output_tokens or task.max_output_tokens,
                         named_cache=not args.no_named_cache, cache_ttl=args.cache_ttl)
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client.from_args(args) as client:
         Runner(client, task, hay, settings).run(grid)
     keys = {(length, depth) for length in grid.lengths for depth in grid.depths}
     rows = [row for row in results.read_rows(args.out) if row["task"] == task.name
@@ -286,7 +286,7 @@ def _run_media(args: argparse.Namespace) -> int:
         hay = MediaHaystack(modality, path, args.frame_size or DEFAULT_FRAME_SIZE, synth)
         settings = Settings(out=args.out, scorer=scorer,
                             max_output_tokens=args.max_output_tokens or task.max_output_tokens)
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client.from_args(args) as client:
             MediaRunner(client, task, hay, settings, work_dir=args.work_dir).run(grid)
     except (ValueError, OSError, BuildError) as e:
         # a bad option, an unreadable haystack or clip, no espeak-ng (the answers got before a

@@ -1,0 +1,214 @@
+"""API keys and TLS through the real server: certificates are made here, at test time."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import signal
+import time
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import ringserve
+from ringserve.v1 import inference_pb2 as pb
+from ringserve.v1 import inference_pb2_grpc as pb_grpc
+from serving import ServerProcess
+from server import cli as server_cli
+
+KEY_A, KEY_B = "alpha-0123456789abcdef", "beta-fedcba9876543210"
+
+
+def _cert(name: str, key, issuer=None, issuer_key=None, *, ca=False, server=False):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(issuer.subject if issuer else subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def _pem(obj) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    root = tmp_path_factory.mktemp("pki")
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = _cert("ringserve test CA", ca_key, ca=True)
+    files = {"ca.pem": _pem(ca), "server.pem": _pem(_cert("localhost", server_key, ca, ca_key,
+                                                           server=True)),
+             "server.key": _pem(server_key), "client.pem": _pem(_cert("client", client_key, ca,
+                                                                      ca_key)),
+             "client.key": _pem(client_key)}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "keys.txt"
+    path.write_text(f"# who may call\nteam-a:{KEY_A}\n\n{KEY_B}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls_server(random_default_dir, keys_file, pki):
+    """Keys and TLS (no client certificate asked)."""
+    server = ServerProcess("--model", str(random_default_dir), "--max-batch", "2", "--no-warmup",
+                           "--api-keys", str(keys_file), "--tls-cert", str(pki / "server.pem"),
+                           "--tls-key", str(pki / "server.key"))
+    yield server
+    server.terminate()
+
+
+def _client(server, key, pki, **extra):
+    return ringserve.Client(server.target, api_key=key, tls=pki / "ca.pem", timeout=60, **extra)
+
+
+def test_every_rpc_but_health_needs_a_key(tls_server, pki):
+    creds = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
+    with grpc.secure_channel(tls_server.target, creds) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.InferenceStub(channel)
+        hello = [pb.Content(role="user", parts=[pb.Part(text="hi")])]
+        calls = [lambda md: stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=md),
+                 lambda md: stub.CountTokens(pb.CountTokensRequest(contents=hello), metadata=md),
+                 lambda md: list(stub.Generate(pb.GenerateRequest(contents=hello), metadata=md)),
+                 lambda md: stub.ListCaches(pb.ListCachesRequest(), metadata=md),
+                 lambda md: stub.GetStats(pb.GetStatsRequest(), metadata=md)]
+        for call in calls:
+            for metadata, words in ((None, "no API key"),
+                                    ((("authorization", "Bearer wrong"),), "not accepted"),
+                                    ((("authorization", f"Basic {KEY_A}"),), "no API key"),
+                                    ((("x-goog-api-key", KEY_A[:-1]),), "not accepted")):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(metadata)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert words in err.value.details()
+        # Either header carries a good key.
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(),
+                                 metadata=(("x-goog-api-key", KEY_B),)).vocab_size > 0
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(),
+                                 metadata=(("authorization", f"Bearer {KEY_A}"),)).vocab_size > 0
+
+
+def test_sdk_with_key_and_tls(tls_server, pki, monkeypatch):
+    with _client(tls_server, KEY_A, pki) as client:
+        result = client.generate_text("hi", max_output_tokens=3, temperature=0, ignore_eos=True)
+        assert len(result.token_ids) == 3
+        assert client.count_tokens("hi") > 0
+    monkeypatch.setenv("RINGSERVE_API_KEY", KEY_B)
+    with _client(tls_server, None, pki) as client:  # the key from the environment
+
+        async def main():
+            async with ringserve.AsyncClient(tls_server.target, tls=pki / "ca.pem",
+                                             timeout=60) as aclient:
+                chunks = [c async for c in aclient.generate("hi", max_output_tokens=2,
+                                                            temperature=0, ignore_eos=True)]
+                return sum(len(c.token_ids) for c in chunks)
+
+        import asyncio
+        assert asyncio.run(main()) == 2
+        assert client.model_info().vocab_size > 0
+    with _client(tls_server, "", pki) as client, pytest.raises(ringserve.RingserveError) as err:
+        client.model_info()
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_plaintext_client_is_refused_by_a_tls_server(tls_server):
+    with ringserve.Client(tls_server.target, api_key=KEY_A, timeout=10) as client:
+        with pytest.raises(ringserve.RingserveError) as err:
+            client.model_info()
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_sighup_reloads_the_keys(tls_server, keys_file, pki):
+    new_key = "gamma-" + "7" * 20
+    original = keys_file.read_text()
+    try:
+        keys_file.write_text(original + f"team-c:{new_key}\n")
+        tls_server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60  # the reload is logged; wait for it, however slow
+        while "api keys reloaded" not in tls_server.output():
+            assert time.monotonic() < deadline, tls_server.output()[-2000:]
+            time.sleep(0.05)
+        with _client(tls_server, new_key, pki) as client:
+            assert client.model_info().vocab_size > 0
+        # A broken file keeps the keys that work.
+        keys_file.write_text("name:\n")
+        tls_server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while "api keys not reloaded" not in tls_server.output():
+            assert time.monotonic() < deadline, tls_server.output()[-2000:]
+            time.sleep(0.05)
+        with _client(tls_server, new_key, pki) as client:
+            assert client.model_info().vocab_size > 0
+    finally:
+        keys_file.write_text(original)
+        tls_server.proc.send_signal(signal.SIGHUP)
+
+
+def test_mutual_tls_needs_a_client_certificate(random_default_dir, keys_file, pki):
+    server = ServerProcess("--model", str(random_default_dir), "--max-batch", "1", "--no-warmup",
+                           "--api-keys", str(keys_file), "--tls-cert", str(pki / "server.pem"),
+                           "--tls-key", str(pki / "server.key"),
+                           "--tls-client-ca", str(pki / "ca.pem"))
+    try:
+        with _client(server, KEY_A, pki) as client, pytest.raises(ringserve.RingserveError):
+            client.model_info()  # TLS, but no client certificate: the handshake fails
+        mutual = grpc.ssl_channel_credentials(
+            root_certificates=(pki / "ca.pem").read_bytes(),
+            private_key=(pki / "client.key").read_bytes(),
+            certificate_chain=(pki / "client.pem").read_bytes())
+        with ringserve.Client(server.target, api_key=KEY_A, credentials=mutual,
+                              timeout=60) as client:
+            assert client.model_info().vocab_size > 0
+    finally:
+        server.terminate()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--host", "0.0.0.0"], "--api-keys FILE"),
+    (["--host", "::"], "--api-keys FILE"),
+    (["--tls-cert", "x.pem"], "--tls-cert and --tls-key go together"),
+    (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert"),
+    (["--api-keys", "/nonexistent/keys.txt"], "cannot read /nonexistent/keys.txt"),
+])
+def test_unsafe_or_broken_flags_are_refused_before_the_model_loads(argv, words, capsys):
+    started = time.monotonic()
+    assert server_cli.main(["--model", "/nonexistent-model", "--port", "0", *argv]) == 2
+    assert words in capsys.readouterr().err
+    assert time.monotonic() - started < 60
+
+
+def test_command_line_takes_key_and_tls(tls_server, pki, capsys):
+    from ringserve import cli
+
+    base = ["--target", tls_server.target, "--tls", str(pki / "ca.pem")]
+    assert cli.main(["count-tokens", *base, "--api-key", KEY_A, "Hi"]) == 0
+    assert int(capsys.readouterr().out) > 0
+    assert cli.main(["generate", *base, "--api-key", KEY_B, "--temperature", "0",
+                     "--max-output-tokens", "2", "--ignore-eos", "--stats", "Hi"]) == 0
+    assert '"candidates_token_count": 2' in capsys.readouterr().err
+    assert cli.main(["count-tokens", *base, "--api-key", "nope", "Hi"]) != 0
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
