@@ -50,7 +50,7 @@ async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ])
-    servicer = InferenceServicer(rt)
+    servicer = InferenceServicer(rt, keys)
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -43,6 +43,7 @@ class CacheEntry:
     create_time: datetime.datetime
     update_time: datetime.datetime
     expire_time: datetime.datetime
+    owner: str = ""  # the API key's name that made it ("" when the server takes no keys)
 
     def to_proto(self) -> pb.CachedContent:
         message = pb.CachedContent(name=self.name, display_name=self.display_name,
@@ -102,8 +103,9 @@ class CacheRegistry:
     def add(self, entry: CacheEntry) -> None:
         self._entries[entry.name] = entry
 
-    async def get(self, name: str, field: str = "name") -> CacheEntry:
-        """The live cache called `name`; NOT_FOUND if unknown or expired (then freed now).
+    async def get(self, name: str, owner: str, field: str = "name") -> CacheEntry:
+        """`owner`'s live cache called `name`; NOT_FOUND if unknown, expired (then freed now) or
+        another owner's (whose names are not disclosed).
 
         `field` names the request field that held the name, for the error message.
         """
@@ -111,21 +113,25 @@ class CacheRegistry:
             raise InvalidArgument(f"{field}: empty; give a cache name ({NAME_PREFIX}...)")
         entry = self._entries.get(name)
         if entry is not None and entry.expire_time <= _now():
-            await self.delete(name)
+            if self._entries.pop(name, None) is not None:
+                await self._unpin(name)
             entry = None
-        if entry is None:
+        if entry is None or entry.owner != owner:
             raise NotFound(f"{field}: no live cache named {name!r} (never created, deleted, "
                            "or expired)")
         return entry
 
-    def list(self) -> list[CacheEntry]:
+    def list(self, owner: str) -> list[CacheEntry]:
+        """`owner`'s live caches, oldest first."""
         now = _now()
-        return sorted((e for e in self._entries.values() if e.expire_time > now),
-                      key=lambda e: e.create_time)
+        return sorted((e for e in self._entries.values() if e.expire_time > now
+                       and e.owner == owner), key=lambda e: (e.create_time, e.name))
 
-    async def delete(self, name: str) -> None:
-        if self._entries.pop(name, None) is None:
+    async def delete(self, name: str, owner: str) -> None:
+        entry = self._entries.get(name)
+        if entry is None or entry.owner != owner:
             raise NotFound(f"name: no live cache named {name!r}")
+        del self._entries[name]
         await self._unpin(name)
 
     async def expire(self) -> int:
@@ -158,9 +164,9 @@ class CacheRegistry:
 
     @staticmethod
     def entry(name: str, display_name: str, turns, system, token_ids, media, pinned_tokens,
-              expire_time: datetime.datetime) -> CacheEntry:
+              expire_time: datetime.datetime, owner: str = "") -> CacheEntry:
         now = _now()
         return CacheEntry(name=name, display_name=display_name, turns=tuple(turns), system=system,
                           token_ids=tuple(token_ids), media=tuple(media),
                           pinned_tokens=pinned_tokens,
-                          create_time=now, update_time=now, expire_time=expire_time)
+                          create_time=now, update_time=now, expire_time=expire_time, owner=owner)

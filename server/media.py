@@ -150,6 +150,17 @@ def timestamp(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+@dataclasses.dataclass(frozen=True)
+class OwnedResolver:
+    """A MediaResolver for one caller (`MediaParts` for server/validation.py)."""
+
+    resolver: MediaResolver
+    owner: str
+
+    def resolve(self, part, field: str) -> MediaTokens:
+        return self.resolver.resolve(part, field, self.owner)
+
+
 class MediaResolver:
     """Parts -> `MediaTokens`, from probes only. Raises RequestErrors naming the part."""
 
@@ -174,9 +185,14 @@ class MediaResolver:
             found.append(VIDEO)
         return tuple(found)
 
-    def resolve(self, part, field: str) -> MediaTokens:
-        """A Part with inline_data or file_data -> its layout (probing; no decoding)."""
-        source = self._source(part, field)
+    def owned_by(self, owner: str) -> OwnedResolver:
+        """This resolver as `owner` sees it: file_data names only `owner`'s uploads."""
+        return OwnedResolver(self, owner)
+
+    def resolve(self, part, field: str, owner: str = "") -> MediaTokens:
+        """A Part with inline_data or file_data (`owner`'s upload) -> its layout (probing; no
+        decoding)."""
+        source = self._source(part, field, owner)
         try:
             return self._layout(source)
         except MediaTooLarge as error:
@@ -190,7 +206,7 @@ class MediaResolver:
 
     # ----- reading a part -----
 
-    def _source(self, part, field: str) -> MediaSource:
+    def _source(self, part, field: str, owner: str) -> MediaSource:
         kind = part.WhichOneof("data")
         if kind == "inline_data":
             blob = part.inline_data
@@ -205,7 +221,7 @@ class MediaResolver:
         else:
             where = f"{field}.file_data"
             try:
-                stored = self.store.get(part.file_data.file_uri, field=f"{where}.file_uri")
+                stored = self.store.get(part.file_data.file_uri, owner, field=f"{where}.file_uri")
             except NotFound as error:  # in a prompt, a bad id is a bad argument
                 raise InvalidArgument(error.message) from None
             if part.file_data.mime_type and part.file_data.mime_type != stored.mime_type:

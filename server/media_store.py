@@ -41,6 +41,7 @@ class StoredMedia:
     create_time: datetime.datetime
     expire_time: datetime.datetime
     info: object = None  # what server/media.py learnt when it probed the bytes
+    owner: str = ""  # the API key's name that uploaded it ("" when the server takes no keys)
 
 
 class Upload:
@@ -123,14 +124,15 @@ class MediaStore:
                 self._reserved -= size_bytes
             raise
 
-    def commit(self, upload: Upload, sha256: str, display_name: str, info) -> StoredMedia:
-        """Makes a finished, probed upload visible under a new name."""
+    def commit(self, upload: Upload, sha256: str, display_name: str, info,
+               owner: str = "") -> StoredMedia:
+        """Makes a finished, probed upload visible, to `owner` only, under a new name."""
         name = NAME_PREFIX + uuid.uuid4().hex[:16]
         path = self.directory / name.removeprefix(NAME_PREFIX)
         os.replace(upload.path, path)
         now = _now()
         media = StoredMedia(name, display_name, upload.mime_type, path, upload.size_bytes, sha256,
-                            now, now + self.ttl, info)
+                            now, now + self.ttl, info, owner)
         with self._lock:
             self._reserved -= upload.size_bytes
             self._media[name] = media
@@ -141,24 +143,28 @@ class MediaStore:
         with self._lock:
             self._reserved -= upload.size_bytes
 
-    def get(self, name: str, *, field: str = "name") -> StoredMedia:
+    def get(self, name: str, owner: str, *, field: str = "name") -> StoredMedia:
+        """`owner`'s live upload called `name`; NOT_FOUND for another owner's (names of others'
+        media are not disclosed)."""
         with self._lock:
             self._expire_locked()
             media = self._media.get(name)
-        if media is None:
+        if media is None or media.owner != owner:
             if not name.startswith(NAME_PREFIX):
                 raise InvalidArgument(f"{field}: {name!r} is not a media name (media/...)")
             raise NotFound(f"{field}: no media named {name!r} (never uploaded, deleted or "
                            "expired)")
         return media
 
-    def list(self) -> list[StoredMedia]:
+    def list(self, owner: str) -> list[StoredMedia]:
+        """`owner`'s live uploads, oldest first."""
         with self._lock:
             self._expire_locked()
-            return sorted(self._media.values(), key=lambda m: m.create_time)
+            return sorted((m for m in self._media.values() if m.owner == owner),
+                          key=lambda m: (m.create_time, m.name))
 
-    def delete(self, name: str) -> None:
-        media = self.get(name)
+    def delete(self, name: str, owner: str) -> None:
+        media = self.get(name, owner)
         with self._lock:
             self._media.pop(name, None)
         media.path.unlink(missing_ok=True)

@@ -21,6 +21,8 @@ from ringserve.v1 import inference_pb2 as pb
 from ringserve.v1 import inference_pb2_grpc as pb_grpc
 from server import caches as caches_lib
 from server import media as media_lib
+from server import pagination
+from server.auth import KeyRing, presented_key
 from server.errors import (FailedPrecondition, InvalidArgument, RequestError, ResourceExhausted,
                            abort)
 from server.media_rows import PromptReadiness
@@ -82,9 +84,19 @@ def _rpc(handler):
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, runtime: Runtime):
+    """`keys`: the server's API keys; caches and uploads then belong to the key (its name) that
+    made them, and no other key sees them. Without keys every caller is the same owner ""."""
+
+    def __init__(self, runtime: Runtime, keys: KeyRing | None = None):
         self._rt = runtime
+        self._keys = keys
         self.caches = caches_lib.CacheRegistry(unpin=self._unpin)
+
+    def _owner(self, context) -> str:
+        if self._keys is None:
+            return ""
+        # The interceptor let the call in, so the key is known (a reload in between: no one).
+        return self._keys.owner(presented_key(context.invocation_metadata())) or "\0"
 
     def _unpin(self, name: str):
         def unpin(kv):
@@ -96,18 +108,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._rt.engine_loop.forget(name)
         return done
 
-    async def _cache(self, request) -> caches_lib.CacheEntry | None:
+    async def _cache(self, request, owner: str) -> caches_lib.CacheEntry | None:
         if not request.cached_content:
             return None
-        return await self.caches.get(request.cached_content, field="cached_content")
+        return await self.caches.get(request.cached_content, owner, field="cached_content")
 
     @_rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         received = time.monotonic()
+        owner = self._owner(context)
         # Tokenising a long prompt is CPU work: keep it off the event loop.
-        cache = await self._cache(request)
+        cache = await self._cache(request, owner)
         work, media = await asyncio.to_thread(validate_generate, request, self._rt.tokenizer,
-                                              self._rt.limits, cache, self._rt.media)
+                                              self._rt.limits, cache,
+                                              self._rt.media.owned_by(owner))
         decoding = None
         if media:
             work, decoding = self._start_media(work, media, cache)
@@ -167,9 +181,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @_rpc
     async def CountTokens(self, request: pb.CountTokensRequest, context):
-        cache = await self._cache(request)
+        owner = self._owner(context)
+        cache = await self._cache(request, owner)
         ids, media = await asyncio.to_thread(render_prompt, request, self._rt.tokenizer, cache,
-                                             self._rt.media)
+                                             self._rt.media.owned_by(owner))
         return pb.CountTokensResponse(
             total_tokens=len(ids),
             cached_content_token_count=len(cache.token_ids) if cache else 0,
@@ -225,7 +240,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not rt.prefix_caching:
             raise FailedPrecondition("named caches need prefix caching, which this server "
                                      "runs without (--no-prefix-caching)")
-        turns, system = await asyncio.to_thread(conversation, request, rt.media)
+        owner = self._owner(context)
+        turns, system = await asyncio.to_thread(conversation, request, rt.media.owned_by(owner))
         try:
             ids = await asyncio.to_thread(prompt_lib.render_prefix, turns, system,
                                           rt.tokenizer)
@@ -256,7 +272,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         name, request.display_name, turns, system, ids, rows, event.pinned_tokens,
                         max(expire_time, caches_lib.expiry(
                             request.ttl if request.HasField("ttl") else None,
-                            request.expire_time if request.HasField("expire_time") else None)))
+                            request.expire_time if request.HasField("expire_time") else None)),
+                        owner=owner)
                     self.caches.add(entry)
         finally:
             if entry is None:
@@ -266,15 +283,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @_rpc
     async def GetCache(self, request: pb.GetCacheRequest, context):
-        return (await self.caches.get(request.name)).to_proto()
+        return (await self.caches.get(request.name, self._owner(context))).to_proto()
 
     @_rpc
-    async def ListCaches(self, request, context):
-        return pb.ListCachesResponse(cached_contents=[e.to_proto() for e in self.caches.list()])
+    async def ListCaches(self, request: pb.ListCachesRequest, context):
+        entries, token = pagination.page(self.caches.list(self._owner(context)), _order,
+                                         request.page_size, request.page_token)
+        return pb.ListCachesResponse(cached_contents=[e.to_proto() for e in entries],
+                                     next_page_token=token)
 
     @_rpc
     async def UpdateCache(self, request: pb.UpdateCacheRequest, context):
-        entry = await self.caches.get(request.name)
+        entry = await self.caches.get(request.name, self._owner(context))
         self.caches.touch(entry, caches_lib.expiry(
             request.ttl if request.HasField("ttl") else None,
             request.expire_time if request.HasField("expire_time") else None, default=None))
@@ -282,7 +302,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @_rpc
     async def DeleteCache(self, request: pb.DeleteCacheRequest, context):
-        await self.caches.delete(request.name)
+        await self.caches.delete(request.name, self._owner(context))
         return pb.DeleteCacheResponse()
 
     # ---- media ----------------------------------------------------------------------------------
@@ -317,7 +337,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise ResourceExhausted(f"UploadMedia: {error}") from None
             except MediaError as error:
                 raise InvalidArgument(f"UploadMedia: {error}") from None
-            stored = rt.media_store.commit(upload, sha, header.display_name, tokens)
+            stored = rt.media_store.commit(upload, sha, header.display_name, tokens,
+                                           self._owner(context))
         finally:
             if stored is None:
                 rt.media_store.abandon(upload)
@@ -325,16 +346,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @_rpc
     async def GetMedia(self, request: pb.GetMediaRequest, context):
-        return _media_proto(self._rt.media_store.get(request.name))
+        return _media_proto(self._rt.media_store.get(request.name, self._owner(context)))
 
     @_rpc
-    async def ListMedia(self, request, context):
-        return pb.ListMediaResponse(media=[_media_proto(m) for m in self._rt.media_store.list()])
+    async def ListMedia(self, request: pb.ListMediaRequest, context):
+        stored, token = pagination.page(self._rt.media_store.list(self._owner(context)), _order,
+                                        request.page_size, request.page_token)
+        return pb.ListMediaResponse(media=[_media_proto(m) for m in stored],
+                                    next_page_token=token)
 
     @_rpc
     async def DeleteMedia(self, request: pb.DeleteMediaRequest, context):
-        self._rt.media_store.delete(request.name)
+        self._rt.media_store.delete(request.name, self._owner(context))
         return pb.DeleteMediaResponse()
+
+
+def _order(item) -> tuple:
+    """List order for caches and uploads: oldest first, names breaking ties."""
+    return item.create_time, item.name
 
 
 def _media_proto(stored) -> pb.Media:

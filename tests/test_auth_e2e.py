@@ -212,3 +212,71 @@ def test_command_line_takes_key_and_tls(tls_server, pki, capsys):
     assert '"candidates_token_count": 2' in capsys.readouterr().err
     assert cli.main(["count-tokens", *base, "--api-key", "nope", "Hi"]) != 0
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_caches_and_uploads_belong_to_their_key(tls_server, pki):
+    """Key B cannot see, read, use or delete key A's caches or uploads: NOT_FOUND, as for a
+    name that never existed (names are not disclosed); A's own calls are unaffected."""
+    import _media
+
+    with _client(tls_server, KEY_A, pki) as a, _client(tls_server, KEY_B, pki) as b:
+        cache = a.create_cache("A note about the harbour and its three lighthouses.", ttl=600)
+        upload = a.upload_media(_media.png(seed=9), "image/png")
+        try:
+            assert cache.name in {c.name for c in a.list_caches()}
+            assert upload.name in {m.name for m in a.list_media()}
+            assert cache.name not in {c.name for c in b.list_caches()}
+            assert upload.name not in {m.name for m in b.list_media()}
+            for call in (lambda: b.get_cache(cache), lambda: b.update_cache(cache, ttl=60),
+                         lambda: b.delete_cache(cache),
+                         lambda: b.generate_text("Which lighthouse?", cached_content=cache,
+                                                 max_output_tokens=2),
+                         lambda: b.count_tokens("Which?", cached_content=cache),
+                         lambda: b.get_media(upload), lambda: b.delete_media(upload)):
+                with pytest.raises(ringserve.NotFound):
+                    call()
+            # Naming A's upload in B's prompt: the same answer as an id that never existed.
+            part = pb.Part(file_data=pb.FileData(file_uri=upload.name, mime_type="image/png"))
+            answers = []
+            for name in (upload.name, "media/0000000000000000"):
+                part.file_data.file_uri = name
+                with pytest.raises(ringserve.RingserveError) as err:
+                    b.count_tokens([pb.Content(role="user", parts=[part])])
+                answers.append((err.value.code, err.value.details.replace(name, "NAME")))
+            assert answers[0] == answers[1] and answers[0][0] == grpc.StatusCode.INVALID_ARGUMENT
+            # A still has both.
+            assert a.get_cache(cache).name == cache.name and a.get_media(upload).name == upload.name
+            assert a.count_tokens("Which?", cached_content=cache) > 0
+        finally:
+            a.delete_cache(cache)
+            a.delete_media(upload)
+
+
+def test_list_calls_are_paginated(tls_server, pki):
+    with _client(tls_server, KEY_B, pki) as client, grpc.secure_channel(
+            tls_server.target, grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        metadata = (("x-goog-api-key", KEY_B),)
+        made = [client.create_cache(f"Note {i}: the tide turns at {i} o'clock.", ttl=600).name
+                for i in range(5)]
+        try:
+            names, token, pages = [], "", 0
+            while True:
+                response = stub.ListCaches(pb.ListCachesRequest(page_size=2, page_token=token),
+                                           metadata=metadata)
+                assert len(response.cached_contents) <= 2
+                names += [c.name for c in response.cached_contents]
+                pages += 1
+                token = response.next_page_token
+                if not token:
+                    break
+            assert names == made and pages == 3  # oldest first, each once
+            assert [c.name for c in client.list_caches()] == made  # the SDK follows the pages
+            for bad in (pb.ListCachesRequest(page_token="%%%"),
+                        pb.ListCachesRequest(page_size=-1)):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ListCaches(bad, metadata=metadata)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        finally:
+            for name in made:
+                client.delete_cache(name)

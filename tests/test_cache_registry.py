@@ -33,9 +33,9 @@ def test_a_read_racing_expiry_neither_raises_nor_unpins_twice():
         expiring = asyncio.ensure_future(registry.expire())
         await asyncio.sleep(0)  # expire() is now inside the first unpin
         with pytest.raises(NotFound):
-            await registry.get("cachedContents/b")
+            await registry.get("cachedContents/b", "")
         assert await expiring == 1
-        assert registry.list() == []
+        assert registry.list("") == []
 
     asyncio.run(main())
     assert sorted(unpinned) == ["cachedContents/a", "cachedContents/b"]

@@ -308,9 +308,15 @@ class Client:
         return types.to_cached_content(self._unary(self._stub.GetCache, request, timeout))
 
     def list_caches(self, *, timeout: float | None = _UNSET) -> list[CachedContent]:
-        """Every live cache on the server (all clients'), oldest first."""
-        response = self._unary(self._stub.ListCaches, pb.ListCachesRequest(), timeout)
-        return [types.to_cached_content(c) for c in response.cached_contents]
+        """Every live cache of this client's API key, oldest first (all pages)."""
+        caches, token = [], ""
+        while True:
+            response = self._unary(self._stub.ListCaches, pb.ListCachesRequest(page_token=token),
+                                   timeout)
+            caches += [types.to_cached_content(c) for c in response.cached_contents]
+            token = response.next_page_token
+            if not token:
+                return caches
 
     def update_cache(self, name: str | CachedContent, *, ttl: Ttl | None = None,
                      expire_time: datetime.datetime | None = None,
@@ -362,9 +368,15 @@ class Client:
         return upload.to_media_info(self._unary(self._stub.GetMedia, request, timeout))
 
     def list_media(self, *, timeout: float | None = _UNSET) -> list[MediaInfo]:
-        """Every live upload on the server (all clients'), oldest first."""
-        response = self._unary(self._stub.ListMedia, pb.ListMediaRequest(), timeout)
-        return [upload.to_media_info(m) for m in response.media]
+        """Every live upload of this client's API key, oldest first (all pages)."""
+        media, token = [], ""
+        while True:
+            response = self._unary(self._stub.ListMedia, pb.ListMediaRequest(page_token=token),
+                                   timeout)
+            media += [upload.to_media_info(m) for m in response.media]
+            token = response.next_page_token
+            if not token:
+                return media
 
     def delete_media(self, name: str | MediaInfo, *, timeout: float | None = _UNSET) -> None:
         """Deletes an upload (its disk space is freed at once); `NotFound` if it is not live.
