@@ -214,16 +214,20 @@ class AsyncClient:
         request = pb.GetCacheRequest(name=types.cache_name(name))
         return types.to_cached_content(await self._unary(self._stub.GetCache, request, timeout))
 
-    async def list_caches(self, *, timeout: float | None = _UNSET) -> list[CachedContent]:
-        """Every live cache of this client's API key, oldest first (all pages)."""
-        caches, token = [], ""
+    async def _all_pages(self, method, request_type, field: str, convert, timeout) -> list:
+        """A List call's items from every page, following next_page_token."""
+        items, token = [], ""
         while True:
-            response = await self._unary(self._stub.ListCaches,
-                                         pb.ListCachesRequest(page_token=token), timeout)
-            caches += [types.to_cached_content(c) for c in response.cached_contents]
+            response = await self._unary(method, request_type(page_token=token), timeout)
+            items += [convert(item) for item in getattr(response, field)]
             token = response.next_page_token
             if not token:
-                return caches
+                return items
+
+    async def list_caches(self, *, timeout: float | None = _UNSET) -> list[CachedContent]:
+        """Every live cache of this client's API key, oldest first (all pages)."""
+        return await self._all_pages(self._stub.ListCaches, pb.ListCachesRequest,
+                                     "cached_contents", types.to_cached_content, timeout)
 
     async def update_cache(self, name: str | CachedContent, *, ttl: Ttl | None = None,
                            expire_time: datetime.datetime | None = None,
@@ -277,14 +281,8 @@ class AsyncClient:
 
     async def list_media(self, *, timeout: float | None = _UNSET) -> list[MediaInfo]:
         """Every live upload of this client's API key, oldest first (all pages)."""
-        media, token = [], ""
-        while True:
-            response = await self._unary(self._stub.ListMedia,
-                                         pb.ListMediaRequest(page_token=token), timeout)
-            media += [upload.to_media_info(m) for m in response.media]
-            token = response.next_page_token
-            if not token:
-                return media
+        return await self._all_pages(self._stub.ListMedia, pb.ListMediaRequest, "media",
+                                     upload.to_media_info, timeout)
 
     async def delete_media(self, name: str | MediaInfo, *,
                            timeout: float | None = _UNSET) -> None:
