@@ -69,7 +69,8 @@ def expiry(ttl: duration_pb2.Duration | None, expire_time: timestamp_pb2.Timesta
     if expire_time is not None:
         seconds = expire_time.seconds + expire_time.nanos / 1e9 - now.timestamp()
         if seconds <= 0:
-            raise InvalidArgument(f"expire_time: {_timestamp_text(expire_time)} is not in the future")
+            raise InvalidArgument(
+                f"expire_time: {_timestamp_text(expire_time)} is not in the future")
         if seconds > limit:
             raise InvalidArgument(f"expire_time: {_timestamp_text(expire_time)} is more than the "
                                   f"maximum TTL of {limit:.0f} s from now")

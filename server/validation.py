@@ -50,7 +50,7 @@ class GenerationRequest:
     params: SamplingParams
     max_new_tokens: int
     stop_sequences: tuple[str, ...]
-    ignore_eos: bool = False  # the model's stop ids are ordinary tokens (generation_config.ignore_eos)
+    ignore_eos: bool = False  # generation_config.ignore_eos: stop ids are ordinary tokens
     pin_as: str | None = None  # compute the prompt only and pin its pages as this named cache
     # (media key, f32[rows, D] embeddings) of every media item whose placeholder ids (< 0) are in
     # prompt_ids, set by the servicer (server/media.py); rows may still be filling, and `ready`
