@@ -14,6 +14,7 @@ from ringserve.v1 import inference_pb2 as pb
 from ringserve.v1 import inference_pb2_grpc as pb_grpc
 from server import runtime as runtime_lib
 from server.auth import AuthInterceptor, Security
+from server.quotas import Quotas
 from server.metrics import Metrics
 from server.servicer import InferenceServicer
 
@@ -26,7 +27,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
                 grace_period: float = 10.0, metrics_port: int | None = None,
-                security: Security = Security()) -> None:
+                security: Security = Security(), quotas: Quotas = Quotas()) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight streams for `grace_period` seconds."""
     security.check(host)
     keys = security.keyring()  # a bad key file or certificate fails now, before the model loads
@@ -50,7 +51,7 @@ async def serve(options: runtime_lib.RuntimeOptions, host: str, port: int,
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ])
-    servicer = InferenceServicer(rt, keys)
+    servicer = InferenceServicer(rt, keys, quotas)
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

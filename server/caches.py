@@ -73,14 +73,16 @@ def expiry(ttl: duration_pb2.Duration | None, expire_time: timestamp_pb2.Timesta
                 f"expire_time: {_timestamp_text(expire_time)} is not in the future")
         if seconds > limit:
             raise InvalidArgument(f"expire_time: {_timestamp_text(expire_time)} is more than the "
-                                  f"maximum TTL of {limit:.0f} s from now")
+                                  f"maximum TTL of {limit:.0f} s from now "
+                                  "(--max-cache-ttl-hours)")
         return expire_time.ToDatetime(datetime.timezone.utc)
     if ttl is not None:
         seconds = ttl.seconds + ttl.nanos / 1e9
         if seconds <= 0:
             raise InvalidArgument(f"ttl: {seconds}s; must be positive")
         if seconds > limit:
-            raise InvalidArgument(f"ttl: {seconds:.0f}s; the maximum TTL is {limit:.0f} s")
+            raise InvalidArgument(f"ttl: {seconds:.0f} s; the maximum TTL is {limit:.0f} s "
+                                  "(--max-cache-ttl-hours)")
         return now + ttl.ToTimedelta()
     if default is None:
         raise InvalidArgument("ttl or expire_time: set one to change the expiry")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime
 import logging
 import os
 import sys
@@ -12,6 +13,7 @@ import sys
 from model.sharding import MeshShape
 from server import app, distributed, runtime
 from server.auth import Security
+from server.quotas import Quotas
 from server.media import MediaLimits
 from server.runtime import RuntimeOptions
 
@@ -83,6 +85,19 @@ def parser() -> argparse.ArgumentParser:
     security.add_argument("--insecure-allow-remote", action="store_true",
                           help="serve on a non-loopback --host without --api-keys (anyone who "
                                "reaches the port can use the server)")
+    limits = p.add_argument_group("per-key limits (each API key; all callers are one key "
+                                  "without --api-keys)")
+    limits.add_argument("--max-caches-per-key", type=int, default=Quotas.caches_per_key)
+    limits.add_argument("--max-pinned-fraction-per-key", type=float,
+                        default=Quotas.pinned_fraction_per_key,
+                        help="share of the KV pool one key's named caches may pin")
+    limits.add_argument("--max-cache-ttl-hours", type=float,
+                        default=Quotas.max_cache_ttl.total_seconds() / 3600)
+    limits.add_argument("--max-uploads-per-key", type=int, default=Quotas.uploads_per_key)
+    limits.add_argument("--max-upload-gib-per-key", type=float,
+                        default=Quotas.upload_bytes_per_key / 2**30)
+    limits.add_argument("--max-streams-per-key", type=int, default=Quotas.streams_per_key,
+                        help="concurrent Generate calls")
     p.add_argument("--log-level", default="INFO")
     group = p.add_argument_group(
         "several processes (one per host)",
@@ -137,12 +152,21 @@ def _security(args: argparse.Namespace) -> Security:
                     tls_client_ca=args.tls_client_ca, allow_remote=args.insecure_allow_remote)
 
 
+def _quotas(args: argparse.Namespace) -> Quotas:
+    return Quotas(caches_per_key=args.max_caches_per_key,
+                  pinned_fraction_per_key=args.max_pinned_fraction_per_key,
+                  max_cache_ttl=datetime.timedelta(hours=args.max_cache_ttl_hours),
+                  uploads_per_key=args.max_uploads_per_key,
+                  upload_bytes_per_key=int(args.max_upload_gib_per_key * 2**30),
+                  streams_per_key=args.max_streams_per_key)
+
+
 def _serve(options: RuntimeOptions, args: argparse.Namespace) -> int:
     """Process 0 (or the only process): the gRPC server until SIGTERM."""
     status = 1
     try:
         asyncio.run(app.serve(options, args.host, args.port, args.grace_period,
-                              args.metrics_port, _security(args)))
+                              args.metrics_port, _security(args), _quotas(args)))
         status = 0
     except (ValueError, OSError, distributed.WorkerLost) as error:
         print(f"ringserve serve: {error}", file=sys.stderr)

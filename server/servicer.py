@@ -7,6 +7,7 @@ statuses and counts every call's outcome for the metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -23,6 +24,7 @@ from server import caches as caches_lib
 from server import media as media_lib
 from server import pagination
 from server.auth import KeyRing, presented_key
+from server.quotas import Quotas, StreamCounter, check_display_name
 from server.errors import (FailedPrecondition, InvalidArgument, RequestError, ResourceExhausted,
                            abort)
 from server.media_rows import PromptReadiness
@@ -87,9 +89,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     """`keys`: the server's API keys; caches and uploads then belong to the key (its name) that
     made them, and no other key sees them. Without keys every caller is the same owner ""."""
 
-    def __init__(self, runtime: Runtime, keys: KeyRing | None = None):
+    def __init__(self, runtime: Runtime, keys: KeyRing | None = None,
+                 quotas: Quotas = Quotas()):
         self._rt = runtime
         self._keys = keys
+        self._quotas = quotas
+        self._streams = StreamCounter(quotas.streams_per_key)
         self.caches = caches_lib.CacheRegistry(unpin=self._unpin)
 
     def _owner(self, context) -> str:
@@ -117,6 +122,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         received = time.monotonic()
         owner = self._owner(context)
+        # aclosing: a cancelled call closes the inner stream now (freeing its slot), not when
+        # the garbage collector finds it.
+        with self._streams.hold(owner):
+            async with contextlib.aclosing(self._generate(request, owner, received)) as responses:
+                async for response in responses:
+                    yield response
+
+    async def _generate(self, request: pb.GenerateRequest, owner: str, received: float):
         # Tokenising a long prompt is CPU work: keep it off the event loop.
         cache = await self._cache(request, owner)
         work, media = await asyncio.to_thread(validate_generate, request, self._rt.tokenizer,
@@ -241,6 +254,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise FailedPrecondition("named caches need prefix caching, which this server "
                                      "runs without (--no-prefix-caching)")
         owner = self._owner(context)
+        check_display_name(request.display_name)
         turns, system = await asyncio.to_thread(conversation, request, rt.media.owned_by(owner))
         try:
             ids = await asyncio.to_thread(prompt_lib.render_prefix, turns, system,
@@ -251,9 +265,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise InvalidArgument(
                 f"contents: {len(ids)} tokens; the model's context is "
                 f"{rt.limits.context_length} tokens, leaving no room for a question")
-        expire_time = caches_lib.expiry(
-            request.ttl if request.HasField("ttl") else None,
-            request.expire_time if request.HasField("expire_time") else None)
+        expire_time = self._expiry(request)
+        held = self.caches.list(owner)
+        kv = rt.engine_loop.stats().kv
+        self._quotas.check_caches(len(held), sum(e.pinned_tokens for e in held), len(ids),
+                                  kv.allocatable * kv.block_size)
         rows = await rt.embedder.embed_all(media_of(turns))
         name = caches_lib.new_name()
         work = GenerationRequest(request_id=name, prompt_ids=tuple(ids),
@@ -270,16 +286,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     # this: a cancel cannot strand the pages.
                     entry = caches_lib.CacheRegistry.entry(
                         name, request.display_name, turns, system, ids, rows, event.pinned_tokens,
-                        max(expire_time, caches_lib.expiry(
-                            request.ttl if request.HasField("ttl") else None,
-                            request.expire_time if request.HasField("expire_time") else None)),
-                        owner=owner)
+                        max(expire_time, self._expiry(request)), owner=owner)
                     self.caches.add(entry)
         finally:
             if entry is None:
                 stream.cancel()
                 self._unpin(name)  # in case the pages were pinned as the call went away
         return entry.to_proto()
+
+    def _expiry(self, request, default=caches_lib.DEFAULT_TTL):
+        """The expiry a Create/UpdateCache asks for, within this server's maximum TTL."""
+        return caches_lib.expiry(
+            request.ttl if request.HasField("ttl") else None,
+            request.expire_time if request.HasField("expire_time") else None,
+            default=default, max_ttl=self._quotas.max_cache_ttl)
 
     @_rpc
     async def GetCache(self, request: pb.GetCacheRequest, context):
@@ -295,9 +315,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @_rpc
     async def UpdateCache(self, request: pb.UpdateCacheRequest, context):
         entry = await self.caches.get(request.name, self._owner(context))
-        self.caches.touch(entry, caches_lib.expiry(
-            request.ttl if request.HasField("ttl") else None,
-            request.expire_time if request.HasField("expire_time") else None, default=None))
+        self.caches.touch(entry, self._expiry(request, default=None))
         return entry.to_proto()
 
     @_rpc
@@ -320,6 +338,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if modality is None:
             raise InvalidArgument(f"UploadMedia: header.mime_type {header.mime_type!r} is not a "
                                   "supported image, audio or video type")
+        owner = self._owner(context)
+        check_display_name(header.display_name, "UploadMedia: header.display_name")
+        held = rt.media_store.list(owner)
+        self._quotas.check_uploads(len(held), sum(m.size_bytes for m in held), header.size_bytes)
         upload = rt.media_store.begin(header.mime_type, header.size_bytes, header.sha256)
         stored = None
         try:
@@ -337,8 +359,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise ResourceExhausted(f"UploadMedia: {error}") from None
             except MediaError as error:
                 raise InvalidArgument(f"UploadMedia: {error}") from None
-            stored = rt.media_store.commit(upload, sha, header.display_name, tokens,
-                                           self._owner(context))
+            stored = rt.media_store.commit(upload, sha, header.display_name, tokens, owner)
         finally:
             if stored is None:
                 rt.media_store.abandon(upload)

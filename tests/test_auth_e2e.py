@@ -280,3 +280,59 @@ def test_list_calls_are_paginated(tls_server, pki):
         finally:
             for name in made:
                 client.delete_cache(name)
+
+
+@pytest.fixture(scope="module")
+def limited_server(random_default_dir, keys_file):
+    """Keys, plaintext, and small per-key limits."""
+    server = ServerProcess("--model", str(random_default_dir), "--max-batch", "2", "--no-warmup",
+                           "--api-keys", str(keys_file), "--kv-cache-gib", "0.05",
+                           "--max-caches-per-key", "2", "--max-streams-per-key", "1",
+                           "--max-uploads-per-key", "1", "--max-cache-ttl-hours", "1",
+                           "--max-pinned-fraction-per-key", "0.02")
+    yield server
+    server.terminate()
+
+
+def test_per_key_limits(limited_server):
+    import _media
+
+    with ringserve.Client(limited_server.target, api_key=KEY_A, timeout=60) as a, \
+            ringserve.Client(limited_server.target, api_key=KEY_B, timeout=60) as b:
+        stats = a.stats()
+        allowed = int(0.02 * stats.kv_pages_total * stats.kv_page_tokens)
+        made = [a.create_cache(f"Short note {i}.", ttl=600) for i in range(2)]
+        with pytest.raises(ringserve.ResourceExhausted, match="caches per key.*max-caches"):
+            a.create_cache("One too many.", ttl=600)
+        other = b.create_cache("B's own note.", ttl=600)  # limits are per key
+        long_text = "the river bends past the mill " * (allowed // 4 + 8)
+        assert b.count_tokens(long_text) > allowed
+        with pytest.raises(ringserve.ResourceExhausted, match="pinned tokens per key"):
+            b.create_cache(long_text, ttl=600)
+        with pytest.raises(ringserve.InvalidArgument, match="maximum TTL is 3600 s .--max-cache-ttl-hours"):
+            b.create_cache("Too long lived.", ttl=7200)
+        with pytest.raises(ringserve.InvalidArgument, match="display_name: 600 characters"):
+            b.create_cache("Named.", ttl=60, display_name="x" * 600)
+        for cache in (*made, other):
+            (a if cache in made else b).delete_cache(cache)
+
+        upload = a.upload_media(_media.png(seed=1), "image/png")
+        with pytest.raises(ringserve.ResourceExhausted, match="uploads per key"):
+            a.upload_media(_media.png(seed=2), "image/png")
+        a.delete_media(upload)
+
+        # One open stream per key: A's second waits its turn, B is not affected.
+        stream = a.generate("Tell me a long story.", max_output_tokens=4000, ignore_eos=True)
+        next(stream)
+        with pytest.raises(ringserve.ResourceExhausted, match="concurrent streams per key"):
+            a.generate_text("hi", max_output_tokens=1)
+        assert len(b.generate_text("hi", max_output_tokens=2, ignore_eos=True).token_ids) == 2
+        stream.close()
+        deadline = time.monotonic() + 60  # the server sees the cancel a moment later
+        while True:
+            try:
+                assert a.generate_text("hi", max_output_tokens=1, ignore_eos=True).token_ids
+                break
+            except ringserve.ResourceExhausted:
+                assert time.monotonic() < deadline, "the closed stream still counts"
+                time.sleep(0.05)
