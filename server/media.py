@@ -32,7 +32,7 @@ import logging
 import math
 import multiprocessing
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -150,15 +150,24 @@ def timestamp(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-@dataclasses.dataclass(frozen=True)
-class OwnedResolver:
-    """A MediaResolver for one caller (`MediaParts` for server/validation.py)."""
+class RequestMedia:
+    """A MediaResolver for one request (`MediaParts` for server/validation.py): file_data names
+    only its owner's uploads, and the inline media it spools stay on disk until `release`."""
 
-    resolver: MediaResolver
-    owner: str
+    def __init__(self, resolver: MediaResolver, owner: str):
+        self.resolver, self.owner = resolver, owner
+        self._spooled: list[Path] = []
+        self._lock = threading.Lock()  # resolve runs in worker threads
 
     def resolve(self, part, field: str) -> MediaTokens:
-        return self.resolver.resolve(part, field, self.owner)
+        return self.resolver.resolve(part, field, self.owner, self._spooled.append)
+
+    def release(self) -> None:
+        """The request is over: its spooled files may go."""
+        with self._lock:
+            spooled, self._spooled = self._spooled, []
+        for path in spooled:
+            self.resolver.store.release(path)
 
 
 class MediaResolver:
@@ -185,14 +194,24 @@ class MediaResolver:
             found.append(VIDEO)
         return tuple(found)
 
-    def owned_by(self, owner: str) -> OwnedResolver:
-        """This resolver as `owner` sees it: file_data names only `owner`'s uploads."""
-        return OwnedResolver(self, owner)
+    def for_request(self, owner: str) -> RequestMedia:
+        """This resolver for one request of `owner`; `release()` it when the request ends."""
+        return RequestMedia(self, owner)
 
-    def resolve(self, part, field: str, owner: str = "") -> MediaTokens:
+    def resolve(self, part, field: str, owner: str = "",
+                spooled: Callable[[Path], None] | None = None) -> MediaTokens:
         """A Part with inline_data or file_data (`owner`'s upload) -> its layout (probing; no
-        decoding)."""
-        source = self._source(part, field, owner)
+        decoding). Inline video is spooled to disk; `spooled(path)` takes the lease, which the
+        caller releases when done with the media; without it the file goes after the probe."""
+        leases: list[Path] = []
+        try:
+            source = self._source(part, field, owner, spooled or leases.append)
+            return self._layout_or_error(source)
+        finally:
+            for path in leases:
+                self.store.release(path)
+
+    def _layout_or_error(self, source: MediaSource) -> MediaTokens:
         try:
             return self._layout(source)
         except MediaTooLarge as error:
@@ -206,7 +225,8 @@ class MediaResolver:
 
     # ----- reading a part -----
 
-    def _source(self, part, field: str, owner: str) -> MediaSource:
+    def _source(self, part, field: str, owner: str,
+                spooled: Callable[[Path], None]) -> MediaSource:
         kind = part.WhichOneof("data")
         if kind == "inline_data":
             blob = part.inline_data
@@ -249,16 +269,9 @@ class MediaResolver:
         if modality == VIDEO and path is None:
             # ffmpeg seeks in files (an mp4's index may sit at its end): spool the encoded bytes
             # once, content-addressed. Decoded frames never touch the disk.
-            path = self._spool(data, sha)
+            path = self.store.spool(data, sha, where)
+            spooled(path)
         return MediaSource(modality, mime, sha, data=data, path=path, video=video, field=where)
-
-    def _spool(self, data: bytes, sha: str) -> Path:
-        path = self.store.directory / f"inline-{sha}"
-        if not path.exists():
-            tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-        return path
 
     # ----- layouts -----
 

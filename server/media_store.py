@@ -98,6 +98,9 @@ class MediaStore:
         self.budget_bytes, self.max_bytes, self.ttl = budget_bytes, max_bytes, ttl
         self._media: dict[str, StoredMedia] = {}
         self._reserved = 0  # bytes of uploads in progress
+        # Inline media spooled for ffmpeg, by sha256: [path, bytes, requests using it]. They
+        # count against the budget and go when their last request ends.
+        self._spools: dict[str, list] = {}
         self._lock = threading.Lock()
 
     def begin(self, mime_type: str, size_bytes: int, sha256: str) -> Upload:
@@ -173,8 +176,52 @@ class MediaStore:
         if self._owned:
             shutil.rmtree(self.directory, ignore_errors=True)
 
+    def spool(self, data: bytes, sha256: str, field: str) -> Path:
+        """Inline bytes on disk (for ffmpeg, which seeks), shared by requests with the same
+        content; each call holds the file until its `release`. RESOURCE_EXHAUSTED when the
+        store's budget has no room."""
+        with self._lock:
+            held = self._spools.get(sha256)
+            if held is not None:
+                held[2] += 1
+                return held[0]
+            if self._used_locked() + len(data) > self.budget_bytes:
+                raise ResourceExhausted(
+                    f"{field}: {len(data)} bytes to spool, and the media store is full "
+                    f"({self._used_locked()} of {self.budget_bytes} bytes in use); send it later "
+                    "or upload it")
+            path = self.directory / f"inline-{sha256}"
+            self._spools[sha256] = [path, len(data), 1]
+        try:
+            tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        except BaseException:
+            self.release(path)
+            raise
+        return path
+
+    def release(self, path: Path) -> None:
+        """One request is done with a spooled file; the last one deletes it."""
+        sha256 = path.name.removeprefix("inline-")
+        with self._lock:
+            held = self._spools.get(sha256)
+            if held is None:
+                return
+            held[2] -= 1
+            if held[2]:
+                return
+            del self._spools[sha256]
+        path.unlink(missing_ok=True)
+
+    @property
+    def spooled_bytes(self) -> int:
+        with self._lock:
+            return sum(size for _, size, _ in self._spools.values())
+
     def _used_locked(self) -> int:
-        return self._reserved + sum(m.size_bytes for m in self._media.values())
+        return (self._reserved + sum(m.size_bytes for m in self._media.values())
+                + sum(size for _, size, _ in self._spools.values()))
 
     def _expire_locked(self) -> None:
         now = _now()

@@ -22,7 +22,7 @@ class Quotas:
     max_cache_ttl: datetime.timedelta = datetime.timedelta(days=30)
     uploads_per_key: int = 1000
     upload_bytes_per_key: int = 10 << 30
-    streams_per_key: int = 64  # concurrent Generate calls
+    streams_per_key: int = 64  # concurrent Generate calls (with API keys only)
 
     def __post_init__(self):
         for name in ("caches_per_key", "uploads_per_key", "upload_bytes_per_key",
@@ -69,13 +69,13 @@ def check_display_name(name: str, field: str = "display_name") -> None:
 class StreamCounter:
     """Concurrent Generate calls per key (event-loop side only)."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int | None):
+        self.limit = limit  # None: no limit
         self._open: collections.Counter[str] = collections.Counter()
 
     @contextlib.contextmanager
     def hold(self, owner: str) -> Iterator[None]:
-        if self._open[owner] >= self.limit:
+        if self.limit is not None and self._open[owner] >= self.limit:
             raise ResourceExhausted(f"concurrent streams per key: this key has {self._open[owner]}"
                                     f" open, the limit (--max-streams-per-key); retry when one "
                                     "ends")

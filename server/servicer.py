@@ -94,7 +94,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._rt = runtime
         self._keys = keys
         self._quotas = quotas
-        self._streams = StreamCounter(quotas.streams_per_key)
+        # Without keys every caller is one owner: the engine's own queue limit (--max-waiting)
+        # bounds streams then, not a per-key share.
+        self._streams = StreamCounter(quotas.streams_per_key if keys is not None else None)
         self.caches = caches_lib.CacheRegistry(unpin=self._unpin)
 
     def _owner(self, context) -> str:
@@ -124,17 +126,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         owner = self._owner(context)
         # aclosing: a cancelled call closes the inner stream now (freeing its slot), not when
         # the garbage collector finds it.
-        with self._streams.hold(owner):
-            async with contextlib.aclosing(self._generate(request, owner, received)) as responses:
+        with self._streams.hold(owner), self._request_media(owner) as parts:
+            async with contextlib.aclosing(self._generate(request, owner, received,
+                                                          parts)) as responses:
                 async for response in responses:
                     yield response
 
-    async def _generate(self, request: pb.GenerateRequest, owner: str, received: float):
+    @contextlib.contextmanager
+    def _request_media(self, owner: str):
+        """The request's view of media parts; inline media it spooled go when it ends."""
+        parts = self._rt.media.for_request(owner)
+        try:
+            yield parts
+        finally:
+            parts.release()
+
+    async def _generate(self, request: pb.GenerateRequest, owner: str, received: float,
+                        parts: media_lib.RequestMedia):
         # Tokenising a long prompt is CPU work: keep it off the event loop.
         cache = await self._cache(request, owner)
         work, media = await asyncio.to_thread(validate_generate, request, self._rt.tokenizer,
-                                              self._rt.limits, cache,
-                                              self._rt.media.owned_by(owner))
+                                              self._rt.limits, cache, parts)
         decoding = None
         if media:
             work, decoding = self._start_media(work, media, cache)
@@ -196,8 +208,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def CountTokens(self, request: pb.CountTokensRequest, context):
         owner = self._owner(context)
         cache = await self._cache(request, owner)
-        ids, media = await asyncio.to_thread(render_prompt, request, self._rt.tokenizer, cache,
-                                             self._rt.media.owned_by(owner))
+        with self._request_media(owner) as parts:
+            ids, media = await asyncio.to_thread(render_prompt, request, self._rt.tokenizer,
+                                                 cache, parts)
         return pb.CountTokensResponse(
             total_tokens=len(ids),
             cached_content_token_count=len(cache.token_ids) if cache else 0,
@@ -249,13 +262,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @_rpc
     async def CreateCache(self, request: pb.CreateCacheRequest, context):
+        owner = self._owner(context)
+        with self._request_media(owner) as parts:
+            return await self._create_cache(request, owner, parts)
+
+    async def _create_cache(self, request: pb.CreateCacheRequest, owner: str,
+                            parts: media_lib.RequestMedia) -> pb.CachedContent:
         rt = self._rt
         if not rt.prefix_caching:
             raise FailedPrecondition("named caches need prefix caching, which this server "
                                      "runs without (--no-prefix-caching)")
-        owner = self._owner(context)
         check_display_name(request.display_name)
-        turns, system = await asyncio.to_thread(conversation, request, rt.media.owned_by(owner))
+        turns, system = await asyncio.to_thread(conversation, request, parts)
         try:
             ids = await asyncio.to_thread(prompt_lib.render_prefix, turns, system,
                                           rt.tokenizer)

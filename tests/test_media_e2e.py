@@ -150,8 +150,8 @@ def test_media_reach_the_model(stub, clip, tmp_path, random_default_dir):
     config, model = checkpoint.load(directory)
     tokenizer = Tokenizer(directory / presets.TOKENIZER_FILE)
     store = MediaStore(tmp_path / "store")
-    ids, media = render_prompt(request, tokenizer, None,
-                               MediaResolver(config, tokenizer, store))
+    parts = MediaResolver(config, tokenizer, store).for_request("")  # holds the spooled video
+    ids, media = render_prompt(request, tokenizer, None, parts)
     embedder = MediaEmbedder(MediaEncoder(config, model))
     try:
         rows = asyncio.run(embedder.embed_all(media))

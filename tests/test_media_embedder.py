@@ -154,3 +154,30 @@ def test_absurd_video_offsets_are_invalid_argument(parts, tmp_path, metadata, fi
     with pytest.raises(InvalidArgument, match=field):
         MediaResolver(config, tokenizer, store).resolve(
             part(clip.read_bytes(), "video/mp4", video_metadata=pb.VideoMetadata(**metadata)), "p")
+
+
+def test_inline_video_spool_lives_as_long_as_its_requests(parts, tmp_path):
+    """Inline video is spooled for ffmpeg, counted against the store's budget, shared by
+    requests with the same bytes, and deleted when the last of them ends."""
+    config, _, tokenizer, _ = parts
+    store = MediaStore(tmp_path / "store")
+    resolver = MediaResolver(config, tokenizer, store)
+    clip = part(_media.video(tmp_path / "clip.mp4", 2, fps=2).read_bytes(), "video/mp4")
+    size = len(clip.inline_data.data)
+
+    probe_only = resolver.resolve(clip, "p")  # no request holds it: gone after the probe
+    assert not probe_only.source.path.exists() and store.spooled_bytes == 0
+
+    first, second = resolver.for_request(""), resolver.for_request("")
+    path = first.resolve(clip, "p").source.path
+    assert second.resolve(clip, "q").source.path == path and path.exists()
+    assert store.spooled_bytes == size
+    first.release()
+    assert path.exists()  # the second request still reads it
+    second.release()
+    assert not path.exists() and store.spooled_bytes == 0
+
+    tight = MediaStore(tmp_path / "tight", budget_bytes=size - 1)
+    with pytest.raises(ResourceExhausted, match=r"p.inline_data: \d+ bytes to spool.*store is full"):
+        MediaResolver(config, tokenizer, tight).for_request("").resolve(clip, "p")
+    assert list((tmp_path / "tight").iterdir()) == []
