@@ -98,6 +98,8 @@ def parser() -> argparse.ArgumentParser:
                         default=Quotas.upload_bytes_per_key / 2**30)
     limits.add_argument("--max-streams-per-key", type=int, default=Quotas.streams_per_key,
                         help="concurrent Generate calls")
+    limits.add_argument("--upload-idle-seconds", type=float, default=Quotas.upload_idle_seconds,
+                        help="an open upload that sends nothing this long is dropped")
     p.add_argument("--log-level", default="INFO")
     group = p.add_argument_group(
         "several processes (one per host)",
@@ -158,7 +160,8 @@ def _quotas(args: argparse.Namespace) -> Quotas:
                   max_cache_ttl=datetime.timedelta(hours=args.max_cache_ttl_hours),
                   uploads_per_key=args.max_uploads_per_key,
                   upload_bytes_per_key=int(args.max_upload_gib_per_key * 2**30),
-                  streams_per_key=args.max_streams_per_key)
+                  streams_per_key=args.max_streams_per_key,
+                  upload_idle_seconds=args.upload_idle_seconds)
 
 
 def _serve(options: RuntimeOptions, args: argparse.Namespace) -> int:

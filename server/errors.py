@@ -38,6 +38,12 @@ class ResourceExhausted(RequestError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceeded(RequestError):
+    """A client stopped sending before the server's deadline for the call."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Unavailable(RequestError):
     """The server is shutting down or its engine has stopped."""
 

@@ -23,6 +23,7 @@ class Quotas:
     uploads_per_key: int = 1000
     upload_bytes_per_key: int = 10 << 30
     streams_per_key: int = 64  # concurrent Generate calls (with API keys only)
+    upload_idle_seconds: float = 60.0  # an open upload that sends nothing this long is dropped
 
     def __post_init__(self):
         for name in ("caches_per_key", "uploads_per_key", "upload_bytes_per_key",
@@ -32,6 +33,8 @@ class Quotas:
         if not 0 < self.pinned_fraction_per_key <= 1:
             raise ValueError(f"pinned_fraction_per_key={self.pinned_fraction_per_key}: use a "
                              "fraction in (0, 1]")
+        if not self.upload_idle_seconds > 0:
+            raise ValueError(f"upload_idle_seconds={self.upload_idle_seconds}: must be > 0")
         if self.max_cache_ttl <= datetime.timedelta(0):
             raise ValueError("max_cache_ttl must be positive")
 

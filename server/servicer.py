@@ -25,8 +25,8 @@ from server import media as media_lib
 from server import pagination
 from server.auth import KeyRing, presented_key
 from server.quotas import Quotas, StreamCounter, check_display_name
-from server.errors import (FailedPrecondition, InvalidArgument, RequestError, ResourceExhausted,
-                           abort)
+from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, RequestError,
+                           ResourceExhausted, abort)
 from server.media_rows import PromptReadiness
 from server.runtime import Runtime
 from server.validation import (GenerationRequest, conversation, media_of, render_prompt,
@@ -363,7 +363,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         upload = rt.media_store.begin(header.mime_type, header.size_bytes, header.sha256)
         stored = None
         try:
-            async for message in stream:
+            idle = self._quotas.upload_idle_seconds
+            while True:
+                try:  # a stalled uploader must not hold its reserved bytes forever
+                    message = await asyncio.wait_for(anext(stream, None), idle)
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(
+                        f"UploadMedia: no data for {idle:g} s (--upload-idle-seconds); the "
+                        "upload was dropped") from None
+                if message is None:
+                    break
                 if message.WhichOneof("payload") != "chunk":
                     raise InvalidArgument("UploadMedia: only the first message may be a header")
                 upload.write(message.chunk)

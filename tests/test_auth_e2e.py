@@ -289,7 +289,8 @@ def limited_server(random_default_dir, keys_file):
                            "--api-keys", str(keys_file), "--kv-cache-gib", "0.05",
                            "--max-caches-per-key", "2", "--max-streams-per-key", "1",
                            "--max-uploads-per-key", "1", "--max-cache-ttl-hours", "1",
-                           "--max-pinned-fraction-per-key", "0.02")
+                           "--max-pinned-fraction-per-key", "0.02", "--upload-idle-seconds", "1",
+                           "--media-store-gib", "0.001")
     yield server
     server.terminate()
 
@@ -336,3 +337,31 @@ def test_per_key_limits(limited_server):
             except ringserve.ResourceExhausted:
                 assert time.monotonic() < deadline, "the closed stream still counts"
                 time.sleep(0.05)
+
+
+def test_a_stalled_upload_is_dropped_and_frees_its_bytes(limited_server):
+    """An upload that sends its header and then nothing holds its reserved bytes only until
+    --upload-idle-seconds passes."""
+    import threading
+
+    import _media
+
+    done = threading.Event()
+
+    def stalled():
+        yield pb.UploadMediaRequest(header=pb.MediaHeader(
+            mime_type="image/png", size_bytes=1_070_000))  # nearly the whole 1 MiB store
+        done.wait(120)  # sends nothing more until the call is over
+
+    with grpc.insecure_channel(limited_server.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.UploadMedia(stalled(), metadata=(("x-goog-api-key", KEY_B),), timeout=120)
+        finally:
+            done.set()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no data for 1 s" in err.value.details()
+    with ringserve.Client(limited_server.target, api_key=KEY_B, timeout=60) as client:
+        upload = client.upload_media(_media.png(seed=3), "image/png")  # the bytes are free again
+        client.delete_media(upload)
