@@ -30,6 +30,17 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from serving import SERVERS, ServerProcess  # noqa: E402
 
 
+# Fixtures that start (or exist to start) a real server process: their tests are marked `e2e`,
+# so `-m "not e2e"` runs the in-process tests alone (README: the fast subset).
+_SERVER_FIXTURES = {"server_target", "trained_server_target", "random_default_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
