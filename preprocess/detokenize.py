@@ -7,19 +7,21 @@ the ids of the last emitted chunk (context) plus the ids not yet emitted (pendin
 window's text minus the context's text. Both decodes see the same first piece, so the leading-space
 rule cancels out, and the window holds a handful of ids, so each step costs O(1).
 
-Pending ids are held while they end in an unfinished UTF-8 sequence (a lead byte still missing
-continuation bytes), which is the only case where a later id can change text already decoded.
+Pending ids are held while the tokenizer says their text may still change (`incomplete`): they end
+in an unfinished UTF-8 sequence (sentencepiece byte pieces, byte-level BPE pieces), or, for
+tokenizers that decode a run of byte pieces as one, inside such a run. That is the only case where
+a later id can change text already decoded, so emitting at any other point is final.
 """
 
 from __future__ import annotations
 
-from preprocess.tokenizer import Tokenizer
+from preprocess.tokenizer_protocol import TextTokenizer
 
 
 class IncrementalDetokenizer:
     """`"".join(push(i) for i in ids) + flush() == tokenizer.decode(ids)`, one call per id."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: TextTokenizer):
         self._tokenizer = tokenizer
         self._context: list[int] = []  # ids of the last emitted chunk
         self._context_text = ""  # tokenizer.decode(self._context)
@@ -34,7 +36,7 @@ class IncrementalDetokenizer:
         if token_id in self._tokenizer.special_ids:
             return ""  # decode() drops these too, so a byte sequence may run across them
         self._pending.append(token_id)
-        if self._ends_unfinished():
+        if self._tokenizer.incomplete(self._pending):
             return ""
         return self._emit()
 
@@ -48,24 +50,3 @@ class IncrementalDetokenizer:
         self._context, self._pending = self._pending, []
         self._context_text = self._tokenizer.decode(self._context)
         return text
-
-    def _ends_unfinished(self) -> bool:
-        """Whether the pending ids end in a lead byte with fewer continuation bytes than it needs.
-
-        Lenient on purpose: invalid sequences (overlong, F8-FF leads) are held too, as if a longer
-        character might follow. Holding is always safe; it is emitting early that could be wrong.
-        """
-        byte_values = self._tokenizer.byte_values
-        continuations = 0
-        for token_id in reversed(self._pending[-4:]):
-            byte = byte_values.get(token_id)
-            if byte is None or byte < 0x80:  # a text piece or ASCII byte ends any sequence
-                return False
-            if byte < 0xC0:  # a continuation byte: look further back for its lead
-                continuations += 1
-                if continuations == 3:
-                    return False  # nothing longer than 4 bytes is waiting for more
-                continue
-            needed = 1 if byte < 0xE0 else 2 if byte < 0xF0 else 3
-            return continuations < needed
-        return False

@@ -21,7 +21,9 @@ from model.media_encoder import MediaEncoder
 from model.paged_engine import PagedEngine
 from model.sharding import MeshShape, make_mesh
 from preprocess import prompt as prompt_lib
+from preprocess import tokenizer as tokenizer_lib
 from preprocess.tokenizer import Tokenizer
+from preprocess.tokenizer_protocol import TextTokenizer
 from server.distributed import MirroredEngine, StepLeader
 from server.engine_loop import EngineLoop
 from server.replicas import Replicas, replica_metrics
@@ -93,12 +95,15 @@ def resolve_model_dir(model: str) -> pathlib.Path:
     return path
 
 
-def load_tokenizer(model_dir: pathlib.Path, override: str | None) -> Tokenizer:
-    path = pathlib.Path(override) if override else model_dir / "tokenizer.model"
-    if not path.is_file():
-        raise ValueError(f"no tokenizer at {path}: put a sentencepiece tokenizer.model in the "
-                         "checkpoint directory or pass --tokenizer")
-    return Tokenizer(str(path))
+def load_tokenizer(model_dir: pathlib.Path, override: str | None) -> TextTokenizer:
+    """`override` (a tokenizer file or directory) when given, else the checkpoint's: tokenizer.json
+    when it has one (as transformers prefers), else tokenizer.model. The chat template and eos ids
+    come from the files beside the tokenizer."""
+    try:
+        return tokenizer_lib.load(pathlib.Path(override) if override else model_dir)
+    except FileNotFoundError as error:
+        raise ValueError(f"{error}: put a tokenizer.json or sentencepiece tokenizer.model in the "
+                         "checkpoint directory or pass --tokenizer") from None
 
 
 def kv_budget_bytes(options: RuntimeOptions) -> int:

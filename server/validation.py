@@ -136,7 +136,10 @@ def render_prompt(request, tokenizer: Tokenizer, cache: CachedPrefix | None = No
             raise InvalidArgument(
                 "system_instruction: not allowed with cached_content (the cache holds its own)")
         turns, system = [*cache.turns, *turns], cache.system
-    ids = prompt_lib.render(turns, system, tokenizer)
+    try:
+        ids = prompt_lib.render(turns, system, tokenizer)
+    except ValueError as error:  # the checkpoint's template refused these turns (e.g. order)
+        raise InvalidArgument(f"contents: {error}") from None
     if cache is not None and tuple(ids[:len(cache.token_ids)]) != cache.token_ids:
         raise InvalidArgument(f"cached_content: {cache.name} is not a prefix of this prompt")
     return ids, media_of(turns)
