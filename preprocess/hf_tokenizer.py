@@ -25,7 +25,8 @@ from pathlib import Path
 import tokenizers
 
 from preprocess.hub_files import TokenizerFiles
-from preprocess.tokenizer_protocol import SpecialToken, alternation, ends_inside_character
+from preprocess.tokenizer_protocol import (SpecialToken, alternation, ends_inside_character,
+                                           text_ids)
 
 FILE = "tokenizer.json"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -92,14 +93,8 @@ class HFTokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        kept: list[int] = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
-            if i not in self.special_ids:
-                kept.append(i)
-        return self._tk.decode(kept, skip_special_tokens=False)
+        return self._tk.decode(text_ids(ids, self.vocab_size, self.special_ids),
+                               skip_special_tokens=False)
 
     def incomplete(self, ids: Sequence[int]) -> bool:
         ids = [i for i in ids[-8:] if i not in self.special_ids]

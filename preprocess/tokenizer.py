@@ -18,7 +18,7 @@ import sentencepiece as spm
 from preprocess import hf_tokenizer
 from preprocess.hub_files import TokenizerFiles
 from preprocess.tokenizer_protocol import (SpecialToken, TextTokenizer, alternation,
-                                           ends_inside_character)
+                                           ends_inside_character, text_ids)
 
 # Pieces after <pad> <s> </s> <unk> (ids 0-3) in ringserve.model, at ids 4, 5, ... in this order.
 # Appending is safe; reordering or removing changes ids and needs a retrained model.
@@ -118,14 +118,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, special ids dropped (they stand for structure, not text)."""
-        kept: list[int] = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
-            if i not in self.special_ids:
-                kept.append(i)
-        return self._sp.decode(kept)
+        return self._sp.decode(text_ids(ids, self.vocab_size, self.special_ids))
 
     def incomplete(self, ids: Sequence[int]) -> bool:
         """Whether `ids` end in byte-fallback pieces that spell part of a character."""

@@ -59,6 +59,19 @@ class TextTokenizer(Protocol):
         ...
 
 
+def text_ids(ids: Iterable[int], vocab_size: int, special_ids: frozenset[int]) -> list[int]:
+    """`ids` without the special ones (they stand for structure, not text), each checked to be
+    in the vocabulary: what both tokenizers' `decode` turns into text."""
+    kept: list[int] = []
+    for i in ids:
+        i = int(i)
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary (size {vocab_size})")
+        if i not in special_ids:
+            kept.append(i)
+    return kept
+
+
 def ends_inside_character(tail: bytes) -> bool:
     """Whether UTF-8 `tail` ends in a lead byte with fewer continuation bytes than it needs.
 
