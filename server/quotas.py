@@ -39,14 +39,15 @@ class Quotas:
             raise ValueError("max_cache_ttl must be positive")
 
     def check_caches(self, held: int, pinned_tokens: int, new_tokens: int,
-                     pool_tokens: int) -> None:
-        """Before a key creates a cache: it holds `held` caches pinning `pinned_tokens`."""
+                     pool_tokens: int, share_pool: bool = True) -> None:
+        """Before a key creates a cache: it holds `held` caches pinning `pinned_tokens`.
+        `share_pool` False: the key may pin any share of the pool (a server without keys)."""
         if held >= self.caches_per_key:
             raise ResourceExhausted(
                 f"caches per key: this key holds {held}, the limit "
                 f"(--max-caches-per-key); delete one first")
         allowed = int(self.pinned_fraction_per_key * pool_tokens)
-        if pinned_tokens + new_tokens > allowed:
+        if share_pool and pinned_tokens + new_tokens > allowed:
             raise ResourceExhausted(
                 f"pinned tokens per key: this key's caches pin {pinned_tokens} tokens and this "
                 f"one needs {new_tokens}, over {allowed} ({self.pinned_fraction_per_key:g} of the "

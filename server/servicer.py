@@ -286,8 +286,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         expire_time = self._expiry(request)
         held = self.caches.list(owner)
         kv = rt.engine_loop.stats().kv
+        # Without keys all callers are one owner, who may pin the whole pool (as before keys).
         self._quotas.check_caches(len(held), sum(e.pinned_tokens for e in held), len(ids),
-                                  kv.allocatable * kv.block_size)
+                                  kv.allocatable * kv.block_size,
+                                  share_pool=self._keys is not None)
         rows = await rt.embedder.embed_all(media_of(turns))
         name = caches_lib.new_name()
         work = GenerationRequest(request_id=name, prompt_ids=tuple(ids),

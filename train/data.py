@@ -172,6 +172,7 @@ class _CountingTokenizer:
     def __init__(self, tokenizer: Tokenizer, count: Callable[[str], int]):
         self.bos_id = tokenizer.bos_id
         self.token_id = tokenizer.token_id
+        self.chat_template = tokenizer.chat_template  # None: ringserve's built-in template
         self._count = count
 
     def encode(self, text: str) -> list[int]:
