@@ -6,6 +6,10 @@ stride 2, pad 1) + GELU, plus sinusoidal positions (stored as a parameter, like 
 embed_positions), pre-LayerNorm blocks (k_proj without bias), a final LayerNorm. GELUs are the exact
 (erf) form. The projector average-pools `pool` positions into one token, then RMSNorm with (1 + w)
 and a linear map W -> D without bias, as the image projector does.
+Qwen2-Audio (model/qwen2_audio.py) differs in three settings of AudioConfig: the pool sits in the
+tower, before its final LayerNorm (pool_site='tower'); the projector is one Linear with a bias
+(projector='linear_bias'); and keys of padded frames are masked (mask_padding, with each window's
+valid frame count passed in).
 
 Letters beyond the shared alphabet: M mel bins, A mel frames per window, T encoder positions
 (A // 2), W encoder width. Convolutions are written as shifted windows and one einsum each.
@@ -20,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.config import AudioConfig
+from model.config import AUDIO_CONV_STRIDE, AudioConfig
 from model.layers import normal_param
-from model.vision import EncoderBlock, LayerNorm, PooledProjector, replicated
+from model.vision import Dense, EncoderBlock, LayerNorm, PooledProjector, replicated
 
 _ModuleList = getattr(nnx, 'List', list)
 KERNEL = 3  # both convolutions
@@ -52,8 +56,17 @@ def conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int) -> jax
     return jnp.einsum('BTkC,kCW->BTW', taps, kernel) + bias  # taps: [B, T, 3, C]
 
 
+def average_pool(x: jax.Array, pool: int) -> jax.Array:
+    """[B, T, W] -> [B, T // pool, W]: the mean of each run of `pool` positions, in float32
+    (torch's AvgPool1d(pool, stride=pool), which drops a last partial run)."""
+    b, t, w = x.shape
+    runs = x[:, :t // pool * pool].astype(jnp.float32).reshape(b, t // pool, pool, w)
+    return jnp.mean(runs, axis=2).astype(x.dtype)
+
+
 class AudioTower(nnx.Module):
-    """Whisper encoder: log-mel f32[B, M, A] (channels first, as Whisper's features) -> [B, T, W]."""
+    """Whisper encoder: log-mel f32[B, M, A] (channels first, as Whisper's features) -> [B, T, W],
+    or [B, T // pool, W] with pool_site='tower'."""
 
     def __init__(self, cfg: AudioConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -70,14 +83,23 @@ class AudioTower(nnx.Module):
         ])
         self.final_norm = LayerNorm(w, eps=cfg.norm_eps, dtype=dtype)
 
-    def __call__(self, mel: jax.Array) -> jax.Array:
+    def __call__(self, mel: jax.Array, valid_frames: jax.Array | None = None) -> jax.Array:
+        """valid_frames (i32[B], mask_padding configs only): each window's frames holding audio;
+        keys at encoder positions from cfg.encoder_positions(valid_frames) on are masked."""
         kernel = self.conv1_kernel[...]
         x = mel.astype(kernel.dtype).transpose(0, 2, 1)  # [B, A, M]
         x = gelu_exact(conv1d(x, kernel, self.conv1_bias[...], stride=1))  # [B, A, W]
         x = gelu_exact(conv1d(x, self.conv2_kernel[...], self.conv2_bias[...], stride=2))  # [B, T, W]
         x = x + self.positions[...]
+        mask = None
+        if valid_frames is not None:
+            audible = (jnp.asarray(valid_frames) - 1) // AUDIO_CONV_STRIDE + 1  # i32[B], encoder_positions
+            mask = (jnp.arange(x.shape[1])[None, :] < audible[:, None])[:, None, :]  # bool[B, 1, T]: keys
+            mask = jnp.broadcast_to(mask, (x.shape[0], x.shape[1], x.shape[1]))  # [B, T, T]
         for block in self.layers:
-            x = block(x)
+            x = block(x, mask)
+        if self.cfg.pool_site == 'tower':
+            x = average_pool(x, self.cfg.pool)  # [B, T // pool, W]
         return self.final_norm(x)
 
 
@@ -90,7 +112,23 @@ class AudioProjector(PooledProjector):
 
     def pool(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
+        if cfg.pool_site == 'tower':
+            return x  # the tower has pooled already
         return jnp.mean(x.reshape(x.shape[0], x.shape[1] // cfg.pool, cfg.pool, cfg.width), axis=2)
+
+
+class LinearProjector(nnx.Module):
+    """[B, T', W] -> [B, T', D] by one Linear with a bias (Qwen2-Audio's multi_modal_projector)."""
+
+    def __init__(self, cfg: AudioConfig, d_model: int, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.proj = Dense(cfg.width, d_model, bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj(x)
+
+
+_PROJECTORS = {'rmsnorm_linear': AudioProjector, 'linear_bias': LinearProjector}
 
 
 class AudioEncoder(nnx.Module):
@@ -101,14 +139,19 @@ class AudioEncoder(nnx.Module):
     def __init__(self, cfg: AudioConfig, d_model: int, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.tower = AudioTower(cfg, dtype=dtype, rngs=rngs)
-        self.projector = AudioProjector(cfg, d_model, dtype=dtype, rngs=rngs)
+        self.projector = _PROJECTORS[cfg.projector](cfg, d_model, dtype=dtype, rngs=rngs)
 
-    def __call__(self, mel: jax.Array) -> jax.Array:
+    def __call__(self, mel: jax.Array, valid_frames: jax.Array | None = None) -> jax.Array:
+        """valid_frames: i32[B] frames of each window holding audio, for mask_padding configs
+        (None: all of them); rows past cfg.valid_rows(valid_frames) are computed but not audio."""
         m, a = self.cfg.n_mels, self.cfg.window_frames
         if mel.ndim != 3 or tuple(mel.shape[1:]) != (m, a):
             raise ValueError(f'mel features have shape {tuple(mel.shape)}; the audio encoder takes [B, {m}, {a}] '
                              '(n_mels bins x window_frames frames at 100 frames/s; pad or split to that window).')
-        x = self.tower(mel)  # [B, T, W]
+        if valid_frames is not None and not self.cfg.mask_padding:
+            raise ValueError('valid_frames given to an audio encoder without mask_padding: its windows have no '
+                             'padding to mask.')
+        x = self.tower(mel, valid_frames)  # [B, T, W] ([B, T // pool, W] with pool_site='tower')
         if self.cfg.context_rows:
             edge = self.cfg.context_rows * self.cfg.pool
             x = x[:, edge:x.shape[1] - edge]

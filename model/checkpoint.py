@@ -11,6 +11,8 @@ Hugging Face SigLIP vision and Whisper encoder weights come in through siglip_vi
 whisper_encoder_params and assign_params (into model.vision.tower / model.audio.tower).
 A Gemma 3 multimodal directory (Gemma3ForConditionalGeneration) loads its decoder from the tensors
 under `hf_decoder_prefix` (its vision tower and projector tensors are not read by `load`).
+A Qwen2-Audio directory (Qwen2AudioForConditionalGeneration) loads its decoder the same way and
+its audio tower and projector into 'audio.' (`_qwen2_audio_sources`).
 
 Loading builds an abstract model (shapes only, no random init) and fills it one tensor at a time,
 so at most one parameter (with the few source tensors a fused one is built from) exists twice
@@ -125,7 +127,12 @@ def _load_hf(path: Path, dtype: str | None) -> tuple[ModelConfig, Transformer]:
         prefix = hf_decoder_prefix(tensors.names)
         # Gemma 3 multimodal directories as transformers saves them keep the head beside the decoder.
         lm_head = 'language_model.lm_head.weight' if prefix == 'language_model.model.' else 'lm_head.weight'
-        sources = _hf_sources(config, prefix, lm_head)
+        if hf['model_type'] == 'qwen2_audio':
+            sources = {**_hf_sources(config.replace(audio=None), prefix, lm_head),
+                       **_qwen2_audio_sources(config, tensors.names)}
+            _check_covers(config, sources)
+        else:
+            sources = _hf_sources(config, prefix, lm_head)
         needed = {name for names, _ in sources.values() for name in names}
         missing = sorted(name for name in needed if name not in tensors.names)
         if missing:
@@ -298,6 +305,13 @@ def whisper_encoder_params(hf_state: dict[str, np.ndarray], cfg: AudioConfig, pr
     `assign_params(model.audio.tower, params)`."""
     if prefix is None:
         prefix = _find_prefix(hf_state, 'conv1.weight', 'Whisper encoder')
+    specs = _module_specs(lambda: AudioTower(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    return _convert_state(hf_state, _whisper_sources(cfg, prefix), specs, 'Whisper encoder')
+
+
+def _whisper_sources(cfg: AudioConfig, prefix: str) -> Sources:
+    """AudioTower parameter name -> Whisper encoder tensors under `prefix` (Qwen2AudioEncoder's too:
+    its avg_pooler has no weights) and conversion."""
 
     def taps_first(w):  # torch Conv1d [W, C, 3] -> ours [3, C, W]
         return w.transpose(2, 1, 0)
@@ -322,8 +336,21 @@ def whisper_encoder_params(hf_state: dict[str, np.ndarray], cfg: AudioConfig, pr
             **_dense(f'{ours}attn.v', f'{hf}self_attn.v_proj'),
             **_dense(f'{ours}attn.o', f'{hf}self_attn.out_proj'),
         })
-    specs = _module_specs(lambda: AudioTower(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
-    return _convert_state(hf_state, sources, specs, 'Whisper encoder')
+    return sources
+
+
+# Qwen2-Audio's audio tower and projector: at the root as its checkpoints (and transformers' save)
+# have them, or under 'model.' (transformers 5's module names).
+_QWEN2_AUDIO_PREFIXES = ('', 'model.')
+
+
+def _qwen2_audio_sources(config: ModelConfig, names) -> Sources:
+    """ringserve 'audio.*' name -> Qwen2-Audio tensors (audio_tower.*, multi_modal_projector.linear)
+    and conversion (model/qwen2_audio.py describes the model)."""
+    root = next((p for p in _QWEN2_AUDIO_PREFIXES if f'{p}audio_tower.conv1.weight' in names), '')
+    tower = _whisper_sources(config.audio, f'{root}audio_tower.')
+    return {**{f'audio.tower.{name}': source for name, source in tower.items()},
+            **_dense('audio.projector.proj', f'{root}multi_modal_projector.linear')}
 
 
 def assign_params(module: nnx.Module, params: dict) -> None:

@@ -30,7 +30,8 @@ _HF_ACTIVATIONS = {
 }
 # `gemma3_text` is Gemma3ForCausalLM; `gemma3` is Gemma3ForConditionalGeneration, whose decoder loads
 # (its vision tower is not read yet).
-HF_MODEL_TYPES = ('llama', 'qwen2', 'gemma', 'gemma3_text', 'gemma3')
+# `qwen2_audio` (Qwen2AudioForConditionalGeneration): a qwen2 decoder and an audio encoder (model/qwen2_audio.py).
+HF_MODEL_TYPES = ('llama', 'qwen2', 'gemma', 'gemma3_text', 'gemma3', 'qwen2_audio')
 # Gemma3TextConfig's defaults: a Gemma 3 multimodal config.json writes only the text settings that
 # differ from them (the 4B's text_config names hidden_size, layers, window and rope_scaling alone).
 _GEMMA3_TEXT_DEFAULTS = dict(
@@ -44,6 +45,8 @@ _GEMMA3_LAYER_TYPES = ('sliding_attention', 'full_attention')
 # Whisper's log-mel features: 100 frames per second (hop 160 at 16 kHz); its conv2 halves that.
 MEL_FRAMES_PER_SECOND = 100
 AUDIO_CONV_STRIDE = 2
+AUDIO_POOL_SITES = ('projector', 'tower')
+AUDIO_PROJECTORS = ('rmsnorm_linear', 'linear_bias')
 
 
 def _check_positive_ints(owner: object, fields: tuple[str, ...]) -> None:
@@ -141,10 +144,28 @@ class AudioConfig:
     # Mel frames of neighbouring audio each window also sees, on each side, beyond the frames
     # whose rows it hands on (preprocess.audio.MelSpec.context_frames). 0: Whisper's plain cut.
     context_frames: int = 0
+    # Where the average pool sits: 'projector' (ringserve's: after the tower's final LayerNorm) or
+    # 'tower' (Qwen2-Audio's avg_pooler: between the last block and the final LayerNorm).
+    pool_site: str = 'projector'
+    # 'rmsnorm_linear': RMSNorm (1 + w) then W -> D without bias; 'linear_bias': one W -> D Linear
+    # with a bias (Qwen2-Audio's multi_modal_projector).
+    projector: str = 'rmsnorm_linear'
+    # True: encoder keys past a window's valid (unpadded) frames are masked, as transformers'
+    # Qwen2-Audio builds the mask from feature_attention_mask; the caller passes valid frames.
+    mask_padding: bool = False
 
     def __post_init__(self):
         _check_positive_ints(self, ('n_mels', 'window_frames', 'width', 'n_layers', 'n_heads', 'mlp_dim',
                                     'tokens_per_second'))
+        if self.pool_site not in AUDIO_POOL_SITES:
+            raise ValueError(f'AudioConfig.pool_site={self.pool_site!r}: use one of {AUDIO_POOL_SITES}.')
+        if self.projector not in AUDIO_PROJECTORS:
+            raise ValueError(f'AudioConfig.projector={self.projector!r}: use one of {AUDIO_PROJECTORS}.')
+        if not isinstance(self.mask_padding, (bool, np.bool_)):
+            raise ValueError(f'AudioConfig.mask_padding={self.mask_padding!r}: must be True or False.')
+        if self.mask_padding and self.context_frames:
+            raise ValueError('AudioConfig.mask_padding with context_frames: padding is only at the end of a '
+                             'clip, which context windows do not model; set one of them to its default.')
         if self.window_frames % MEL_FRAMES_PER_SECOND:
             raise ValueError(f'AudioConfig.window_frames={self.window_frames}: must be whole seconds, a multiple '
                              f'of {MEL_FRAMES_PER_SECOND} mel frames.')
@@ -191,12 +212,31 @@ class AudioConfig:
         """Rows one window hands to the decoder: its middle, tokens_per_window - 2 * context_rows."""
         return self.tokens_per_window - 2 * self.context_rows
 
+    def encoder_positions(self, valid_frames: int) -> int:
+        """Encoder positions (after conv2) that hold audio when the window's first `valid_frames`
+        frames do: (valid_frames - 1) // 2 + 1, transformers' _get_feat_extract_output_lengths."""
+        return (valid_frames - 1) // AUDIO_CONV_STRIDE + 1
+
+    def valid_rows(self, valid_frames: int) -> int:
+        """Rows of a window that come from audio, not padding, when its first `valid_frames` frames
+        are audio: for mask_padding configs, the pool's floor over encoder_positions (Qwen2-Audio's
+        ((L - 1) // 2 + 1 - 2) // 2 + 1, the processor's placeholder count); else every row."""
+        if not self.mask_padding:
+            return self.rows_per_window
+        return max(0, (self.encoder_positions(valid_frames) - self.pool) // self.pool + 1)
+
     @property
     def head_dim(self) -> int:
         return self.width // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Fields added for Qwen2-Audio are written only when set, so earlier configs (the default
+        # model's included) serialise byte-identically.
+        d = dataclasses.asdict(self)
+        for field in _QWEN2_AUDIO_FIELDS:
+            if d[field] == _AUDIO_DEFAULTS[field]:
+                del d[field]
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,6 +499,8 @@ class ModelConfig:
             del d['layer_kinds']  # configs written before layer kinds existed read back equal
         else:
             d['layer_kinds'] = [kind.to_dict() for kind in self.layer_kinds]
+        if self.audio is not None:
+            d['audio'] = self.audio.to_dict()  # leaves out its Qwen2-Audio fields at their defaults
         # Fields added for Gemma 3 are written only when set, so every earlier config (and the engine
         # identity processes compare, server/runtime.py) stays byte-identical.
         for field in _GEMMA3_FIELDS:
@@ -488,6 +530,11 @@ class ModelConfig:
         model_type = hf.get('model_type')
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f'Unsupported Hugging Face model_type {model_type!r}; supported: {HF_MODEL_TYPES}.')
+        if model_type == 'qwen2_audio':
+            from model import qwen2_audio  # imports this module, hence here
+
+            return cls.from_hf_config(qwen2_audio.text_config(hf), dtype=dtype).replace(
+                audio=qwen2_audio.audio_config(hf))
         text = hf_text_config(hf)
         family = text['model_type']
         gemma = family in ('gemma', 'gemma3_text')
@@ -537,6 +584,8 @@ class ModelConfig:
 
 
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+_AUDIO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AudioConfig)}
+_QWEN2_AUDIO_FIELDS = ('pool_site', 'projector', 'mask_padding')
 _GEMMA3_FIELDS = ('qk_norm', 'post_norms', 'query_pre_attn_scalar', 'local_rope_theta', 'local_rope_scaling')
 
 

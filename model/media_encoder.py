@@ -21,7 +21,10 @@ AUDIO_BATCHES = (1, 4)
 
 class MediaEncoder:
     """`images(f32[B, S, S, 3]) -> f32[B, tokens_per_image, D]` and
-    `audio(f32[B, n_mels, frames]) -> f32[B, rows_per_window, D]`, thread-safe."""
+    `audio(f32[B, n_mels, frames], valid_frames) -> f32[B, rows_per_window, D]`, thread-safe.
+    valid_frames (i32[B], for audio configs with mask_padding, Qwen2-Audio's): the frames of each
+    window holding audio; the encoder masks the rest, and rows past audio.valid_rows(valid_frames)
+    are not audio."""
 
     def __init__(self, config, model, device: jax.Device | None = None):
         self.config = config
@@ -38,6 +41,7 @@ class MediaEncoder:
             self.n_mels, self.window_frames = config.audio.n_mels, config.audio.window_frames
             self.context_frames = config.audio.context_frames
             self.rows_per_window = config.audio.rows_per_window
+            self.mask_padding = config.audio.mask_padding
             self._audio = self._compile(model.audio, device)
 
     @property
@@ -48,23 +52,30 @@ class MediaEncoder:
         graphdef, state = nnx.split(module)
         state = jax.device_put(state, device)
 
-        def run(state, x):
+        def run(state, *inputs):
             self._traces += 1
-            out = nnx.merge(graphdef, state)(x)
+            out = nnx.merge(graphdef, state)(*inputs)
             return out.astype(jnp.float32)
 
         step = jax.jit(run)
-        return lambda x: step(state, jax.device_put(x, device))
+        return lambda *inputs: step(state, *(jax.device_put(x, device) for x in inputs))
 
     @staticmethod
-    def _batched(fn, x: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
+    def _batched(fn, x: np.ndarray, buckets: tuple[int, ...], frames: np.ndarray | None = None,
+                 pad_frames: int = 0) -> np.ndarray:
+        """fn over x in bucket-sized batches (zero padding); `frames` (i32[B]), when given, is
+        passed beside x, padded with `pad_frames`."""
         out = []
         for i in range(0, len(x), buckets[-1]):
             part = x[i:i + buckets[-1]]
             size = next(b for b in buckets if b >= len(part))
             padded = np.zeros((size, *part.shape[1:]), np.float32)
             padded[:len(part)] = part
-            out.append(np.asarray(fn(padded))[:len(part)])
+            inputs = [padded]
+            if frames is not None:
+                inputs.append(np.full(size, pad_frames, np.int32))
+                inputs[1][:len(part)] = frames[i:i + len(part)]
+            out.append(np.asarray(fn(*inputs))[:len(part)])
         return np.concatenate(out)
 
     def images(self, pixels: np.ndarray) -> np.ndarray:
@@ -73,11 +84,17 @@ class MediaEncoder:
         with self._lock:
             return self._batched(self._vision, pixels, IMAGE_BATCHES)
 
-    def audio(self, mel: np.ndarray) -> np.ndarray:
+    def audio(self, mel: np.ndarray, valid_frames: np.ndarray | None = None) -> np.ndarray:
         if self._audio is None:
             raise ValueError(f"{self.config.name} has no audio encoder")
+        frames = None
+        if self.mask_padding:  # None: every frame of every window is audio
+            frames = np.full(len(mel), self.window_frames, np.int32) if valid_frames is None else (
+                np.asarray(valid_frames, np.int32))
+        elif valid_frames is not None:
+            raise ValueError(f"{self.config.name}'s audio encoder masks no padding: it takes no valid_frames")
         with self._lock:
-            return self._batched(self._audio, mel, AUDIO_BATCHES)
+            return self._batched(self._audio, mel, AUDIO_BATCHES, frames, self.window_frames)
 
     def warmup(self) -> None:
         """Compiles every batch bucket of both encoders."""

@@ -59,11 +59,12 @@ class Transformer(nnx.Module):
             raise ValueError(f'model {self.config.name!r} has no image encoder (config.vision is None).')
         return self.vision(pixels).astype(self.config.jnp_dtype)
 
-    def encode_audio(self, mel: jax.Array) -> jax.Array:
-        """f32[B, n_mels, window_frames] log-mel windows -> [B, rows_per_window, D] in the model dtype."""
+    def encode_audio(self, mel: jax.Array, valid_frames: jax.Array | None = None) -> jax.Array:
+        """f32[B, n_mels, window_frames] log-mel windows -> [B, rows_per_window, D] in the model dtype.
+        valid_frames (i32[B]): frames of each window holding audio, for config.audio.mask_padding."""
         if self.audio is None:
             raise ValueError(f'model {self.config.name!r} has no audio encoder (config.audio is None).')
-        return self.audio(mel).astype(self.config.jnp_dtype)
+        return self.audio(mel, valid_frames).astype(self.config.jnp_dtype)
 
     def __call__(
         self,

@@ -76,11 +76,13 @@ class SelfAttention(nnx.Module):
         self.v = Dense(width, width, bias=True, dtype=dtype, rngs=rngs)
         self.o = Dense(width, width, bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """mask: bool[B or 1, T, T] of the keys each query sees; None: every position (no padding)."""
         b, t, w = x.shape  # [B, T, W]
         q, k, v = (proj(x).reshape(b, t, self.n_heads, self.head_dim) for proj in (self.q, self.k, self.v))
-        everything = jnp.ones((1, t, t), bool)  # encoders see every position (no padding inside a window)
-        out = attention.attend(q, k, v, everything, self.head_dim**-0.5)  # [B, T, N, H]
+        if mask is None:
+            mask = jnp.ones((1, t, t), bool)
+        out = attention.attend(q, k, v, mask, self.head_dim**-0.5)  # [B, T, N, H]
         return self.o(out.reshape(b, t, w))
 
 
@@ -96,8 +98,8 @@ class EncoderBlock(nnx.Module):
         self.fc1 = Dense(width, mlp_dim, bias=True, dtype=dtype, rngs=rngs)
         self.fc2 = Dense(mlp_dim, width, bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), mask)
         return x + self.fc2(self.activation(self.fc1(self.mlp_norm(x))))
 
 

@@ -17,7 +17,9 @@ When torch is installed the reference computes the STFT in float32 instead (_tor
 which moves its own output by up to ~3e-5 from its numpy path; we stay with the exact values.
 
 Longer than chunk_length seconds: the reference silently keeps the first 30 s (truncation=True).
-Here that is an error unless truncate=True asks for the reference's behaviour.
+Here `extract` refuses it unless truncate=True asks for the reference's behaviour; `extract_windows`
+(an extension: transformers has no such path) cuts the 16 kHz samples into chunk_length pieces and
+extracts each as its own clip, so every window is exactly what the reference makes of that piece.
 """
 
 from __future__ import annotations
@@ -137,6 +139,20 @@ def extract(samples: np.ndarray, sampling_rate: int, cfg: WhisperFeatureConfig, 
     padded[:n] = audio[:n]
     features = log_mel(padded, cfg.mel_spec)  # [feature_size, nb_max_frames]
     return WhisperFeatures(input_features=features, valid_frames=math.ceil(n / cfg.hop_length))
+
+
+def extract_windows(samples: np.ndarray, sampling_rate: int, cfg: WhisperFeatureConfig) -> list[WhisperFeatures]:
+    """Mono float samples [n] of any length -> one WhisperFeatures per chunk_length seconds (the last
+    one partial), each `extract` of its piece of the 16 kHz samples. Resampling runs once, over the
+    whole clip, before the cut."""
+    samples = np.asarray(samples)
+    if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.floating):
+        raise ValueError(f"extract_windows takes mono float samples [n], got {samples.dtype} {list(samples.shape)}")
+    if samples.size == 0:
+        raise MediaError("no audio samples")
+    audio = resample(samples, sampling_rate, cfg.sampling_rate).astype(np.float32)
+    return [extract(audio[start:start + cfg.n_samples], cfg.sampling_rate, cfg)
+            for start in range(0, audio.size, cfg.n_samples)]
 
 
 def qwen2_audio_tokens(valid_frames: int) -> int:

@@ -188,7 +188,10 @@ class MediaResolver:
         found = [TEXT]
         if self.vision is not None:
             found.append(IMAGE)
-        if self.audio is not None:
+        # Qwen2-Audio's encoder (mask_padding) needs its own layout and features (whisper_features
+        # windows, <|audio_bos|> markers, valid frames), which this path does not make yet: until it
+        # does, its audio is refused rather than encoded wrong.
+        if self.audio is not None and not self.audio.mask_padding:
             found.append(AUDIO)
         if self.vision is not None:
             found.append(VIDEO)
