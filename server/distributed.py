@@ -14,8 +14,13 @@ Design note
    HOST:PORT and a random token with one broadcast over the devices
    (`multihost_utils.broadcast_one_to_all`), so no second address needs configuring: HOST is the
    coordinator's (process 0's own name with `auto`). Each worker connects and says its process id
-   and the token; process 0 waits until all have. Then messages only go from process 0 to the
-   workers, length-prefixed pickles on one TCP stream per worker, so order is kept:
+   and proof that it knows the token (a MAC, not the token itself); process 0 waits until all
+   have. Then messages only go from process 0 to the workers, one TCP stream per worker, so order
+   is kept. A message is msgpack of plain types, numpy arrays and registered dataclasses
+   (server/step_codec.py): a worker never runs code the bytes name, as it would with pickle. Each
+   frame carries a sequence number (per stream, from 0) and an HMAC-SHA256 over both, keyed by a
+   key derived from the token, so nobody without the token can inject, alter, replay or reorder
+   engine calls; a worker treats any such frame as a lost process 0. The messages:
    `("engine", kwargs, identity)` builds the engine (process 0 decides every shape, so all
    processes compile the same programs; `identity` names the model and mesh, which must match),
    `("call", method, args, kwargs)` runs one engine method, `("stop", status)` ends the worker.
@@ -42,11 +47,11 @@ Design note
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import json
 import logging
 import os
-import pickle
 import secrets
 import selectors
 import socket
@@ -60,9 +65,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from server import step_codec
+
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!Q")  # every frame: its byte length, then the bytes
+_SEQ = struct.Struct("!Q")  # a step frame: sequence number, message, MAC over both
+_MAC_BYTES = hashlib.sha256().digest_size
+_STEP_BYTES = _SEQ.size + step_codec.MAX_BYTES + _MAC_BYTES
 _HELLO_BYTES = 4096  # a worker's handshake is tiny; anything longer is not a worker
 _ANNOUNCE_BYTES = 512  # the broadcast "HOST:PORT TOKEN", zero-padded
 
@@ -144,6 +154,80 @@ def _recv_frame(sock: socket.socket, limit: int | None = None) -> bytes:
     return _recv_exact(sock, length)
 
 
+def step_key(token: str) -> bytes:
+    """The step channel's MAC key: the token's, for this one use (hello proofs, frame MACs)."""
+    return _mac(token.encode(), b"ringserve-step-v1")
+
+
+def _hello_proof(key: bytes, process_id: int) -> str:
+    """What a worker sends instead of the token, which would give the MAC key away."""
+    return _mac(key, b"hello %d" % process_id).hex()
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+class StepWriter:
+    """Process 0's end of one worker's stream: numbers and MACs every message it sends."""
+
+    def __init__(self, sock: socket.socket, key: bytes):
+        self.sock = sock
+        self._key = key
+        self._seq = 0  # the worker expects exactly this one next
+
+    def seal(self, payload: bytes) -> bytes:
+        """The next frame's bytes: sequence number, `payload`, MAC over both."""
+        head = _SEQ.pack(self._seq) + payload
+        self._seq += 1
+        return head + _mac(self._key, head)
+
+    def write(self, payload: bytes) -> None:
+        _send_frame(self.sock, self.seal(payload))
+
+
+class StepReader:
+    """A worker's end of its stream: accepts only process 0's frames, each once, in order."""
+
+    def __init__(self, sock: socket.socket, key: bytes):
+        self.sock = sock
+        self._key = key
+        self._seq = 0
+
+    def read(self) -> tuple:
+        """The next message; LeaderLost when process 0 is gone or a frame is not its own."""
+        try:
+            frame = _recv_frame(self.sock, limit=_STEP_BYTES)
+        except (OSError, EOFError) as error:
+            raise LeaderLost(f"lost process 0: {error!r}") from error
+        except ValueError as error:  # too long
+            raise _garbled(error) from error
+        try:
+            message = step_codec.decode(self.open(frame))
+        except ValueError as error:
+            raise _garbled(error) from error
+        if type(message) is not tuple or not message or type(message[0]) is not str:
+            raise _garbled(f"not a step message: {type(message).__name__}")
+        return message
+
+    def open(self, frame: bytes) -> bytes:
+        """`frame`'s payload; ValueError unless it is authentic and the next in order."""
+        if len(frame) < _SEQ.size + _MAC_BYTES:
+            raise ValueError(f"frame of {len(frame)} bytes is too short")
+        head, mac = frame[:-_MAC_BYTES], frame[-_MAC_BYTES:]
+        if not hmac.compare_digest(mac, _mac(self._key, head)):
+            raise ValueError("bad MAC (wrong token or altered bytes)")
+        (seq,) = _SEQ.unpack_from(head)
+        if seq != self._seq:  # authentic but replayed or out of order
+            raise ValueError(f"frame {seq} where frame {self._seq} was due")
+        self._seq += 1
+        return head[_SEQ.size:]
+
+
+def _garbled(reason) -> LeaderLost:
+    return LeaderLost(f"garbled/unauthenticated message from process 0: {reason}")
+
+
 def _tune(sock: socket.socket) -> None:
     """One small message per engine call: no Nagle delay. Keepalive notices a vanished host."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -163,7 +247,8 @@ class StepLeader:
         self._listener = listener
         self.num_workers = num_workers
         self.token = token
-        self._workers: dict[int, socket.socket] = {}  # by process id, 1..num_workers
+        self._key = step_key(token)
+        self._workers: dict[int, StepWriter] = {}  # by process id, 1..num_workers
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()  # guards lost, closing and the watchers
         self._watchers: list[Callable[[WorkerLost], None]] = []
@@ -181,7 +266,7 @@ class StepLeader:
         return self._listener.getsockname()[1]
 
     def accept(self, timeout: float) -> None:
-        """Waits until every worker has connected with its process id and the token."""
+        """Waits until every worker has connected with its process id and proof of the token."""
         deadline = time.monotonic() + timeout
         while len(self._workers) < self.num_workers:
             left = deadline - time.monotonic()
@@ -199,7 +284,7 @@ class StepLeader:
                 conn.close()
                 continue
             _tune(conn)
-            self._workers[process_id] = conn
+            self._workers[process_id] = StepWriter(conn, self._key)
             log.info("step channel: worker process %d joined from %s", process_id, peer[0])
         self._listener.close()
         threading.Thread(target=self._monitor, name="ringserve-step-monitor", daemon=True).start()
@@ -208,13 +293,14 @@ class StepLeader:
         conn.settimeout(10.0)
         try:
             hello = json.loads(_recv_frame(conn, limit=_HELLO_BYTES))
-            process_id, token = int(hello["process_id"]), str(hello["token"])
+            process_id = int(hello["process_id"])
+            proof = str(hello["proof"]).encode("ascii")  # compare_digest takes no other str
         except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
             log.warning("step channel: dropped a connection from %s: %r", peer[0], error)
             return None
         conn.settimeout(None)
-        if not hmac.compare_digest(token, self.token):
-            log.warning("step channel: dropped %s: wrong token", peer[0])
+        if not hmac.compare_digest(proof, _hello_proof(self._key, process_id).encode()):
+            log.warning("step channel: dropped %s: wrong token proof", peer[0])
             return None
         if not 1 <= process_id <= self.num_workers or process_id in self._workers:
             log.warning("step channel: dropped %s: process id %d unexpected or taken", peer[0],
@@ -233,13 +319,13 @@ class StepLeader:
 
     def send(self, message: tuple) -> None:
         """Sends `message` to every worker; raises WorkerLost when one is gone."""
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = step_codec.encode(message)  # TypeError here for what workers could not rebuild
         with self._send_lock:
             if self.lost is not None:
                 raise WorkerLost(str(self.lost))
-            for process_id, conn in self._workers.items():
+            for process_id, writer in self._workers.items():
                 try:
-                    _send_frame(conn, payload)
+                    writer.write(payload)
                 except OSError as error:
                     self._mark_lost(process_id, f"sending failed: {error!r}")
                     raise WorkerLost(str(self.lost)) from error
@@ -248,12 +334,12 @@ class StepLeader:
         """Tells every worker to exit with `status`, then closes the channel."""
         with self._state_lock:
             self._closing = True
-        payload = pickle.dumps(("stop", status))
+        payload = step_codec.encode(("stop", status))
         with self._send_lock:
-            for conn in self._workers.values():  # a lost worker's send fails: it is gone anyway
+            for writer in self._workers.values():  # a lost worker's send fails: it is gone anyway
                 try:
-                    _send_frame(conn, payload)
-                    conn.shutdown(socket.SHUT_WR)
+                    writer.write(payload)
+                    writer.sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
         self._listener.close()
@@ -261,8 +347,8 @@ class StepLeader:
     def _monitor(self) -> None:
         """Workers only write when they fail; any bytes or EOF from one means it is lost."""
         selector = selectors.DefaultSelector()
-        for process_id, conn in self._workers.items():
-            selector.register(conn, selectors.EVENT_READ, process_id)
+        for process_id, writer in self._workers.items():
+            selector.register(writer.sock, selectors.EVENT_READ, process_id)
         open_workers = len(self._workers)
         while open_workers:
             for key, _ in selector.select():
@@ -326,8 +412,9 @@ class MirroredEngine:
 class StepFollower:
     """A worker's end of the step channel: receives process 0's messages, in order."""
 
-    def __init__(self, conn: socket.socket, process_id: int):
+    def __init__(self, conn: socket.socket, process_id: int, token: str):
         self._conn = conn
+        self._reader = StepReader(conn, step_key(token))
         self.process_id = process_id
 
     @classmethod
@@ -347,17 +434,13 @@ class StepFollower:
                 time.sleep(0.2)
         conn.settimeout(None)
         _tune(conn)
-        _send_frame(conn, json.dumps({"process_id": process_id, "token": token}).encode())
-        return cls(conn, process_id)
+        proof = _hello_proof(step_key(token), process_id)
+        _send_frame(conn, json.dumps({"process_id": process_id, "proof": proof}).encode())
+        return cls(conn, process_id, token)
 
     def receive(self) -> tuple:
-        """The next message; LeaderLost when process 0 is gone."""
-        try:
-            return pickle.loads(_recv_frame(self._conn))
-        except (OSError, EOFError) as error:
-            raise LeaderLost(f"lost process 0: {error!r}") from error
-        except (pickle.UnpicklingError, ValueError) as error:
-            raise LeaderLost(f"garbled message from process 0: {error!r}") from error
+        """The next message; LeaderLost when process 0 is gone or sent a bad frame."""
+        return self._reader.read()
 
     def report(self, reason: str) -> None:
         """Best effort: tells process 0 why this worker is about to exit."""
