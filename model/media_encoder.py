@@ -42,6 +42,7 @@ class MediaEncoder:
             self.context_frames = config.audio.context_frames
             self.rows_per_window = config.audio.rows_per_window
             self.mask_padding = config.audio.mask_padding
+            self.valid_rows = config.audio.valid_rows  # rows of a window from its audio frames
             self._audio = self._compile(model.audio, device)
 
     @property

@@ -98,6 +98,7 @@ class AudioInfo:
     duration_s: float
     sample_rate: int
     channels: int
+    frames: int = dataclasses.field(default=0, compare=False)  # samples per channel, as declared
 
 
 def parse_mime(mime_type: str) -> tuple[str, dict[str, str]]:
@@ -128,7 +129,8 @@ def probe_audio(source: bytes | str | os.PathLike, mime_type: str, *,
     duration = frames / rate
     if duration > max_seconds:
         raise MediaTooLarge(f"audio is {duration:.1f} s long, over the limit of {max_seconds:g} s")
-    return AudioInfo(format=fmt, duration_s=duration, sample_rate=rate, channels=channels)
+    return AudioInfo(format=fmt, duration_s=duration, sample_rate=rate, channels=channels,
+                     frames=frames)
 
 
 def stream_samples(source: bytes | str | os.PathLike, mime_type: str, *,

@@ -18,8 +18,10 @@ the template itself can write a special token:
    the ids match.
 4. Media: each item goes to the template as a content item ({"type": "image"}, as transformers'
    processors pass them) between two text items holding the OPEN and CLOSE sentinels. What the
-   template writes for the item, between them, is replaced by the item's laid-out ids. A second
-   render without the sentinels checks that they changed nothing else.
+   template writes for the item, between them, is replaced by the item's laid-out ids; or, when
+   the item names an `expansion` (server/media_markup.py) whose token the template wrote, only
+   that token is, the way the family's processor expands it before tokenizing. A second render
+   without the sentinels checks that they changed nothing else.
 
 A conversation that ends in an assistant turn is continued, as transformers'
 `continue_final_message` does it: a tag after the turn's text marks where the prompt ends.
@@ -154,11 +156,24 @@ class ChatTemplate:
             # As transformers: the tag is followed by a space; if the template trimmed it, the
             # turn's own trailing whitespace was trimmed too.
             text = text[:at] if text[at + 1:at + 2] == " " else text[:at].rstrip()
+        # Each item's rendering becomes one OPEN where its ids go: in place of the token its
+        # `expansion` names (the rest of the rendering, and the expansion's text, stay text,
+        # tokenized with their neighbours as the family's processor does), else in place of all.
+        pieces = re.split(f"{markers.open}(.*?){markers.close}", text, flags=re.S)
+        inserts = []
+        for k in range(1, len(pieces), 2):
+            item, rendered = media[k // 2], pieces[k]
+            slot = getattr(item, "expansion", None)
+            if slot is not None and slot.token in rendered:
+                pieces[k] = rendered.replace(slot.token, slot.before + markers.open + slot.after, 1)
+                inserts.append(slot.ids)
+            else:
+                pieces[k] = markers.open
+                inserts.append(tuple(item.ids))
         chunks: list[Chunk] = []
-        stretches = re.split(f"{markers.open}.*?{markers.close}", text, flags=re.S)
-        for k, stretch in enumerate(stretches):
+        for k, stretch in enumerate("".join(pieces).split(markers.open)):
             if k:
-                chunks.append(tuple(media[k - 1].ids))
+                chunks.append(tuple(inserts[k - 1]))
             chunks += self._split(stretch, markers.brk)
         return chunks
 

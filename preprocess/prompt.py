@@ -28,7 +28,8 @@ END_OF_TURN = "<end_of_turn>"
 class MediaSegment(Protocol):
     """Media inside a turn, already laid out as prompt ids (server/media.py makes them). A chat
     template sees it as a content item {"type": "image" | "audio" | "video"} and the ids replace
-    what the template writes for that item."""
+    what the template writes for that item (or, with an optional `expansion`, one token of it:
+    preprocess/chat_template.py)."""
 
     ids: tuple[int, ...]
 

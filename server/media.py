@@ -8,6 +8,9 @@ How an image, audio clip or video enters a prompt:
        audio  <|media_start|> [ceil(seconds * audio_tokens_per_second) rows] <|media_end|>
        video  <|media_start|> for each sampled frame: "MM:SS" text, the frame's rows, the rows of
               its sound from that frame to the next <|media_end|>
+   Those are the built-in model's markers; a checkpoint family's own come from
+   server/media_markup.py (Qwen2-Audio: <|audio_bos|> rows <|audio_eos|>, in 30 s windows whose
+   rows are those of their audio frames, as its processor counts them).
    Rows are placeholder ids: negative ints derived from the media's key (content hash plus what
    is read: offsets, fps), so equal media gives equal ids and the prefix cache and named caches
    work on media prompts unchanged, while different media never share a page hash. CountTokens
@@ -38,21 +41,24 @@ from pathlib import Path
 
 import numpy as np
 
+from model.config import MEL_FRAMES_PER_SECOND
 from preprocess import audio as audio_lib
 from preprocess import image as image_lib
 from preprocess import video as video_lib
+from preprocess import whisper_features
 from preprocess.errors import MediaError, MediaTooLarge
-from preprocess.tokenizer import Tokenizer
+from preprocess.tokenizer_protocol import TextTokenizer
 from server.errors import InvalidArgument, NotFound, ResourceExhausted
+from server.media_markup import AUDIO, IMAGE, MEDIA_END, MEDIA_START, VIDEO, Expansion, markup_for
 from server.media_rows import KEY_SPACE, placeholder_ids
 from server.media_store import MediaStore
 
 log = logging.getLogger(__name__)
 
-IMAGE, AUDIO, VIDEO, TEXT = "IMAGE", "AUDIO", "VIDEO", "TEXT"
-MEDIA_START, MEDIA_END = "<|media_start|>", "<|media_end|>"
+TEXT = "TEXT"
 _FRAME_BATCH = 16  # frames decoded and encoded together
 _AUDIO_BATCH = 4  # 10 s windows encoded together
+_HOP = audio_lib.SAMPLE_RATE // MEL_FRAMES_PER_SECOND  # 16 kHz samples per mel frame
 
 
 def modality_of(mime_type: str) -> str | None:
@@ -122,6 +128,10 @@ class MediaTokens:
     duration_s: float | None = dataclasses.field(default=None, compare=False)
     width: int = dataclasses.field(default=0, compare=False)
     height: int = dataclasses.field(default=0, compare=False)
+    # What replaces the item's token in a checkpoint's chat template (server/media_markup.py).
+    expansion: Expansion | None = dataclasses.field(default=None, compare=False, repr=False)
+    # Encoders that mask padding (Qwen2-Audio's): 16 kHz samples in each window that yields rows.
+    audio_windows: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
 
 def token_details(total: int, media: Sequence[MediaTokens]) -> dict[str, int]:
@@ -173,12 +183,11 @@ class RequestMedia:
 class MediaResolver:
     """Parts -> `MediaTokens`, from probes only. Raises RequestErrors naming the part."""
 
-    def __init__(self, config, tokenizer: Tokenizer, store: MediaStore,
+    def __init__(self, config, tokenizer: TextTokenizer, store: MediaStore,
                  limits: MediaLimits = MediaLimits()):
         self.vision, self.audio = config.vision, config.audio
         self.tokenizer, self.store, self.limits = tokenizer, store, limits
-        self._start = tokenizer.token_id(MEDIA_START)
-        self._end = tokenizer.token_id(MEDIA_END)
+        self._markup = {m: markup_for(tokenizer, m) for m in (IMAGE, AUDIO, VIDEO)}
         # Encoders' identity: embeddings cached under one config are not reused under another.
         self._salt = hashlib.sha256(repr((config.vision, config.audio, config.d_model,
                                           config.name)).encode()).hexdigest()[:16]
@@ -188,12 +197,10 @@ class MediaResolver:
         found = [TEXT]
         if self.vision is not None:
             found.append(IMAGE)
-        # Qwen2-Audio's encoder (mask_padding) needs its own layout and features (whisper_features
-        # windows, <|audio_bos|> markers, valid frames), which this path does not make yet: until it
-        # does, its audio is refused rather than encoded wrong.
-        if self.audio is not None and not self.audio.mask_padding:
+        if self.audio is not None:
             found.append(AUDIO)
-        if self.vision is not None:
+        # Video is frames with their sound laid out between them: the built-in layout only.
+        if self.vision is not None and (self.audio is None or not self.audio.mask_padding):
             found.append(VIDEO)
         return tuple(found)
 
@@ -280,13 +287,12 @@ class MediaResolver:
 
     def _wrap(self, key: int, body: list[int], rows: int, counts: dict, source: MediaSource,
               **extra) -> MediaTokens:
-        markers = [i for i in (self._start, self._end) if i is not None]
-        ids = ([self._start] if self._start is not None else []) + body + (
-            [self._end] if self._end is not None else [])
+        markup = self._markup[source.modality]
         counts = dict(counts)
-        counts[TEXT] = counts.get(TEXT, 0) + len(markers)
-        return MediaTokens(key, tuple(int(i) for i in ids), rows,
-                           tuple((m, n) for m, n in counts.items() if n), source, **extra)
+        counts[TEXT] = counts.get(TEXT, 0) + markup.marker_count()
+        return MediaTokens(key, tuple(int(i) for i in markup.wrap(body)), rows,
+                           tuple((m, n) for m, n in counts.items() if n), source,
+                           expansion=markup.expansion([int(i) for i in body]), **extra)
 
     def _layout(self, source: MediaSource) -> MediaTokens:
         key = media_key(source, self._salt)
@@ -299,10 +305,39 @@ class MediaResolver:
         if source.modality == AUDIO:
             info = audio_lib.probe_audio(source.data if source.data is not None else source.path,
                                          source.mime_type, max_seconds=self.limits.max_seconds)
+            if self.audio.mask_padding:
+                return self._window_layout(key, source, info)
             rows = audio_lib.token_count(info.duration_s, self.audio.tokens_per_second)
             return self._wrap(key, placeholder_ids(key, rows).tolist(), rows, {AUDIO: rows},
                               source, duration_s=info.duration_s)
         return self._video_layout(key, source)
+
+    def _window_layout(self, key: int, source: MediaSource, info) -> MediaTokens:
+        """Audio for an encoder that masks padding (Qwen2-Audio's): the clip in windows of
+        window_frames mel frames, each yielding the rows of its audio frames only, as the
+        family's processor counts them; windows after the first are set off by close and open
+        markers (the processor keeps only the first window: longer clips are an extension)."""
+        per_window = self.audio.window_frames * _HOP
+        # The resampled length as librosa fixes it: ceil(n * 16000 / rate).
+        samples = -(-info.frames * audio_lib.SAMPLE_RATE // info.sample_rate)
+        windows, counts = [], []
+        for start in range(0, samples, per_window):
+            n = min(per_window, samples - start)
+            rows = self.audio.valid_rows(-(-n // _HOP))
+            if rows:  # a last sliver of a window under 0.03 s yields no row
+                windows.append(n)
+                counts.append(rows)
+        if not windows:
+            raise MediaError(f"audio is {info.duration_s:.3f} s long: too short to yield one "
+                             "encoder row")
+        ids = placeholder_ids(key, sum(counts)).tolist()
+        body, row = [], 0
+        for k, n in enumerate(counts):
+            body += (self._markup[AUDIO].separator() if k else []) + ids[row:row + n]
+            row += n
+        separators = len(body) - row
+        return self._wrap(key, body, row, {AUDIO: row, TEXT: separators}, source,
+                          duration_s=info.duration_s, audio_windows=tuple(windows))
 
     def _video_layout(self, key: int, source: MediaSource) -> MediaTokens:
         info = video_lib.probe_video(source.path, source.mime_type,
@@ -380,8 +415,23 @@ class MediaEmbedder:
     """Embeddings of laid-out media: decode, encode, cache. See the module note."""
 
     def __init__(self, encoder, limits: MediaLimits = MediaLimits(), *,
-                 cache_bytes: int = 1 << 30, processes: int = 2):
+                 cache_bytes: int = 1 << 30, processes: int = 2,
+                 audio_features: whisper_features.WhisperFeatureConfig | None = None):
+        """audio_features: the checkpoint's feature extractor, for encoders that mask padding
+        (their windows are extracted as the family's processor does)."""
         self.encoder, self.limits = encoder, limits
+        if getattr(encoder, "mask_padding", False):
+            if audio_features is None:
+                raise ValueError("this audio encoder masks padding: it needs the checkpoint's "
+                                 "feature extractor config (preprocessor_config.json)")
+            got = (audio_features.feature_size, audio_features.nb_max_frames,
+                   audio_features.hop_length)
+            if got != (encoder.n_mels, encoder.window_frames, _HOP):
+                raise ValueError(
+                    f"the feature extractor makes {got[0]} mel bins x {got[1]} frames per window "
+                    f"at hop {got[2]}; the audio encoder takes {encoder.n_mels} x "
+                    f"{encoder.window_frames} at hop {_HOP}")
+        self.audio_features = audio_features
         self.mel_spec = (audio_lib.MelSpec(n_mels=encoder.n_mels, window_frames=encoder.window_frames,
                                              context_frames=encoder.context_frames)
                          if getattr(encoder, "n_mels", None) else None)
@@ -492,7 +542,8 @@ class MediaEmbedder:
         else:
             cancel = _Cancel()
             try:
-                work = self._audio if source.modality == AUDIO else self._video
+                work = (self._video if source.modality == VIDEO else
+                        self._audio_windows if media.audio_windows else self._audio)
                 await asyncio.to_thread(work, media, progress, cancel)
             except asyncio.CancelledError:
                 cancel.set()
@@ -539,6 +590,33 @@ class MediaEmbedder:
         if progress.ready < media.rows:  # ran short of the probed duration: silence's rows
             log.warning("sound gave %d of %d rows; the rest stay zero", progress.ready, media.rows)
             progress.ready = media.rows
+
+    def _audio_windows(self, media: MediaTokens, progress: Progress, cancel: _Cancel) -> None:
+        """Audio in the layout's windows (`media.audio_windows`, 16 kHz samples each): features
+        of each as the family's extractor makes them, the encoder masking each window's padding,
+        and each window's audio rows (AudioConfig.valid_rows) in order."""
+        source = media.source
+        samples = audio_lib.stream_samples(source.data if source.data is not None else source.path,
+                                           source.mime_type)
+        windows = _cut(samples, media.audio_windows)
+        try:
+            while True:
+                cancel.check()
+                batch = [w for _, w in zip(range(_AUDIO_BATCH), windows)]
+                if not batch:
+                    break
+                features = [whisper_features.extract(w, audio_lib.SAMPLE_RATE, self.audio_features)
+                            for w in batch]
+                rows = self.encoder.audio(np.stack([f.input_features for f in features]),
+                                          np.array([f.valid_frames for f in features]))
+                for f, window_rows in zip(features, rows):
+                    n = self.encoder.valid_rows(f.valid_frames)
+                    progress.rows[progress.ready:progress.ready + n] = window_rows[:n]
+                    progress.ready += n  # after the rows are written: readers trust `ready`
+        finally:
+            samples.close()
+        if progress.ready != media.rows:
+            raise AssertionError(f"audio windows gave {progress.ready} rows, laid out {media.rows}")
 
     def _video(self, media: MediaTokens, progress: Progress, cancel: _Cancel) -> None:
         """Frames and sound decoded side by side (two ffmpeg processes), so rows complete in
@@ -593,6 +671,25 @@ class MediaEmbedder:
             if chunks is not None:
                 chunks.close()
         progress.ready = len(progress.rows)
+
+
+def _cut(chunks, sizes: Sequence[int]):
+    """Sample chunks -> one array per window of `sizes` samples; audio past the last window is
+    dropped and a stream short of it is padded with zeros (as librosa fixes the resampled
+    length, which the decoder's streaming resampler can miss by a sample)."""
+    buffer, held = [], 0
+    for size in sizes:
+        while held < size:
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            buffer.append(chunk)
+            held += len(chunk)
+        joined = np.concatenate(buffer) if buffer else np.zeros(0, np.float32)
+        window = np.zeros(size, np.float32)
+        window[:min(size, len(joined))] = joined[:size]
+        buffer, held = [joined[size:]], max(0, len(joined) - size)
+        yield window
 
 
 class Progress:

@@ -24,6 +24,7 @@ from preprocess import prompt as prompt_lib
 from preprocess import tokenizer as tokenizer_lib
 from preprocess.tokenizer import Tokenizer
 from preprocess.tokenizer_protocol import TextTokenizer
+from preprocess.whisper_features import WhisperFeatureConfig
 from server.distributed import MirroredEngine, StepLeader
 from server.engine_loop import EngineLoop
 from server.replicas import Replicas, replica_metrics
@@ -104,6 +105,18 @@ def load_tokenizer(model_dir: pathlib.Path, override: str | None) -> TextTokeniz
     except FileNotFoundError as error:
         raise ValueError(f"{error}: put a tokenizer.json or sentencepiece tokenizer.model in the "
                          "checkpoint directory or pass --tokenizer") from None
+
+
+def load_audio_features(model_dir: pathlib.Path,
+                        config: ModelConfig) -> WhisperFeatureConfig | None:
+    """The feature extractor of an audio encoder that masks padding (Qwen2-Audio's), from the
+    checkpoint's preprocessor_config.json; None for other models."""
+    if config.audio is None or not config.audio.mask_padding:
+        return None
+    try:
+        return WhisperFeatureConfig.from_dir(model_dir)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        raise ValueError(f"{model_dir}: the audio feature extractor's config: {error}") from None
 
 
 def kv_budget_bytes(options: RuntimeOptions) -> int:
@@ -197,6 +210,7 @@ def build(options: RuntimeOptions,
     started = time.monotonic()
     model_dir, config, model = load_model(options)
     tokenizer = load_tokenizer(model_dir, options.tokenizer)
+    audio_features = load_audio_features(model_dir, config)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
                          f"is {config.vocab_size}: they do not belong together")
@@ -240,7 +254,7 @@ def build(options: RuntimeOptions,
                        max_bytes=options.media_limits.max_bytes)
     return Runtime(
         media_store=store, media=MediaResolver(config, tokenizer, store, options.media_limits),
-        embedder=MediaEmbedder(encoder, options.media_limits),
+        embedder=MediaEmbedder(encoder, options.media_limits, audio_features=audio_features),
         config=config, tokenizer=tokenizer, engine=engine, engine_loop=loop,
         limits=Limits(context_length=max_len,
                       default_max_output_tokens=options.default_max_output_tokens),

@@ -297,12 +297,18 @@ def test_audio_config_defaults_keep_old_configs():
         AudioConfig(mask_padding=True, context_frames=100)
 
 
-def test_server_refuses_audio_it_would_encode_wrong(loaded, tmp_path):
-    """server/media.py lays audio out for the built-in encoder only: a Qwen2-Audio model's audio
-    part is refused (INVALID_ARGUMENT naming the modalities) until its own path exists."""
+def test_server_lays_audio_out_in_encoder_windows(loaded, tmp_path):
+    """server/media.py counts a mask_padding encoder's rows per window as the processor does
+    (1 s: 100 valid frames -> 25 rows; 31 s: a full window's 750 and 1 s more) and takes no
+    video (its layout interleaves frames with sound the built-in way)."""
     _, config, _, _ = loaded
     directory = presets.ensure_default_checkpoint()
     resolver = MediaResolver(config, Tokenizer(directory / presets.TOKENIZER_FILE), MediaStore(tmp_path))
-    assert resolver.modalities == (TEXT,)
-    with pytest.raises(InvalidArgument, match='takes no audio input'):
-        resolver.resolve(pb.Part(inline_data=pb.Blob(mime_type='audio/wav', data=_media.wav(1.0))), 'p')
+    assert resolver.modalities == (TEXT, 'AUDIO')
+    one = resolver.resolve(pb.Part(inline_data=pb.Blob(mime_type='audio/wav', data=_media.wav(1.0))), 'p')
+    assert (one.rows, one.audio_windows) == (wf.qwen2_audio_tokens(100), (16_000,))
+    longer = resolver.resolve(pb.Part(inline_data=pb.Blob(mime_type='audio/wav', data=_media.wav(31.0))), 'p')
+    assert (longer.rows, longer.audio_windows) == (750 + 25, (480_000, 16_000))
+    with pytest.raises(InvalidArgument, match='takes no video input'):
+        resolver.resolve(pb.Part(inline_data=pb.Blob(mime_type='video/mp4', data=b'0' * 16)), 'p')
+
