@@ -74,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
                        help="longest audio or video accepted")
     media.add_argument("--media-store-gib", type=float, default=20.0,
                        help="uploads kept at once; past it UploadMedia answers RESOURCE_EXHAUSTED")
+    media.add_argument("--media-probe-workers", type=int, default=4,
+                       help="threads validating requests with media parts (probing headers, "
+                            "ffprobe); 16 more requests per thread may wait, the rest get "
+                            "RESOURCE_EXHAUSTED")
     security = p.add_argument_group("security (docs/security.md)")
     security.add_argument("--api-keys", metavar="FILE",
                           help="accepted API keys, one per line (KEY or NAME:KEY); every RPC but "
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             page_len=args.page_len,
             prefix_caching=not args.no_prefix_caching, warmup=not args.no_warmup, mesh=args.mesh,
             media_dir=args.media_dir, media_store_gib=args.media_store_gib,
+            media_probe_workers=args.media_probe_workers,
             media_limits=MediaLimits(max_bytes=int(args.max_media_mib * 2**20),
                                      max_seconds=args.max_media_seconds))
         group = distributed.ProcessGroup(args.coordinator, args.num_processes, args.process_id,

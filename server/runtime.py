@@ -32,6 +32,7 @@ from server.kv_manager import KVCacheManager
 from server.media import MediaEmbedder, MediaLimits, MediaResolver
 from server.media_store import MediaStore
 from server.metrics import Metrics
+from server.probe_pool import ProbePool
 from server.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class RuntimeOptions:
     media_dir: str | None = None  # uploaded media; default: a temporary directory
     media_limits: MediaLimits = MediaLimits()
     media_store_gib: float = 20.0  # uploads kept at once, bytes
+    media_probe_workers: int = 4  # threads validating requests with media parts
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -80,9 +82,11 @@ class Runtime:
     media_store: MediaStore
     media: MediaResolver  # media parts -> prompt ids
     embedder: MediaEmbedder  # media -> encoder embeddings
+    probes: ProbePool  # where requests with media parts are validated
 
     def close(self) -> None:
         self.embedder.close()
+        self.probes.close()
         self.media_store.close()
 
 
@@ -255,6 +259,7 @@ def build(options: RuntimeOptions,
     return Runtime(
         media_store=store, media=MediaResolver(config, tokenizer, store, options.media_limits),
         embedder=MediaEmbedder(encoder, options.media_limits, audio_features=audio_features),
+        probes=ProbePool(options.media_probe_workers),
         config=config, tokenizer=tokenizer, engine=engine, engine_loop=loop,
         limits=Limits(context_length=max_len,
                       default_max_output_tokens=options.default_max_output_tokens),

@@ -28,6 +28,7 @@ from server.quotas import Quotas, StreamCounter, check_display_name
 from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, RequestError,
                            ResourceExhausted, abort)
 from server.media_rows import PromptReadiness
+from server.probe_pool import has_media
 from server.runtime import Runtime
 from server.validation import (GenerationRequest, conversation, media_of, render_prompt,
                                validate_generate)
@@ -132,6 +133,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 async for response in responses:
                     yield response
 
+    def _validating(self, request):
+        """Where a request's validation runs: media parts are probed on the bounded probe
+        pool, so slow media never hold up text requests on the shared threads."""
+        return self._rt.probes.run if has_media(request) else asyncio.to_thread
+
     @contextlib.contextmanager
     def _request_media(self, owner: str):
         """The request's view of media parts; inline media it spooled go when it ends."""
@@ -145,8 +151,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         parts: media_lib.RequestMedia):
         # Tokenising a long prompt is CPU work: keep it off the event loop.
         cache = await self._cache(request, owner)
-        work, media = await asyncio.to_thread(validate_generate, request, self._rt.tokenizer,
-                                              self._rt.limits, cache, parts)
+        work, media = await self._validating(request)(validate_generate, request,
+                                                      self._rt.tokenizer, self._rt.limits,
+                                                      cache, parts)
         decoding = None
         if media:
             work, decoding = self._start_media(work, media, cache)
@@ -209,8 +216,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         owner = self._owner(context)
         cache = await self._cache(request, owner)
         with self._request_media(owner) as parts:
-            ids, media = await asyncio.to_thread(render_prompt, request, self._rt.tokenizer,
-                                                 cache, parts)
+            ids, media = await self._validating(request)(render_prompt, request,
+                                                         self._rt.tokenizer, cache, parts)
         return pb.CountTokensResponse(
             total_tokens=len(ids),
             cached_content_token_count=len(cache.token_ids) if cache else 0,
@@ -273,7 +280,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise FailedPrecondition("named caches need prefix caching, which this server "
                                      "runs without (--no-prefix-caching)")
         check_display_name(request.display_name)
-        turns, system = await asyncio.to_thread(conversation, request, parts)
+        turns, system = await self._validating(request)(conversation, request, parts)
         try:
             ids = await asyncio.to_thread(prompt_lib.render_prefix, turns, system,
                                           rt.tokenizer)
@@ -383,7 +390,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 modality, header.mime_type, sha, path=upload.path,
                 video=media_lib.VideoRead() if modality == media_lib.VIDEO else None)
             try:
-                tokens = await asyncio.to_thread(rt.media.describe, source)
+                tokens = await rt.probes.run(rt.media.describe, source)
             except MediaTooLarge as error:
                 raise ResourceExhausted(f"UploadMedia: {error}") from None
             except MediaError as error:
