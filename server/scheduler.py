@@ -92,7 +92,11 @@ class Plan:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, *, max_running: int, token_budget: int,
-                 max_chunk: int | None = None):
+                 max_chunk: int | None = None, whole_spans: bool = False):
+        """whole_spans: never end a prefill chunk inside a run of media rows (ids < 0), for
+        models whose rows of one image attend to each other both ways (Gemma 3): each run must
+        be computed in one chunk. A run resumed from the prefix cache mid-way is fine: the
+        cached part was computed with the whole run."""
         if token_budget < max_running:
             raise ValueError(f"token_budget={token_budget} must cover one decode token for each "
                              f"of the {max_running} running sequences")
@@ -100,6 +104,7 @@ class Scheduler:
         self.max_running = max_running
         self.token_budget = token_budget
         self.max_chunk = max_chunk or token_budget
+        self.whole_spans = whole_spans
         self.waiting: collections.deque[SeqState] = collections.deque()
         self.running: list[SeqState] = []  # in admission order: the newest is preempted first
         self._free_slots = list(range(max_running))[::-1]
@@ -123,7 +128,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            count = min(seq.available() - seq.num_computed, budget, self.max_chunk)
+            count = self._chunk(seq, seq.num_computed, min(
+                seq.available() - seq.num_computed, budget, self.max_chunk))
             if count <= 0:  # waits for its media's next rows
                 i += 1
                 continue
@@ -147,7 +153,7 @@ class Scheduler:
             available = seq.available()
             hit = self.kv.lookup(seq.token_ids, seq.extra_keys) if available else None
             start = hit.num_cached_tokens if hit else 0
-            count = min(available - start, budget, self.max_chunk)
+            count = self._chunk(seq, start, min(available - start, budget, self.max_chunk))
             if count <= 0:  # its media have no rows yet: let the next one by
                 j += 1
                 continue
@@ -164,6 +170,16 @@ class Scheduler:
             work.append(self._work(seq, count, table))
             budget -= count
         return Plan(tuple(work), tuple(preempted))
+
+    def _chunk(self, seq: SeqState, start: int, count: int) -> int:
+        """`count`, shortened with whole_spans so the chunk does not end inside a run of media
+        rows (0: the run does not fit this step; it waits for a fuller budget)."""
+        ids, end = seq.prompt_ids, start + count
+        if not self.whole_spans or count <= 0 or end >= len(ids) or ids[end] >= 0:
+            return count
+        while end > start and ids[end - 1] < 0:
+            end -= 1
+        return end - start
 
     def _work(self, seq: SeqState, count: int, table: Sequence[int]) -> Work:
         return Work(seq.request_id, seq.slot, seq.num_computed, count, tuple(table),

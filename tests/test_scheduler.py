@@ -136,3 +136,45 @@ def test_finish_of_a_waiting_request_frees_nothing_twice():
 def test_budget_must_cover_running_decodes():
     with pytest.raises(ValueError, match="token_budget"):
         Scheduler(KVCacheManager(num_blocks=8, block_size=G), max_running=4, token_budget=2)
+
+
+def _cuts_inside_a_run(plan, sched, cuts):
+    for w in plan.work:
+        ids, end = sched.get(w.request_id).prompt_ids, w.start + w.count
+        if 0 < end < len(ids) and ids[end - 1] < 0 and ids[end] < 0:
+            cuts.append((w.request_id, end))
+
+
+@pytest.mark.parametrize("whole_spans", [True, False])
+def test_whole_spans_never_cut_a_run_of_media_rows(whole_spans):
+    """Prompts with runs of media rows (ids < 0, up to the chunk size) beside decoding streams:
+    with whole_spans no prefill chunk ends inside a run, and outputs equal solo runs; without
+    it, the same prompts are cut inside runs (so the check can fail)."""
+    rng = random.Random(1)
+    seqs = []
+    for i in range(8):
+        prompt = []
+        for _ in range(rng.randrange(1, 4)):
+            prompt += [rng.randrange(101) for _ in range(rng.randrange(1, 9))]
+            prompt += [-1 - rng.randrange(10**6) for _ in range(rng.randrange(3, 9))]
+        seqs.append(SeqState(f"r{i}", tuple(prompt + [5]), max_new_tokens=rng.randrange(1, 6)))
+    kv = KVCacheManager(num_blocks=256, block_size=G)
+    sched = Scheduler(kv, max_running=3, token_budget=11, max_chunk=8, whole_spans=whole_spans)
+    cuts = []
+    done = drive(sched, PageStore(256), seqs, on_step=lambda plan: _cuts_inside_a_run(plan, sched, cuts))
+    for seq in seqs:
+        assert done[seq.request_id].output_ids == solo(seq.prompt_ids, seq.max_new_tokens)
+    assert (cuts == []) == whole_spans
+
+
+def test_whole_spans_resume_a_run_from_the_prefix_cache():
+    """A prefix hit may end inside a run (pages are G tokens): the rest of the run is computed
+    in one chunk from there."""
+    kv = KVCacheManager(num_blocks=64, block_size=G)
+    sched = Scheduler(kv, max_running=2, token_budget=10, max_chunk=8, whole_spans=True)
+    store = PageStore(64)
+    prompt = (1, 2, 3, 4, 5, 6, -5, -6, -7, -8, -9, 3)  # the hit's 8 tokens hold 2 of the run's rows
+    drive(sched, store, [SeqState("a", prompt, max_new_tokens=1)])
+    steps = []
+    done = drive(sched, store, [SeqState("b", prompt, max_new_tokens=2)], on_step=steps.append)
+    assert steps[0].work[0].start == 8 and done["b"].output_ids == solo(prompt, 2)
