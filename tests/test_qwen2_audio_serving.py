@@ -165,3 +165,21 @@ def test_missing_feature_extractor_config_is_named(hub_dir, tmp_path):
     assert load_audio_features(directory, config).feature_size == 128
     with pytest.raises(ValueError, match="preprocessor_config.json"):
         load_audio_features(tmp_path, config)
+
+
+def test_prefix_cache_is_keyed_by_the_audio(stub):
+    """The same clip again is served from the prefix cache past its rows; another clip of the
+    same length (the same number of rows) is not."""
+    def usage(wav: bytes):
+        part = pb.Part(inline_data=pb.Blob(mime_type="audio/wav", data=wav))
+        request = pb.GenerateRequest(contents=[pb.Content(role="user", parts=[part, pb.Part(text="Describe it.")])],
+                                     generation_config=pb.GenerationConfig(max_output_tokens=1, temperature=0))
+        return run(stub, request)[-1].usage_metadata
+
+    # Bytes made once: a float WAV's PEAK chunk holds the time it was written.
+    clip, other_clip = _wav(_clip(5.0, 16_000, 6), 16_000), _wav(_clip(5.0, 16_000, 7), 16_000)
+    first, again, other = usage(clip), usage(clip), usage(other_clip)
+    assert _details(first)["AUDIO"] == _details(other)["AUDIO"]
+    before_audio = 27  # the system turn, "<|im_start|>user\nAudio 1: <|audio_bos|>"
+    assert again.cached_content_token_count >= first.prompt_token_count - 16
+    assert first.cached_content_token_count <= before_audio and other.cached_content_token_count <= before_audio
