@@ -183,3 +183,20 @@ def test_prefix_cache_is_keyed_by_the_audio(stub):
     before_audio = 27  # the system turn, "<|im_start|>user\nAudio 1: <|audio_bos|>"
     assert again.cached_content_token_count >= first.prompt_token_count - 16
     assert first.cached_content_token_count <= before_audio and other.cached_content_token_count <= before_audio
+
+
+def test_a_mesh_answers_with_the_same_tokens(hub_dir):
+    """Sequence- and tensor-sharded (2 x 2 CPU devices): the same greedy tokens as transformers."""
+    _, model, processor = hub_dir
+    parts = [(_clip(3.5, 16_000, 8), 16_000), "What is this sound?"]
+    _, want = _theirs(processor, model, parts)
+    server = ServerProcess("--model", str(hub_dir[0]), "--mesh", "sequence=2,tensor=2", "--max-batch", "2",
+                           "--kv-cache-gib", "0.05", "--prefill-chunk", "64", "--page-len", "8")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            got = token_ids(run(pb_grpc.InferenceStub(channel), pb.GenerateRequest(
+                contents=[_user(*parts)], generation_config=pb.GenerationConfig(
+                    max_output_tokens=STEPS, temperature=0, ignore_eos=True)), timeout=180))
+    finally:
+        server.terminate()
+    assert got == want
