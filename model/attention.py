@@ -20,30 +20,49 @@ import jax.numpy as jnp
 MASK_VALUE = -1e30
 
 
-def visible(key_pos: jax.Array, query_pos: jax.Array, window: int | None) -> jax.Array:
+def visible(key_pos: jax.Array, query_pos: jax.Array, window: int | None, key_span: jax.Array | None = None,
+            query_span: jax.Array | None = None) -> jax.Array:
     """Whether a key at `key_pos` is visible to a query at `query_pos` (broadcast together):
     key <= query, and key > query - window for a sliding-window layer. Every attention path
-    (dense, paged, sharded, ring) masks with this one rule."""
+    (dense, paged, sharded, ring) masks with this one rule.
+
+    Spans (optional, ints broadcast like the positions; 0 = text): a key in the query's own nonzero
+    span is visible even when it comes later, so one image's tokens see each other both ways. The
+    window still bounds it, as transformers' Gemma 3 masks do: window AND (causal OR same span)."""
     ok = key_pos <= query_pos
+    if query_span is not None:
+        ok |= (key_span == query_span) & (query_span > 0)
     if window is not None:
         ok &= key_pos > query_pos - window
     return ok
 
 
-def causal_mask(length: int, window: int | None = None) -> jax.Array:
-    """bool[1, T, T]: query t sees keys 0..t (t - window + 1..t with a window). Used without a cache,
-    where index = order in the batch."""
+def causal_mask(length: int, window: int | None = None, spans: jax.Array | None = None) -> jax.Array:
+    """bool[1, T, T] (bool[B, T, T] with spans i32[B, T]): query t sees keys 0..t (t - window + 1..t
+    with a window), and the keys of its own span. Used without a cache, where index = order in the
+    batch."""
     idx = jnp.arange(length)
-    return visible(idx[None, :], idx[:, None], window)[None]
+    if spans is None:
+        return visible(idx[None, :], idx[:, None], window)[None]
+    return visible(idx[None, None, :], idx[None, :, None], window, spans[:, None, :], spans[:, :, None])
 
 
-def cache_mask(positions: jax.Array, cache_len: int, window: int | None = None) -> jax.Array:
+def cache_mask(positions: jax.Array, cache_len: int, window: int | None = None,
+               spans: jax.Array | None = None) -> jax.Array:
     """bool[B, T, S]: the query at absolute position p sees cache indices s <= p (and s > p - window).
 
     Built from indices, never from a stored length, so stale or padded entries beyond p are invisible.
+    spans (optional, i32[B, T], 0 = text) are the spans of the T tokens just written at `positions`;
+    a query also sees those of its own span. Earlier entries count as text, so a span must lie
+    wholly inside these T tokens.
     """
     s = jnp.arange(cache_len)
-    return visible(s[None, None, :], positions[:, :, None], window)
+    if spans is None:
+        return visible(s[None, None, :], positions[:, :, None], window)
+    rows = jnp.arange(positions.shape[0])[:, None]
+    at = jnp.where(positions >= 0, positions, cache_len)  # padding (-1) dropped, not wrapped to the end
+    key_span = jnp.zeros((positions.shape[0], cache_len), jnp.int32).at[rows, at].set(spans, mode='drop')
+    return visible(s[None, None, :], positions[:, :, None], window, key_span[:, None, :], spans[:, :, None])
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:

@@ -10,7 +10,8 @@ Media encoders (config.vision / config.audio) are ordinary parameters under 'vis
 Hugging Face SigLIP vision and Whisper encoder weights come in through siglip_vision_params /
 whisper_encoder_params and assign_params (into model.vision.tower / model.audio.tower).
 A Gemma 3 multimodal directory (Gemma3ForConditionalGeneration) loads its decoder from the tensors
-under `hf_decoder_prefix` (its vision tower and projector tensors are not read by `load`).
+under `hf_decoder_prefix` and its SigLIP vision tower and projector into 'vision.'
+(`_gemma3_vision_sources`; the tower's unused pooling head is not read).
 A Qwen2-Audio directory (Qwen2AudioForConditionalGeneration) loads its decoder the same way and
 its audio tower and projector into 'audio.' (`_qwen2_audio_sources`).
 
@@ -130,6 +131,10 @@ def _load_hf(path: Path, dtype: str | None) -> tuple[ModelConfig, Transformer]:
         if hf['model_type'] == 'qwen2_audio':
             sources = {**_hf_sources(config.replace(audio=None), prefix, lm_head),
                        **_qwen2_audio_sources(config, tensors.names)}
+            _check_covers(config, sources)
+        elif hf['model_type'] == 'gemma3':
+            sources = {**_hf_sources(config.replace(vision=None, bidirectional_media=False), prefix, lm_head),
+                       **_gemma3_vision_sources(config, tensors.names)}
             _check_covers(config, sources)
         else:
             sources = _hf_sources(config, prefix, lm_head)
@@ -277,6 +282,12 @@ def siglip_vision_params(hf_state: dict[str, np.ndarray], cfg: VisionConfig, pre
     `assign_params(model.vision.tower, params)`."""
     if prefix is None:
         prefix = _find_prefix(hf_state, 'embeddings.patch_embedding.weight', 'SigLIP vision')
+    specs = _module_specs(lambda: VisionTower(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    return _convert_state(hf_state, _siglip_sources(cfg, prefix), specs, 'SigLIP vision')
+
+
+def _siglip_sources(cfg: VisionConfig, prefix: str) -> Sources:
+    """VisionTower parameter name -> SigLIP vision tensors under `prefix` and conversion."""
     sources: Sources = {
         'patch_kernel': ((f'{prefix}embeddings.patch_embedding.weight',), lambda w: w.transpose(2, 3, 1, 0)),
         'patch_bias': ((f'{prefix}embeddings.patch_embedding.bias',), _same),
@@ -293,8 +304,7 @@ def siglip_vision_params(hf_state: dict[str, np.ndarray], cfg: VisionConfig, pre
         })
         for ours_proj, hf_proj in (('q', 'q_proj'), ('k', 'k_proj'), ('v', 'v_proj'), ('o', 'out_proj')):
             sources.update(_dense(f'{ours}attn.{ours_proj}', f'{hf}self_attn.{hf_proj}'))
-    specs = _module_specs(lambda: VisionTower(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
-    return _convert_state(hf_state, sources, specs, 'SigLIP vision')
+    return sources
 
 
 def whisper_encoder_params(hf_state: dict[str, np.ndarray], cfg: AudioConfig, prefix: str | None = None) -> dict:
@@ -351,6 +361,27 @@ def _qwen2_audio_sources(config: ModelConfig, names) -> Sources:
     tower = _whisper_sources(config.audio, f'{root}audio_tower.')
     return {**{f'audio.tower.{name}': source for name, source in tower.items()},
             **_dense('audio.projector.proj', f'{root}multi_modal_projector.linear')}
+
+
+# Gemma 3's vision tower and projector: at the root as transformers 4 saves them (and Google's
+# checkpoints have them), or under 'model.' (transformers 5's module names); the tower's own tensors
+# under 'vision_model.' (transformers 4's SiglipVisionModel) or directly (transformers 5 saves them so).
+_GEMMA3_VISION_ROOTS = ('', 'model.')
+_GEMMA3_TOWER_PREFIXES = tuple(f'{root}vision_tower.{inner}' for root in _GEMMA3_VISION_ROOTS
+                               for inner in ('vision_model.', ''))
+
+
+def _gemma3_vision_sources(config: ModelConfig, names) -> Sources:
+    """ringserve 'vision.*' name -> Gemma 3 tensors (vision_tower.*, multi_modal_projector.*) and
+    conversion. The projector's weight is stored [W, D] (it multiplies on the right), as ours."""
+    tower = next((p for p in _GEMMA3_TOWER_PREFIXES if f'{p}embeddings.patch_embedding.weight' in names),
+                 _GEMMA3_TOWER_PREFIXES[0])
+    root = next((r for r in _GEMMA3_VISION_ROOTS if f'{r}multi_modal_projector.mm_input_projection_weight' in names),
+                '')
+    projector = f'{root}multi_modal_projector.'
+    return {**{f'vision.tower.{name}': source for name, source in _siglip_sources(config.vision, tower).items()},
+            'vision.projector.norm.scale': ((f'{projector}mm_soft_emb_norm.weight',), _same),
+            'vision.projector.proj': ((f'{projector}mm_input_projection_weight',), _same)}
 
 
 def assign_params(module: nnx.Module, params: dict) -> None:

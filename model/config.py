@@ -28,8 +28,8 @@ _HF_ACTIVATIONS = {
     'gelu_tanh': 'gelu_tanh',
     'gelu_new': 'gelu_tanh',
 }
-# `gemma3_text` is Gemma3ForCausalLM; `gemma3` is Gemma3ForConditionalGeneration, whose decoder loads
-# (its vision tower is not read yet).
+# `gemma3_text` is Gemma3ForCausalLM; `gemma3` is Gemma3ForConditionalGeneration: its decoder, and its
+# SigLIP vision tower and projector as config.vision.
 # `qwen2_audio` (Qwen2AudioForConditionalGeneration): a qwen2 decoder and an audio encoder (model/qwen2_audio.py).
 HF_MODEL_TYPES = ('llama', 'qwen2', 'gemma', 'gemma3_text', 'gemma3', 'qwen2_audio')
 # Gemma3TextConfig's defaults: a Gemma 3 multimodal config.json writes only the text settings that
@@ -41,6 +41,12 @@ _GEMMA3_TEXT_DEFAULTS = dict(
     rope_local_base_freq=10_000.0, query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
 )
 _GEMMA3_LAYER_TYPES = ('sliding_attention', 'full_attention')
+# SiglipVisionConfig's defaults, for the keys a Gemma 3 config.json's vision_config leaves out.
+_SIGLIP_VISION_DEFAULTS = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+    image_size=224, patch_size=16, hidden_act='gelu_pytorch_tanh', layer_norm_eps=1e-6,
+)
+_GEMMA3_MM_TOKENS_PER_IMAGE = 256  # Gemma3Config's default
 
 # Whisper's log-mel features: 100 frames per second (hop 160 at 16 kHz); its conv2 halves that.
 MEL_FRAMES_PER_SECOND = 100
@@ -384,6 +390,9 @@ class ModelConfig:
     # RoPE of layers whose LayerKind has local_rope (Gemma 3's sliding-window layers); None: no such layers.
     local_rope_theta: float | None = None
     local_rope_scaling: RopeScaling | None = None
+    # Tokens of one media span (Transformer's `spans`) see each other in both directions, not only
+    # earlier ones: Gemma 3's image tokens do. False: spans are ignored, attention stays causal.
+    bidirectional_media: bool = False
 
     def __post_init__(self):
         # JSON gives lists and dicts; normalise so equality and hashing behave.
@@ -442,9 +451,12 @@ class ModelConfig:
         for i in self.eos_ids:
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f'eos id {i} is outside the vocabulary [0, {self.vocab_size}).')
-        for field in ('qk_norm', 'post_norms'):
+        for field in ('qk_norm', 'post_norms', 'bidirectional_media'):
             if not isinstance(getattr(self, field), (bool, np.bool_)):
                 raise ValueError(f'{field}={getattr(self, field)!r}: must be True or False.')
+        if self.bidirectional_media and self.vision is None and self.audio is None:
+            raise ValueError('bidirectional_media=True without a media encoder: set vision or audio, or leave it '
+                             'False.')
         if self.query_pre_attn_scalar is not None and not _positive_number(self.query_pre_attn_scalar):
             raise ValueError(f'query_pre_attn_scalar={self.query_pre_attn_scalar}: use None (scale 1/sqrt(head_dim)) '
                              'or a value > 0 (scale value ** -0.5).')
@@ -556,6 +568,8 @@ class ModelConfig:
         bos = text.get('bos_token_id')
         if family == 'gemma3_text':
             extra = _gemma3_fields(text)
+            if model_type == 'gemma3':
+                extra.update(vision=gemma3_vision_config(hf), bidirectional_media=True)
         else:
             theta, scaling = _hf_rope(text)
             extra = dict(rope_theta=theta, rope_scaling=scaling)
@@ -586,7 +600,8 @@ class ModelConfig:
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 _AUDIO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AudioConfig)}
 _QWEN2_AUDIO_FIELDS = ('pool_site', 'projector', 'mask_padding')
-_GEMMA3_FIELDS = ('qk_norm', 'post_norms', 'query_pre_attn_scalar', 'local_rope_theta', 'local_rope_scaling')
+_GEMMA3_FIELDS = ('qk_norm', 'post_norms', 'query_pre_attn_scalar', 'local_rope_theta', 'local_rope_scaling',
+                  'bidirectional_media')
 
 
 def hf_text_config(hf: dict[str, Any]) -> dict[str, Any]:
@@ -596,7 +611,7 @@ def hf_text_config(hf: dict[str, Any]) -> dict[str, Any]:
     Generation) it is `text_config` over Gemma3TextConfig's defaults, with the wrapper's own
     tie_word_embeddings (which decides whether lm_head is stored) and token ids, and no final logit
     soft-capping: the wrapper's forward never applies it (transformers 5.25), whatever text_config says.
-    The wrapper's `vision_config` is for the vision tower, which is read elsewhere.
+    The wrapper's `vision_config` is for the vision tower (`gemma3_vision_config`).
     """
     if hf.get('model_type') == 'gemma3_text':
         return {**_GEMMA3_TEXT_DEFAULTS, **hf}
@@ -609,6 +624,29 @@ def hf_text_config(hf: dict[str, Any]) -> dict[str, Any]:
             text[key] = hf[key]
     text['final_logit_softcapping'] = None
     return text
+
+
+def gemma3_vision_config(hf: dict[str, Any]) -> VisionConfig:
+    """The VisionConfig of a Gemma 3 multimodal config dict: its `vision_config` (a SigLIP vision
+    model) over SiglipVisionConfig's defaults, pooled to the wrapper's `mm_tokens_per_image`."""
+    vision = {**_SIGLIP_VISION_DEFAULTS, **(hf.get('vision_config') or {})}
+    if vision['hidden_act'] != 'gelu_pytorch_tanh' or vision['num_channels'] != 3:
+        raise ValueError(f'Gemma 3 vision_config with hidden_act={vision["hidden_act"]!r} and num_channels='
+                         f'{vision["num_channels"]}: only SigLIP\'s gelu_pytorch_tanh over 3 channels is supported.')
+    sides = {}
+    for key in ('image_size', 'patch_size'):
+        value = vision[key]
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise ValueError(f'Gemma 3 vision_config {key}={value!r}: only square images and patches are '
+                                 'supported.')
+            value = value[0]
+        sides[key] = value
+    return VisionConfig(
+        **sides, width=vision['hidden_size'], n_layers=vision['num_hidden_layers'],
+        n_heads=vision['num_attention_heads'], mlp_dim=vision['intermediate_size'],
+        norm_eps=float(vision['layer_norm_eps']),
+        tokens_per_image=hf.get('mm_tokens_per_image') or _GEMMA3_MM_TOKENS_PER_IMAGE)
 
 
 def _gemma3_fields(text: dict[str, Any]) -> dict[str, Any]:

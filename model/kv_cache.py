@@ -63,11 +63,13 @@ class KVCache:
         return self.max_len
 
     def attend(self, layer: int, q, k, v, positions, scale: float, kv_span: int | None = None, *,
-               window: int | None = None):
+               window: int | None = None, spans: jax.Array | None = None):
         """Write k, v at `positions`, then attend q over cache indices < kv_span (all when None):
         the query at position p sees indices <= p (and > p - window for a sliding-window layer).
+        spans (optional, i32[B, T]; 0 = text): a query also sees the new keys of its own nonzero
+        span (`attention.cache_mask`); a span must lie wholly inside this call's tokens.
         Returns ([B, T, N, H], the updated cache)."""
         cache = self.write(layer, positions, k, v)
         k_all, v_all = cache.read(layer, kv_span)  # [B, S, K, H]
-        mask = attention.cache_mask(positions, k_all.shape[1], window)  # [B, T, S]
+        mask = attention.cache_mask(positions, k_all.shape[1], window, spans)  # [B, T, S]
         return attention.attend(q, k_all, v_all, mask, scale), cache

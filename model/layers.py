@@ -141,9 +141,11 @@ class Attention(nnx.Module):
         cache,  # KVCache | PagedKVCache | a sharded cache | None; see `attend` below
         layer: int,
         kv_span: int | None = None,
+        spans: jax.Array | None = None,  # i32[B, T]
     ):
         """Without a cache, causal attention over the T tokens; with one, `cache.attend` writes the
-        new K/V and attends (dense, paged or sharded: the cache decides)."""
+        new K/V and attends (dense, paged or sharded: the cache decides). `spans` (0 = text): each
+        query also sees the tokens of its own nonzero span (`attention.visible`)."""
         b, t, _ = x.shape
         n, kv_heads, h = self.n_heads, self.n_kv_heads, self.head_dim
         w = self.qkv_proj[...]
@@ -161,10 +163,12 @@ class Attention(nnx.Module):
         if self.log_scale is not None:
             q = (q.astype(jnp.float32) * log_length_scale(positions, self.log_scale)).astype(q.dtype)
         if cache is None:
-            out = attention.attend(q, k, v, attention.causal_mask(t, self.window), self.scale)
+            out = attention.attend(q, k, v, attention.causal_mask(t, self.window, spans), self.scale)
         else:
-            out, cache = cache.attend(layer, q, k, v, positions, self.scale, kv_span,
-                                      window=self.window)  # [B, T, N, H]
+            # Caches that never see spans need not know the keyword.
+            span_arg = {} if spans is None else dict(spans=spans)
+            out, cache = cache.attend(layer, q, k, v, positions, self.scale, kv_span, window=self.window,
+                                      **span_arg)  # [B, T, N, H]
         return out.reshape(b, t, n * h) @ self.o_proj[...], cache
 
 
@@ -207,8 +211,8 @@ class Block(nnx.Module):
         else:
             self.attn_post_norm = self.mlp_post_norm = None
 
-    def __call__(self, x, positions, rope, cache, layer, kv_span=None):
-        h, cache = self.attn(self.attn_norm(x), positions, rope, cache, layer, kv_span)  # [B, T, D]
+    def __call__(self, x, positions, rope, cache, layer, kv_span=None, spans=None):
+        h, cache = self.attn(self.attn_norm(x), positions, rope, cache, layer, kv_span, spans)  # [B, T, D]
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)
         x = x + h

@@ -163,6 +163,8 @@ class PagedEngine:
         self.pages_per_device = num_pages // s
         self._media = getattr(config, 'vision', None) is not None or getattr(
             config, 'audio', None) is not None
+        # Such a model's prefill always takes a spans array (zeros for text): one program a bucket.
+        self._spans = getattr(config, 'bidirectional_media', False)
 
         self._graphdef, state = nnx.split(model)
         self.param_count = int(sum(np.size(x) for x in jax.tree.leaves(
@@ -203,7 +205,8 @@ class PagedEngine:
         self._seeds[slot] = s[0]
 
     def prefill(self, slot: int, token_ids: Sequence[int], start: int,
-                block_table: Sequence[int], embeds: np.ndarray | None = None) -> int:
+                block_table: Sequence[int], embeds: np.ndarray | None = None,
+                spans: Sequence[int] | None = None) -> int:
         """Computes tokens at positions [start, start + len(token_ids)) of one request.
 
         Returns the token sampled after the last of them (callers drop it when the chunk does not
@@ -211,20 +214,31 @@ class PagedEngine:
         Media: ids < 0 are placeholders whose input is the same row of `embeds` (f32[T, D])
         instead of a token embedding (a model with encoders always gets an embeds array, zeros
         for text, so media need no program of their own).
+        `spans` (one int per token, 0 = text, k = the k-th media span): with
+        config.bidirectional_media the tokens of one span see each other both ways (Gemma 3's
+        images); each nonzero span is one run of tokens, never cut across chunks (the caller's
+        duty: a chunk cannot see its neighbours). None: all text. Ignored by other models.
         """
         n = len(token_ids)
         if not 0 < n <= self.prefill_chunk:
             raise ValueError(f"prefill chunk of {n} tokens: must be 1..{self.prefill_chunk}")
         if start + n > self.max_len:
             raise ValueError(f"positions up to {start + n} pass max_len={self.max_len}")
+        if spans is not None:
+            spans = _check_spans(spans, n)  # before anything runs, for every model
         bucket = next(b for b in self.buckets if b >= n)
         tokens, positions, last, rows = self._stripe(token_ids, start, bucket, embeds)
+        span_rows = None
+        if self._spans:
+            span_rows = self._striped(np.zeros(n, np.int32) if spans is None else spans, start, bucket, 0)
         sl = slice(slot, slot + 1)
         seq = self._sharding(P(None, SEQ))
         rows = None if rows is None else self._put(rows, self._sharding(P(None, SEQ, None)))
+        span_rows = None if span_rows is None else self._put(span_rows, seq)
         logits, self._pages = self._prefill_step(
             self._state, self._pages, self._put(tokens, seq), self._put(positions, seq), rows,
-            self._local_tables([block_table], self.table_width), np.int32(start), np.int32(last))
+            self._local_tables([block_table], self.table_width), np.int32(start), np.int32(last),
+            span_rows)
         token = self._sample_step(logits, np.array([start + n], np.int32), self._temperature[sl],
                                   self._top_k[sl], self._top_p[sl], self._seeds[sl])
         return int(_host(token)[0])
@@ -317,33 +331,38 @@ class PagedEngine:
         page is on r (page j on j % S), in order, padded with position -1. Returns (tokens, positions)
         i32[1, S * T_l], the index of the chunk's last token in that layout, and the embeddings in
         the same layout (f32[1, S * T_l, D]; None for a model without encoders)."""
-        s, g, n = self.seq_size, self.page_len, len(token_ids)
-        t_local = self._stripe_len(bucket)
-        tokens = np.zeros((s, t_local), np.int32)
-        positions = np.full((s, t_local), -1, np.int32)
-        rows = np.zeros((s, t_local, self.config.d_model), self.config.jnp_dtype) if (
-            self._media) else None
-        if embeds is not None and rows is None:
+        n = len(token_ids)
+        if embeds is not None and not self._media:
             raise ValueError(f"{self.config.name} has no media encoders: it takes no embeddings")
-        pos = np.arange(start, start + n)
-        rank = (pos // g) % s
         # Media placeholders are 64-bit ids (< 0); on device any negative id means "take the row".
         ids = np.asarray(token_ids, np.int64)
         ids = np.where(ids < 0, -1, ids).astype(np.int32)
-        last = 0
+        tokens = self._striped(ids, start, bucket, 0)
+        positions = self._striped(np.arange(start, start + n, dtype=np.int32), start, bucket, -1)
+        last = int(np.argmax(positions[0] == start + n - 1))
+        rows = None
+        if self._media:
+            if embeds is None:
+                embeds = np.zeros((n, self.config.d_model), np.float32)
+            rows = self._striped(np.asarray(embeds), start, bucket, 0).astype(self.config.jnp_dtype)
+        return tokens, positions, last, rows
+
+    def _striped(self, values: np.ndarray, start: int, bucket: int, fill) -> np.ndarray:
+        """values [n, ...], one per token of a chunk at [start, start + n), in `_stripe`'s layout:
+        [1, S * T_l, ...], padding `fill`."""
+        s, g, n = self.seq_size, self.page_len, len(values)
+        t_local = self._stripe_len(bucket)
+        index = np.full((s, t_local), -1, np.int64)  # which token of the chunk each slot holds
+        rank = ((start + np.arange(n)) // g) % s
         for r in range(s):
             mine = np.nonzero(rank == r)[0]
             if len(mine) > t_local:
                 raise AssertionError(f"stripe of {len(mine)} tokens > {t_local}")  # _stripe_len's bound
-            tokens[r, :len(mine)] = ids[mine]
-            positions[r, :len(mine)] = pos[mine]
-            if embeds is not None:
-                rows[r, :len(mine)] = embeds[mine]
-            if len(mine) and mine[-1] == n - 1:
-                last = r * t_local + len(mine) - 1
-        if rows is not None:
-            rows = rows.reshape(1, s * t_local, -1)
-        return tokens.reshape(1, -1), positions.reshape(1, -1), last, rows
+            index[r, :len(mine)] = mine
+        index = index.reshape(-1)
+        out = values[np.maximum(index, 0)]
+        real = (index >= 0).reshape(-1, *[1] * (out.ndim - 1))
+        return np.where(real, out, np.asarray(fill, values.dtype))[None]
 
     def _local_tables(self, tables: Sequence[Sequence[int]], width: int, rows: int | None = None):
         """Global page ids, i32[B, width] -> per-device local ids i32[B, S, width / S], sharded over
@@ -408,10 +427,10 @@ class PagedEngine:
         return ShardedPagedCache(k_pages=pages[0], v_pages=pages[1], local_tables=tables,
                                  start=jnp.asarray(start, jnp.int32), mesh=self.mesh, prefill=prefill)
 
-    def _prefill_fn(self, state, pages, tokens, positions, rows, tables, start, last):
+    def _prefill_fn(self, state, pages, tokens, positions, rows, tables, start, last, spans):
         """tokens, positions i32[1, S * T_l] striped (padding at -1), rows f32[1, S * T_l, D] or
-        None (media embeddings where tokens < 0) -> (logits f32[1, V] at the chunk's last token,
-        pages)."""
+        None (media embeddings where tokens < 0), spans i32[1, S * T_l] or None (media spans) ->
+        (logits f32[1, V] at the chunk's last token, pages)."""
         self._traces += 1  # Python runs only while tracing: one count per compilation
         model = nnx.merge(self._graphdef, state)
         cache = self._cache(pages, tables, start, prefill=True)
@@ -420,7 +439,7 @@ class PagedEngine:
             media = dict(embeds=rows, embed_mask=tokens < 0)
             tokens = jnp.maximum(tokens, 0)
         # Logits only where we sample: the chunk's last real token (not all T positions).
-        logits, cache = model(tokens, positions, cache, logits_at=last[None, None], **media)
+        logits, cache = model(tokens, positions, cache, logits_at=last[None, None], spans=spans, **media)
         return logits[:, 0], (cache.k_pages, cache.v_pages)
 
     def _decode_fn(self, state, pages, tables, tokens, positions):
@@ -459,6 +478,18 @@ class PagedEngine:
         position of the token it samples."""
         self._traces += 1
         return sample(logits, temperature, top_k, top_p, row_keys(seeds, sampled_at))
+
+
+def _check_spans(spans: Sequence[int], n: int) -> np.ndarray:
+    """i32[n] spans of a prefill chunk; ValueError unless each nonzero span is one run of tokens."""
+    spans = np.asarray(spans, np.int64)
+    if spans.shape != (n,) or np.any(spans < 0):
+        raise ValueError(f"spans: give one int >= 0 per token ({n}), got shape {spans.shape}")
+    starts = spans[np.r_[True, spans[1:] != spans[:-1]]]  # the span of each run
+    runs = starts[starts > 0]
+    if len(np.unique(runs)) != len(runs):
+        raise ValueError("spans: each nonzero span must be one contiguous run of tokens")
+    return spans.astype(np.int32)
 
 
 def _host(x: jax.Array) -> np.ndarray:

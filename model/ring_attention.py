@@ -10,8 +10,8 @@ across devices (Striped Attention, arXiv 2311.09431) and means each device compu
 tokens whose K/V it stores. A visiting block with no key visible to any local query (all in the
 future, all before every local query's sliding window, or padding) is skipped with `lax.cond`, and
 the last rotation (which would only bring each block home) is not done: S blocks, S - 1 permutes.
-Masking is `attention.visible` (with the layer's window, a static int or None) plus "key position
->= 0" for padding.
+Masking is `attention.visible` (with the layer's window, a static int or None, and optional
+media spans whose tokens see each other both ways) plus "key position >= 0" for padding.
 
 Functions whose name ends in `_shard` run inside `shard_map` and see per-shard shapes; the
 alphabet is docs/design.md's (B T S N K H, R = N / K query heads per kv head), with Q = R * T the
@@ -65,17 +65,20 @@ def partial_from_state(state, t: int) -> Partial:
     return Partial(o=from_rows(o, t), m=from_rows(m, t), l=from_rows(l, t))
 
 
-def fold_block(state, q_rows, q_pos_rows, k, v, k_pos, scale: float, window: int | None = None):
+def fold_block(state, q_rows, q_pos_rows, k, v, k_pos, scale: float, window: int | None = None,
+               q_span_rows=None, k_span=None):
     """Fold one K/V block into the online-softmax state.
 
     q_rows [B, K, Q, H]; q_pos_rows i32[B, Q]; k, v [B, S, K, H]; k_pos i32[B, S] (< 0: padding).
     A key is visible to a query iff its position is >= 0 and `attention.visible(key, query, window)`
-    (key <= query, and key > query - window when `window` is given).
+    (key <= query, and key > query - window when `window` is given); with spans (q_span_rows
+    i32[B, Q], k_span i32[B, S]; 0 = text) also a later key of the query's own span.
     """
     o, m, l = state
     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, H]
     s = jnp.einsum('BKQH,BKSH->BKQS', q_rows, kt, preferred_element_type=jnp.float32) * scale
-    seen = (k_pos[:, None, :] >= 0) & visible(k_pos[:, None, :], q_pos_rows[:, :, None], window)  # [B, Q, S]
+    spans = () if q_span_rows is None else (k_span[:, None, :], q_span_rows[:, :, None])
+    seen = (k_pos[:, None, :] >= 0) & visible(k_pos[:, None, :], q_pos_rows[:, :, None], window, *spans)  # [B, Q, S]
     seen = seen[:, None]  # [B, 1, Q, S]
     s = jnp.where(seen, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -87,12 +90,15 @@ def fold_block(state, q_rows, q_pos_rows, k, v, k_pos, scale: float, window: int
 
 
 def ring_attention_shard(q, k, v, q_pos, k_pos, scale: float, axis_name: str, axis_size: int,
-                         init: Partial | None = None, window: int | None = None) -> Partial:
+                         init: Partial | None = None, window: int | None = None, q_span=None,
+                         k_span=None) -> Partial:
     """Per-shard body: local queries q [B, T, N, H] at q_pos i32[B, T] attend every shard's keys.
 
     k, v [B, Tk, K, H] at k_pos i32[B, Tk] are this shard's block; they visit every other shard
     in turn. `init` (optional) is a Partial over other keys (e.g. earlier pages) to merge with.
     `window` (static, None = global): a query at p sees keys p - window < s <= p only.
+    q_span i32[B, T], k_span i32[B, Tk] (optional, 0 = text): a query also sees the later keys of
+    its own span (`attention.visible`); the spans travel with their keys.
     Returns this shard's queries' Partial (normalised o, m, l).
     """
     check_window(window, 'ring_attention')
@@ -101,22 +107,30 @@ def ring_attention_shard(q, k, v, q_pos, k_pos, scale: float, axis_name: str, ax
     r = n // kv_heads
     q_rows = to_rows(q, kv_heads)  # [B, K, Q, H]
     q_pos_rows = jnp.tile(q_pos.astype(jnp.int32), (1, r))  # [B, Q]: row r * T + t -> token t
+    q_span_rows = None if q_span is None else jnp.tile(q_span, (1, r))
     state = empty_state(b, kv_heads, r * t, h) if init is None else state_from_partial(init, kv_heads)
     # Keys outside [q_first, q_max] are invisible to every local query (q_first: the lowest key any
     # local query's window reaches; 0 without a window).
     q_first, q_max = key_bounds(q_pos, window)
     perm = [(j, (j + 1) % axis_size) for j in range(axis_size)]
     k_pos = k_pos.astype(jnp.int32)
+    # A later key is visible only through a span both sides have.
+    q_in_span = jnp.bool_(False) if q_span is None else jnp.any(q_span > 0)
     for step in range(axis_size):
         k_min = jnp.min(jnp.where(k_pos >= 0, k_pos, _BIG))
         k_max = jnp.max(k_pos)  # -1 for an all-padding block, which k_min already skips
+        later = jnp.bool_(False) if k_span is None else q_in_span & jnp.any(k_span > 0)
         state = jax.lax.cond(
-            (k_min <= q_max) & (k_max >= q_first),  # some key may be visible to some local query
-            lambda s, k=k, v=v, k_pos=k_pos: fold_block(s, q_rows, q_pos_rows, k, v, k_pos, scale, window),
+            ((k_min <= q_max) | later) & (k_max >= q_first),  # some key may be visible to some local query
+            lambda s, k=k, v=v, k_pos=k_pos, k_span=k_span: fold_block(s, q_rows, q_pos_rows, k, v, k_pos, scale,
+                                                                       window, q_span_rows, k_span),
             lambda s: s,
             state)
         if step < axis_size - 1:  # the last rotation would only bring blocks home
-            k, v, k_pos = jax.lax.ppermute((k, v, k_pos), axis_name, perm)
+            if k_span is None:
+                k, v, k_pos = jax.lax.ppermute((k, v, k_pos), axis_name, perm)
+            else:
+                k, v, k_pos, k_span = jax.lax.ppermute((k, v, k_pos, k_span), axis_name, perm)
     return partial_from_state(state, t)
 
 

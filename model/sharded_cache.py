@@ -24,6 +24,8 @@ Attention (`ShardedPagedCache.attend`, called by each layer; the model does not 
   (b) the chunk's own K/V go around the ring (model/ring_attention.py), folded into (a)'s state.
 Sliding-window layers pass their window (a static int) down to every part: masks use
 `attention.visible`, and page walks start at the first page inside any query's window.
+Media spans (prefill only; Gemma 3's images see themselves both ways) touch only (b): a span never
+crosses chunks, so every key of a query's span is in its own chunk.
 """
 
 from __future__ import annotations
@@ -96,11 +98,15 @@ class ShardedPagedCache:
         return self.local_tables.shape[1] * self.local_tables.shape[2] * self.k_pages.shape[3]
 
     def attend(self, layer: int, q, k, v, positions, scale: float, kv_span: int | None = None, *,
-               window: int | None = None):
+               window: int | None = None, spans: jax.Array | None = None):
         """[B, T, N, H] and the updated cache. `kv_span` is ignored: tables are already bucketed.
-        `window` (static, per layer; None = global): the query at p sees keys p - window < s <= p."""
+        `window` (static, per layer; None = global): the query at p sees keys p - window < s <= p.
+        `spans` (prefill only, i32[B, T] striped like the tokens, 0 = text): a query also sees the
+        later tokens of its own span, which must lie wholly inside the chunk."""
         del kv_span
         check_window(window, 'ShardedPagedCache.attend')
+        if spans is not None and not self.prefill:
+            raise ValueError('ShardedPagedCache.attend: spans are for prefill; decode tokens are text.')
         size = self.mesh.shape[SEQ]
         heads = P(None, None, TP, None)
         if self.flat is not None and not self.prefill:
@@ -120,9 +126,12 @@ class ShardedPagedCache:
             fn = lambda *a: _decode_shard(*a, layer=layer, scale=scale, size=size, window=window)
             tok = heads  # rows replicated over the sequence axis
             in_specs = (tok, tok, tok, P(), POOL, POOL, P(None, SEQ, None), P())
+        args = (q, k, v, positions, self.k_pages, self.v_pages, self.local_tables, self.start)
+        if spans is not None:  # striped like the positions
+            args, in_specs = (*args, spans), (*in_specs, P(None, SEQ))
         out, k_pages, v_pages = jax.shard_map(
             fn, mesh=self.mesh, in_specs=in_specs, out_specs=(tok, POOL, POOL), check_vma=False,
-        )(q, k, v, positions, self.k_pages, self.v_pages, self.local_tables, self.start)
+        )(*args)
         return out, self.replace(k_pages=k_pages, v_pages=v_pages)
 
 
@@ -295,9 +304,10 @@ def _flat_partial(q, k_pool, v_pool, layer, pages, rows, cols, positions, scale,
     return Partial(o=o.reshape(b, 1, n, h), m=m.reshape(b, 1, n), l=l.reshape(b, 1, n))
 
 
-def _prefill_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer, scale, size, window):
+def _prefill_shard(q, k, v, positions, k_pages, v_pages, tables, start, spans=None, *, layer, scale, size,
+                   window):
     """q [1, T_l, N, H], k/v [1, T_l, K, H], positions [1, T_l]: this shard's stripe of the chunk
-    (padding at -1); tables [1, 1, C_l]; start: the chunk's first position."""
+    (padding at -1); tables [1, 1, C_l]; start: the chunk's first position; spans [1, T_l] or None."""
     rank = jax.lax.axis_index(SEQ)
     table = tables[:, 0]
     t_local = q.shape[1]
@@ -317,5 +327,5 @@ def _prefill_shard(q, k, v, positions, k_pages, v_pages, tables, start, *, layer
     earlier = Partial(o=o / jnp.where(l > 0, l, 1.0)[..., None], m=jnp.where(l > 0, m, MASK_VALUE), l=l)
     # (b) The chunk itself: its K/V blocks go around the ring.
     part = ring_attention_shard(q, k, v, positions, positions, scale, SEQ, size, init=earlier,
-                                window=window)
+                                window=window, q_span=spans, k_span=spans)
     return part.o.astype(q.dtype), k_pages, v_pages

@@ -35,6 +35,10 @@ class Transformer(nnx.Module):
     the mask is true (after Gemma's sqrt(D) scale, which media embeddings do not get); the tokens
     there are ignored. `encode_images` / `encode_audio` produce such rows when config.vision /
     config.audio are set (submodules `vision` / `audio`, each a `tower` and a `projector`).
+    `spans` (i32[B, T], 0 = text, k = the k-th run of one media item's placeholders): with
+    config.bidirectional_media (Gemma 3's images) a token also sees the later tokens of its own
+    span, within its layer's window; otherwise spans are ignored. With a cache a span must lie
+    wholly inside this call's tokens (a prefill chunk never cuts one).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -76,6 +80,7 @@ class Transformer(nnx.Module):
         logits_at: jax.Array | None = None,
         embeds: jax.Array | None = None,  # [B, T, D]
         embed_mask: jax.Array | None = None,  # bool[B, T]
+        spans: jax.Array | None = None,  # i32[B, T]
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         # Trace-time constants, one set per distinct RoPE (the model's, and the local one layers with
@@ -94,8 +99,11 @@ class Transformer(nnx.Module):
                 raise ValueError(f'embeds {tuple(embeds.shape)} and embed_mask {tuple(embed_mask.shape)} must be '
                                  f'[B, T, D] = {tuple(x.shape)} and [B, T] = {tuple(tokens.shape)}.')
             x = jnp.where(embed_mask[:, :, None], embeds.astype(x.dtype), x)
+        if spans is not None and tuple(spans.shape) != tuple(tokens.shape):
+            raise ValueError(f'spans {tuple(spans.shape)} must be [B, T] = {tuple(tokens.shape)}.')
+        spans = spans if cfg.bidirectional_media else None
         for i, block in enumerate(self.layers):
-            x, cache = block(x, positions, ropes[i], cache, i, kv_span)
+            x, cache = block(x, positions, ropes[i], cache, i, kv_span, spans)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)  # [B, M, D]
         x = self.final_norm(x)

@@ -52,7 +52,7 @@ from preprocess.detokenize import IncrementalDetokenizer
 from preprocess.tokenizer import Tokenizer
 from server.errors import EngineFailure, RequestError, ResourceExhausted, Unavailable
 from server.kv_manager import KVCacheManager, KVStats
-from server.media_rows import rows_for
+from server.media_rows import rows_for, span_ids
 from server.metrics import Metrics
 from server.scheduler import Plan, Scheduler, SeqState, Work
 from server.validation import GenerationRequest
@@ -200,8 +200,16 @@ class EngineLoop:
         self._engine = engine
         self._max_steps = engine.max_steps if max_steps is None else min(max_steps, engine.max_steps)
         self._kv = kv
+        # Media rows that attend to each other both ways (Gemma 3's images) are prefilled a run
+        # at a time, which a chunk must hold whole.
+        self._spans = bool(getattr(engine.config, "bidirectional_media", False))
+        vision = engine.config.vision
+        if self._spans and vision is not None and engine.prefill_chunk < vision.tokens_per_image:
+            raise ValueError(f"--prefill-chunk {engine.prefill_chunk} is under the "
+                             f"{vision.tokens_per_image} rows of one image, which this model must "
+                             "prefill in one chunk")
         self._scheduler = Scheduler(kv, max_running=max_slots, token_budget=token_budget,
-                                    max_chunk=engine.prefill_chunk)
+                                    max_chunk=engine.prefill_chunk, whole_spans=self._spans)
         self._tokenizer = tokenizer
         self._stop_ids = stop_token_ids
         self._max_waiting = max_waiting
@@ -409,8 +417,10 @@ class EngineLoop:
             tokens = active.seq.token_ids[work.start:work.start + work.count]
             media = active.request.media
             embeds = rows_for(tokens, media, media[0][1].shape[1]) if media else None
-            token = self._engine.prefill(work.slot, tokens, work.start, work.block_table,
-                                         **({} if embeds is None else {"embeds": embeds}))
+            extra = {} if embeds is None else {"embeds": embeds}
+            if self._spans and embeds is not None:
+                extra["spans"] = span_ids(tokens)
+            token = self._engine.prefill(work.slot, tokens, work.start, work.block_table, **extra)
             if work.samples:
                 sampled[work.request_id] = token
         if decodes:

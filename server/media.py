@@ -43,13 +43,15 @@ import numpy as np
 
 from model.config import MEL_FRAMES_PER_SECOND
 from preprocess import audio as audio_lib
+from preprocess import gemma3_image
 from preprocess import image as image_lib
 from preprocess import video as video_lib
 from preprocess import whisper_features
 from preprocess.errors import MediaError, MediaTooLarge
 from preprocess.tokenizer_protocol import TextTokenizer
 from server.errors import InvalidArgument, NotFound, ResourceExhausted
-from server.media_markup import AUDIO, IMAGE, MEDIA_END, MEDIA_START, VIDEO, Expansion, markup_for
+from server.media_markup import (AUDIO, BUILT_IN, IMAGE, MEDIA_END, MEDIA_START, VIDEO, Expansion,
+                                 markup_for)
 from server.media_rows import KEY_SPACE, placeholder_ids
 from server.media_store import MediaStore
 
@@ -200,7 +202,8 @@ class MediaResolver:
         if self.audio is not None:
             found.append(AUDIO)
         # Video is frames with their sound laid out between them: the built-in layout only.
-        if self.vision is not None and (self.audio is None or not self.audio.mask_padding):
+        if (self.vision is not None and self._markup[IMAGE].markup is BUILT_IN
+                and (self.audio is None or not self.audio.mask_padding)):
             found.append(VIDEO)
         return tuple(found)
 
@@ -401,10 +404,15 @@ def _video_read(metadata, field: str) -> VideoRead:
     return VideoRead(start, end, float(fps))
 
 
-def _decode_image(data: bytes, mime_type: str, size: int, max_pixels: int) -> np.ndarray:
-    """Process-pool job: bytes -> f32[S, S, 3] (top level, so it pickles)."""
-    return image_lib.load_image(data, mime_type, image_lib.ImageSpec(size=size),
-                                max_pixels=max_pixels)
+def _decode_image(data: bytes, mime_type: str, size: int, max_pixels: int,
+                  processor: gemma3_image.Gemma3ImageConfig | None = None) -> np.ndarray:
+    """Process-pool job: bytes -> f32[S, S, 3] (top level, so it pickles). With a checkpoint's
+    image processor config, its pixels, channels last."""
+    if processor is None:
+        return image_lib.load_image(data, mime_type, image_lib.ImageSpec(size=size),
+                                    max_pixels=max_pixels)
+    image = image_lib.decode_image(data, mime_type, max_pixels=max_pixels)
+    return gemma3_image.preprocess(image, processor).transpose(1, 2, 0)
 
 
 class Cancelled(Exception):
@@ -416,10 +424,18 @@ class MediaEmbedder:
 
     def __init__(self, encoder, limits: MediaLimits = MediaLimits(), *,
                  cache_bytes: int = 1 << 30, processes: int = 2,
-                 audio_features: whisper_features.WhisperFeatureConfig | None = None):
+                 audio_features: whisper_features.WhisperFeatureConfig | None = None,
+                 image_processor: gemma3_image.Gemma3ImageConfig | None = None):
         """audio_features: the checkpoint's feature extractor, for encoders that mask padding
-        (their windows are extracted as the family's processor does)."""
+        (their windows are extracted as the family's processor does). image_processor: the
+        checkpoint's image processor (Gemma 3's); without it, the built-in preprocessing."""
         self.encoder, self.limits = encoder, limits
+        side = getattr(encoder, "image_size", None)
+        if image_processor is not None and image_processor.size != (side, side):
+            raise ValueError(f"the image processor makes {image_processor.size[0]} x "
+                             f"{image_processor.size[1]} pixels; the vision encoder takes "
+                             f"{side} x {side}")
+        self.image_processor = image_processor
         if getattr(encoder, "mask_padding", False):
             if audio_features is None:
                 raise ValueError("this audio encoder masks padding: it needs the checkpoint's "
@@ -460,7 +476,8 @@ class MediaEmbedder:
         broken before this job ran is retried once on the new one; a worker that died running
         this job fails this request only, naming the image."""
         loop = asyncio.get_running_loop()
-        args = (source.bytes(), source.mime_type, self.encoder.image_size, self.limits.max_pixels)
+        args = (source.bytes(), source.mime_type, self.encoder.image_size, self.limits.max_pixels,
+                self.image_processor)
         for attempt in range(2):
             pool = self._decoders()
             try:

@@ -41,6 +41,14 @@ def rows_for(token_ids: Sequence[int], media: Sequence[tuple[int, np.ndarray]],
     return out
 
 
+def span_ids(token_ids: Sequence[int]) -> np.ndarray:
+    """i32[T]: 0 at text ids, k at the k-th run of placeholder ids in the chunk (1, 2, ...), for
+    models whose media rows of one run attend to each other both ways."""
+    holes = np.asarray(token_ids, np.int64) < 0
+    starts = holes & ~np.concatenate([[False], holes[:-1]])
+    return np.where(holes, np.cumsum(starts), 0).astype(np.int32)
+
+
 class PromptReadiness:
     """How many leading prompt tokens have their inputs: text always, media rows once computed.
 

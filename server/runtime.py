@@ -24,6 +24,7 @@ from preprocess import prompt as prompt_lib
 from preprocess import tokenizer as tokenizer_lib
 from preprocess.tokenizer import Tokenizer
 from preprocess.tokenizer_protocol import TextTokenizer
+from preprocess.gemma3_image import Gemma3ImageConfig
 from preprocess.whisper_features import WhisperFeatureConfig
 from server.distributed import MirroredEngine, StepLeader
 from server.engine_loop import EngineLoop
@@ -109,6 +110,19 @@ def load_tokenizer(model_dir: pathlib.Path, override: str | None) -> TextTokeniz
     except FileNotFoundError as error:
         raise ValueError(f"{error}: put a tokenizer.json or sentencepiece tokenizer.model in the "
                          "checkpoint directory or pass --tokenizer") from None
+
+
+def load_image_processor(model_dir: pathlib.Path,
+                         config: ModelConfig) -> Gemma3ImageConfig | None:
+    """The image processor of a Hugging Face directory with a vision tower (Gemma 3's), from
+    its preprocessor_config.json; None for ringserve's own format, whose images are
+    preprocessed the built-in way."""
+    if config.vision is None or not (model_dir / checkpoint.HF_CONFIG_FILE).is_file():
+        return None
+    try:
+        return Gemma3ImageConfig.from_dir(model_dir)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        raise ValueError(f"{model_dir}: the image processor's config: {error}") from None
 
 
 def load_audio_features(model_dir: pathlib.Path,
@@ -215,6 +229,7 @@ def build(options: RuntimeOptions,
     model_dir, config, model = load_model(options)
     tokenizer = load_tokenizer(model_dir, options.tokenizer)
     audio_features = load_audio_features(model_dir, config)
+    image_processor = load_image_processor(model_dir, config)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
                          f"is {config.vocab_size}: they do not belong together")
@@ -258,7 +273,8 @@ def build(options: RuntimeOptions,
                        max_bytes=options.media_limits.max_bytes)
     return Runtime(
         media_store=store, media=MediaResolver(config, tokenizer, store, options.media_limits),
-        embedder=MediaEmbedder(encoder, options.media_limits, audio_features=audio_features),
+        embedder=MediaEmbedder(encoder, options.media_limits, audio_features=audio_features,
+                               image_processor=image_processor),
         probes=ProbePool(options.media_probe_workers),
         config=config, tokenizer=tokenizer, engine=engine, engine_loop=loop,
         limits=Limits(context_length=max_len,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -79,3 +80,35 @@ def wait_idle(stats, timeout: float = 60.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"server still busy after {timeout:.0f} s: {snapshot}")
         time.sleep(0.02)
+
+
+def modality_counts(message) -> dict[str, int]:
+    """A CountTokens response's or usage's prompt_tokens_details as {"TEXT": n, "IMAGE": m, ...}."""
+    from ringserve.v1 import inference_pb2 as pb
+
+    return {pb.Modality.Name(d.modality): d.token_count for d in message.prompt_tokens_details}
+
+
+def hf_greedy(model, inputs, steps: int) -> tuple[list[int], list[int]]:
+    """A transformers model's prompt ids and `steps` greedy tokens for one processed prompt."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+    prompt = inputs["input_ids"][0].tolist()
+    return prompt, out[0, len(prompt):].tolist()
+
+
+@contextlib.contextmanager
+def served(*args: str):
+    """`ringserve serve ARGS` and an Inference stub on it; the server stops on exit."""
+    import grpc
+
+    from ringserve.v1 import inference_pb2_grpc as pb_grpc
+
+    server = ServerProcess(*args)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            yield pb_grpc.InferenceStub(channel)
+    finally:
+        server.terminate()

@@ -1,5 +1,5 @@
 """Gemma 3 decoders (Gemma3ForCausalLM and the text decoder of Gemma3ForConditionalGeneration)
-loaded from Hugging Face directories against transformers itself: same logits on prompts longer
+loaded from Hugging Face directories against transformers itself, on text prompts: same logits on prompts longer
 than the sliding window, the same greedy continuations through the KV cache, and through the paged
 engine. Also: config.json translation checked by hand, and the new config fields' round trip.
 """
@@ -59,8 +59,8 @@ def _hf_gemma3(wrapper: str, seed: int, text: dict, outer: dict) -> transformers
     if wrapper == 'causal':
         config, model_cls = text_config, transformers.Gemma3ForCausalLM
     else:
-        config = transformers.Gemma3Config(text_config=text_config.to_dict(), vision_config=VISION,
-                                           mm_tokens_per_image=4, **outer)
+        config = transformers.Gemma3Config(text_config=text_config.to_dict(),
+                                           **{'vision_config': VISION, 'mm_tokens_per_image': 4, **outer})
         model_cls = transformers.Gemma3ForConditionalGeneration
     config._attn_implementation = 'eager'
     torch.manual_seed(seed)
@@ -123,7 +123,8 @@ def test_logits_and_greedy_match_transformers(tmp_path, case_id, wrapper, text, 
     assert config.qk_norm and config.post_norms and config.query_pre_attn_scalar == text['query_pre_attn_scalar']
     assert config.tie_embeddings == outer.get('tie_word_embeddings', text.get('tie_word_embeddings', True))
     assert (config.rope_scaling is not None) == ('rope_scaling' in text)
-    assert config.vision is None  # the tower is not read (yet)
+    # The multimodal wrapper's vision tower loads too (tests/test_gemma3_vision.py checks it).
+    assert (config.vision is not None) == (wrapper == 'conditional') == config.bidirectional_media
     # Gemma3ForCausalLM caps its logits when told to; the multimodal wrapper's forward never does.
     assert config.logit_softcap == (text.get('final_logit_softcapping') if wrapper == 'causal' else None)
 

@@ -181,3 +181,11 @@ def test_inline_video_spool_lives_as_long_as_its_requests(parts, tmp_path):
     with pytest.raises(ResourceExhausted, match=r"p.inline_data: \d+ bytes to spool.*store is full"):
         MediaResolver(config, tokenizer, tight).for_request("").resolve(clip, "p")
     assert list((tmp_path / "tight").iterdir()) == []
+
+
+def test_span_ids_number_each_run_of_media_rows():
+    from server.media_rows import span_ids
+
+    assert span_ids([5, -1, -2, 7, -9, 3, -4, -5, -6]).tolist() == [0, 1, 1, 0, 2, 0, 3, 3, 3]
+    assert span_ids([-3, -2]).tolist() == [1, 1] and span_ids([4, 4]).tolist() == [0, 0]
+    assert span_ids([]).tolist() == []

@@ -19,8 +19,7 @@ import transformers
 
 from model.config import ModelConfig
 from ringserve.v1 import inference_pb2 as pb
-from ringserve.v1 import inference_pb2_grpc as pb_grpc
-from serving import ServerProcess
+from serving import hf_greedy, modality_counts, served
 from server.runtime import load_audio_features
 from test_hf_tokenizer import write_qwen
 from test_server_e2e import run, token_ids
@@ -72,13 +71,9 @@ def hub_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stub(hub_dir):
-    server = ServerProcess("--model", str(hub_dir[0]), "--max-batch", "2", "--kv-cache-gib", "0.05",
-                           "--prefill-chunk", "256")
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            yield pb_grpc.InferenceStub(channel)
-    finally:
-        server.terminate()
+    with served("--model", str(hub_dir[0]), "--max-batch", "2", "--kv-cache-gib", "0.05",
+                          "--prefill-chunk", "256") as stub:
+        yield stub
 
 
 def _user(*parts) -> pb.Content:
@@ -103,14 +98,7 @@ def _theirs(processor, model, parts) -> tuple[list[int], list[int]]:
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
     inputs = processor(text=text, audio=audio, sampling_rate=16_000, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
-    prompt = inputs["input_ids"][0].tolist()
-    return prompt, out[0, len(prompt):].tolist()
-
-
-def _details(message) -> dict[str, int]:
-    return {pb.Modality.Name(d.modality): d.token_count for d in message.prompt_tokens_details}
+    return hf_greedy(model, inputs, STEPS)
 
 
 def test_audio_prompts_answer_with_transformers_tokens(stub, hub_dir):
@@ -127,7 +115,7 @@ def test_audio_prompts_answer_with_transformers_tokens(stub, hub_dir):
         counted = stub.CountTokens(pb.CountTokensRequest(contents=contents))
         assert counted.total_tokens == len(prompt)
         audio_id = processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
-        assert _details(counted)["AUDIO"] == prompt.count(audio_id)
+        assert modality_counts(counted)["AUDIO"] == prompt.count(audio_id)
         got = token_ids(run(stub, pb.GenerateRequest(contents=contents, generation_config=pb.GenerationConfig(
             max_output_tokens=STEPS, temperature=0, ignore_eos=True)), timeout=120))
         assert got == want
@@ -138,7 +126,7 @@ def test_audio_past_one_window_is_laid_out_window_by_window(stub):
     <|audio_bos|>; the answer runs to its length."""
     short = stub.CountTokens(pb.CountTokensRequest(contents=[_user((_clip(10.0, 16_000, 4), 16_000))]))
     long = stub.CountTokens(pb.CountTokensRequest(contents=[_user((_clip(40.0, 16_000, 4), 16_000))]))
-    assert _details(short)["AUDIO"] == 250 and _details(long)["AUDIO"] == 750 + 250
+    assert modality_counts(short)["AUDIO"] == 250 and modality_counts(long)["AUDIO"] == 750 + 250
     assert long.total_tokens - short.total_tokens == 750 + 2
     responses = run(stub, pb.GenerateRequest(contents=[_user((_clip(40.0, 16_000, 4), 16_000), "Summarise.")],
                                              generation_config=pb.GenerationConfig(
@@ -179,7 +167,7 @@ def test_prefix_cache_is_keyed_by_the_audio(stub):
     # Bytes made once: a float WAV's PEAK chunk holds the time it was written.
     clip, other_clip = _wav(_clip(5.0, 16_000, 6), 16_000), _wav(_clip(5.0, 16_000, 7), 16_000)
     first, again, other = usage(clip), usage(clip), usage(other_clip)
-    assert _details(first)["AUDIO"] == _details(other)["AUDIO"]
+    assert modality_counts(first)["AUDIO"] == modality_counts(other)["AUDIO"]
     before_audio = 27  # the system turn, "<|im_start|>user\nAudio 1: <|audio_bos|>"
     assert again.cached_content_token_count >= first.prompt_token_count - 16
     assert first.cached_content_token_count <= before_audio and other.cached_content_token_count <= before_audio
@@ -190,13 +178,8 @@ def test_a_mesh_answers_with_the_same_tokens(hub_dir):
     _, model, processor = hub_dir
     parts = [(_clip(3.5, 16_000, 8), 16_000), "What is this sound?"]
     _, want = _theirs(processor, model, parts)
-    server = ServerProcess("--model", str(hub_dir[0]), "--mesh", "sequence=2,tensor=2", "--max-batch", "2",
-                           "--kv-cache-gib", "0.05", "--prefill-chunk", "64", "--page-len", "8")
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            got = token_ids(run(pb_grpc.InferenceStub(channel), pb.GenerateRequest(
-                contents=[_user(*parts)], generation_config=pb.GenerationConfig(
-                    max_output_tokens=STEPS, temperature=0, ignore_eos=True)), timeout=180))
-    finally:
-        server.terminate()
+    with served("--model", str(hub_dir[0]), "--mesh", "sequence=2,tensor=2", "--max-batch", "2",
+                           "--kv-cache-gib", "0.05", "--prefill-chunk", "64", "--page-len", "8") as stub:
+        got = token_ids(run(stub, pb.GenerateRequest(contents=[_user(*parts)], generation_config=pb.GenerationConfig(
+            max_output_tokens=STEPS, temperature=0, ignore_eos=True)), timeout=180))
     assert got == want
