@@ -30,7 +30,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default",
                    help="'default' (the embedded model) or a checkpoint directory: Hugging Face "
                         "Llama/Qwen2/Gemma (config.json + *.safetensors) or ringserve's own")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: <model>/tokenizer.model)")
+    p.add_argument("--tokenizer", help="a tokenizer.json, a sentencepiece .model or a directory "
+                                       "holding one (default: the model directory's tokenizer.json, "
+                                       "else its tokenizer.model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),

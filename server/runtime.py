@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
     model: str = "default"  # "default" or a checkpoint directory
-    tokenizer: str | None = None  # sentencepiece .model; default: <model>/tokenizer.model
+    tokenizer: str | None = None  # tokenizer file or directory; default: the model directory's
     dtype: str | None = None  # override the checkpoint's dtype
     max_slots: int = 8  # concurrent decoding requests
     max_len: int | None = None  # context cap; default: the model's max_context
