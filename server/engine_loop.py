@@ -49,7 +49,7 @@ from typing import Callable
 
 from model.paged_engine import PagedEngine
 from preprocess.detokenize import IncrementalDetokenizer
-from preprocess.tokenizer import Tokenizer
+from preprocess.tokenizer_protocol import TextTokenizer
 from server.errors import EngineFailure, RequestError, ResourceExhausted, Unavailable
 from server.kv_manager import KVCacheManager, KVStats
 from server.media_rows import rows_for, span_ids
@@ -145,7 +145,7 @@ class _Outbox:
 class _Active:
     """Engine-thread state of one request, from submission to finish."""
 
-    def __init__(self, stream: Stream, seq: SeqState, tokenizer: Tokenizer):
+    def __init__(self, stream: Stream, seq: SeqState, tokenizer: TextTokenizer):
         self.stream = stream
         self.seq = seq
         self.detok = IncrementalDetokenizer(tokenizer)
@@ -190,7 +190,7 @@ class Stats:
 class EngineLoop:
     """Runs `engine` on its own thread under `scheduler`; see the design note above."""
 
-    def __init__(self, engine: PagedEngine, kv: KVCacheManager, tokenizer: Tokenizer,
+    def __init__(self, engine: PagedEngine, kv: KVCacheManager, tokenizer: TextTokenizer,
                  stop_token_ids: frozenset[int], *, max_slots: int, token_budget: int,
                  max_waiting: int = 256, metrics: Metrics | None = None,
                  on_failure: Callable[[BaseException], None] | None = None,

@@ -22,7 +22,6 @@ from model.paged_engine import PagedEngine
 from model.sharding import MeshShape, make_mesh
 from preprocess import prompt as prompt_lib
 from preprocess import tokenizer as tokenizer_lib
-from preprocess.tokenizer import Tokenizer
 from preprocess.tokenizer_protocol import TextTokenizer
 from preprocess.gemma3_image import Gemma3ImageConfig
 from preprocess.whisper_features import WhisperFeatureConfig
@@ -72,7 +71,7 @@ class RuntimeOptions:
 @dataclasses.dataclass
 class Runtime:
     config: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
     engine: PagedEngine | MirroredEngine  # replica 0's
     engine_loop: Replicas  # one EngineLoop per data-parallel replica
     limits: Limits

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 from model.sampling import SamplingParams
 from preprocess import prompt as prompt_lib
-from preprocess.tokenizer import Tokenizer
+from preprocess.tokenizer_protocol import TextTokenizer
 from ringserve.v1 import inference_pb2 as pb
 from server.errors import InvalidArgument
 
@@ -125,7 +125,7 @@ def media_of(turns) -> list:
             for s in content if not isinstance(s, str)]
 
 
-def render_prompt(request, tokenizer: Tokenizer, cache: CachedPrefix | None = None,
+def render_prompt(request, tokenizer: TextTokenizer, cache: CachedPrefix | None = None,
                   media: MediaParts | None = None) -> tuple[list[int], list]:
     """The prompt token ids of a Generate or CountTokens request (chat template applied), and
     its media items (the cache's first). With a named cache, its turns and system instruction
@@ -181,7 +181,7 @@ def _stop_sequences(config: pb.GenerationConfig) -> tuple[str, ...]:
     return stops
 
 
-def validate_generate(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limits,
+def validate_generate(request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits,
                       cache: CachedPrefix | None = None,
                       media: MediaParts | None = None) -> tuple[GenerationRequest, list]:
     """Validates and tokenises a Generate call; raises InvalidArgument naming the field."""
