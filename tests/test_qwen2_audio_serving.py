@@ -183,3 +183,23 @@ def test_a_mesh_answers_with_the_same_tokens(hub_dir):
         got = token_ids(run(stub, pb.GenerateRequest(contents=[_user(*parts)], generation_config=pb.GenerationConfig(
             max_output_tokens=STEPS, temperature=0, ignore_eos=True)), timeout=180))
     assert got == want
+
+
+def test_an_uploaded_clip_answers_as_the_inline_one(stub):
+    """UploadMedia, then the clip by its id: the same prompt length and greedy tokens as inline."""
+    from test_media_e2e import upload
+
+    wav = _wav(_clip(6.0, 22_050, 9), 22_050)
+    media = upload(stub, wav, "audio/wav")
+    config = pb.GenerationConfig(max_output_tokens=STEPS, temperature=0, ignore_eos=True)
+    by_id = pb.Content(role="user", parts=[pb.Part(file_data=pb.FileData(file_uri=media.name)), pb.Part(text="Hm?")])
+    inline = pb.Content(role="user", parts=[pb.Part(inline_data=pb.Blob(mime_type="audio/wav", data=wav)),
+                                            pb.Part(text="Hm?")])
+    try:
+        uploaded = run(stub, pb.GenerateRequest(contents=[by_id], generation_config=config), timeout=120)
+        direct = run(stub, pb.GenerateRequest(contents=[inline], generation_config=config), timeout=120)
+        assert media.token_count == modality_counts(uploaded[-1].usage_metadata)["AUDIO"] + 2
+        assert token_ids(uploaded) == token_ids(direct)
+        assert uploaded[-1].usage_metadata.prompt_token_count == direct[-1].usage_metadata.prompt_token_count
+    finally:
+        stub.DeleteMedia(pb.DeleteMediaRequest(name=media.name))
