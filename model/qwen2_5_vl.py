@@ -186,7 +186,11 @@ def placeholder_spans(token_ids: Sequence[int], image_grids: Sequence[tuple[int,
             i += 1
             continue
         video = ids[i] == video_id
-        span = MediaSpan(i, tuple(next(videos if video else images)), float(next(seconds)) if video else None)
+        try:
+            span = MediaSpan(i, tuple(next(videos if video else images)), float(next(seconds)) if video else None)
+        except StopIteration:
+            raise ValueError(f'the prompt has more {"videos" if video else "images"} than grids (or seconds) '
+                             'were given.') from None
         n = span.tokens(merge)
         if not np.all(ids[i:i + n] == ids[i]) or i + n > len(ids):
             raise ValueError(f'placeholder run at {i} is shorter than its grid {span.grid_thw} ({n} tokens).')

@@ -165,6 +165,11 @@ def test_spans_are_checked(loaded):
         mrope_positions(10, [MediaSpan(4, (1, 6, 6))], config)
     with pytest.raises(ValueError, match='not a Qwen2.5-VL model'):
         mrope_positions(10, [], tiny_config())
+    ids = _prompt([(IMAGE, 6)])
+    with pytest.raises(ValueError, match='more images than grids'):
+        placeholder_spans(ids, [], [], [], config, IMAGE, VIDEO)
+    with pytest.raises(ValueError, match='shorter than its grid'):
+        placeholder_spans(ids, [(1, 4, 8)], [], [], config, IMAGE, VIDEO)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +191,8 @@ def test_config_translation_and_round_trip(loaded):
         vision.depth, vision.hidden_size, vision.window_size, vision.tokens_per_second, config.d_model)
     assert ModelConfig.from_json(config.to_json()) == config
     written = json.loads(config.to_json())
-    assert written['mrope_section'] == list(config.mrope_section) and written['qwen_vision']['window_size'] == q.window_size
+    assert written['mrope_section'] == list(config.mrope_section)
+    assert written['qwen_vision']['window_size'] == q.window_size
     plain = json.loads(tiny_config().to_json())  # configs without them are written as before
     assert 'mrope_section' not in plain and 'qwen_vision' not in plain
 
@@ -242,9 +248,19 @@ def _hf_inputs(ids, patches, grid, seconds) -> dict:
     return inputs
 
 
+@nnx.jit
+def _encode(model, patches, layout):
+    return model.encode_qwen_vision(patches, layout)
+
+
+@nnx.jit
+def _forward(model, tokens, positions, embeds=None, mask=None, rope_positions=None):
+    return model(tokens, positions, embeds=embeds, embed_mask=mask, rope_positions=rope_positions)[0]
+
+
 def _ours_inputs(config, ours, ids, patches, grid, seconds):
     """(tokens, embeds, mask, rope positions, delta) for our model: the tower's rows at the placeholders."""
-    rows = np.asarray(ours.encode_qwen_vision(jnp.asarray(patches), vision_layout([grid], config.qwen_vision)))
+    rows = np.asarray(_encode(ours, jnp.asarray(patches), vision_layout([grid], config.qwen_vision)))
     mask = (ids == IMAGE) | (ids == VIDEO)
     embeds = np.zeros((len(ids), config.d_model), np.float32)
     embeds[mask] = rows
@@ -262,12 +278,12 @@ def test_logits_match_transformers(loaded, kind):
         want = hf_model(**_hf_inputs(ids, patches, grid, seconds)).logits[0].numpy()
     tokens, embeds, mask, rope_positions, _ = _ours_inputs(config, ours, ids, patches, grid, seconds)
     positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
-    got, _ = ours(jnp.asarray(tokens), positions, embeds=jnp.asarray(embeds), embed_mask=jnp.asarray(mask),
-                  rope_positions=jnp.asarray(rope_positions))
+    got = _forward(ours, jnp.asarray(tokens), positions, jnp.asarray(embeds), jnp.asarray(mask),
+                   jnp.asarray(rope_positions))
     assert np.abs(np.asarray(got[0]) - want).max() <= TOL
     assert np.abs(want).max() > 2.0  # logits large enough for the tolerance to mean something
     # M-RoPE matters: one position per token (plain RoPE over the sequence) gives other logits.
-    flat, _ = ours(jnp.asarray(tokens), positions, embeds=jnp.asarray(embeds), embed_mask=jnp.asarray(mask))
+    flat = _forward(ours, jnp.asarray(tokens), positions, jnp.asarray(embeds), jnp.asarray(mask))
     assert np.abs(np.asarray(flat[0, -1]) - want[-1]).max() > 1e-2
 
 
@@ -314,12 +330,12 @@ def test_text_only_mrope_is_plain_rope(loaded):
     ids = np.array([5, 9, 14, 60, 3, 77, 21, 33, 8, 40, 11, 90, 17, 4, 66, 12], np.int64)
     tokens = jnp.asarray(ids, jnp.int32)[None]
     positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
-    mrope, _ = ours(tokens, positions)
-    explicit, _ = ours(tokens, positions, rope_positions=jnp.broadcast_to(positions, (3, 1, len(ids))))
+    mrope = _forward(ours, tokens, positions)
+    explicit = _forward(ours, tokens, positions, rope_positions=jnp.broadcast_to(positions, (3, 1, len(ids))))
     plain_config = config.replace(mrope_section=None, qwen_vision=None)
     params = {k: v for k, v in nnx.state(ours, nnx.Param).to_pure_dict().items() if k != 'qwen_vision'}
     plain = checkpoint.from_params(plain_config, lambda name: _leaf(params, name))
-    plain_logits, _ = plain(tokens, positions)
+    plain_logits = _forward(plain, tokens, positions)
     np.testing.assert_array_equal(np.asarray(mrope), np.asarray(plain_logits))
     np.testing.assert_array_equal(np.asarray(explicit), np.asarray(plain_logits))
     with torch.no_grad():
