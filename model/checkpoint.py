@@ -13,7 +13,9 @@ A Gemma 3 multimodal directory (Gemma3ForConditionalGeneration) loads its decode
 under `hf_decoder_prefix` and its SigLIP vision tower and projector into 'vision.'
 (`_gemma3_vision_sources`; the tower's unused pooling head is not read).
 A Qwen2-Audio directory (Qwen2AudioForConditionalGeneration) loads its decoder the same way and
-its audio tower and projector into 'audio.' (`_qwen2_audio_sources`).
+its audio tower and projector into 'audio.' (`_qwen2_audio_sources`); a Qwen2.5-VL directory
+(Qwen2_5_VLForConditionalGeneration) its decoder so and its vision tower into 'qwen_vision.'
+(model/qwen2_5_vl.py, `vision_sources`).
 
 Loading builds an abstract model (shapes only, no random init) and fills it one tensor at a time,
 so at most one parameter (with the few source tensors a fused one is built from) exists twice
@@ -135,6 +137,11 @@ def _load_hf(path: Path, dtype: str | None) -> tuple[ModelConfig, Transformer]:
         elif hf['model_type'] == 'gemma3':
             sources = {**_hf_sources(config.replace(vision=None, bidirectional_media=False), prefix, lm_head),
                        **_gemma3_vision_sources(config, tensors.names)}
+        elif hf['model_type'] == 'qwen2_5_vl':
+            from model import qwen2_5_vl  # imports this module, hence here
+
+            sources = {**_hf_sources(config.replace(qwen_vision=None), prefix, lm_head),
+                       **qwen2_5_vl.vision_sources(config, tensors.names)}
             _check_covers(config, sources)
         else:
             sources = _hf_sources(config, prefix, lm_head)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from model.qwen2_5_vl_vision import Qwen25VLVisionConfig
 
 MLP_ACTIVATIONS = ('silu', 'gelu_tanh')
 DTYPES = ('float32', 'bfloat16')
@@ -31,7 +34,9 @@ _HF_ACTIVATIONS = {
 # `gemma3_text` is Gemma3ForCausalLM; `gemma3` is Gemma3ForConditionalGeneration: its decoder, and its
 # SigLIP vision tower and projector as config.vision.
 # `qwen2_audio` (Qwen2AudioForConditionalGeneration): a qwen2 decoder and an audio encoder (model/qwen2_audio.py).
-HF_MODEL_TYPES = ('llama', 'qwen2', 'gemma', 'gemma3_text', 'gemma3', 'qwen2_audio')
+# `qwen2_5_vl` (Qwen2_5_VLForConditionalGeneration): a qwen2 decoder with M-RoPE and a vision tower
+# (model/qwen2_5_vl.py).
+HF_MODEL_TYPES = ('llama', 'qwen2', 'gemma', 'gemma3_text', 'gemma3', 'qwen2_audio', 'qwen2_5_vl')
 # Gemma3TextConfig's defaults: a Gemma 3 multimodal config.json writes only the text settings that
 # differ from them (the 4B's text_config names hidden_size, layers, window and rope_scaling alone).
 _GEMMA3_TEXT_DEFAULTS = dict(
@@ -393,6 +398,12 @@ class ModelConfig:
     # Tokens of one media span (Transformer's `spans`) see each other in both directions, not only
     # earlier ones: Gemma 3's image tokens do. False: spans are ignored, attention stays causal.
     bidirectional_media: bool = False
+    # Multimodal RoPE (Qwen2-VL / Qwen2.5-VL): the H/2 rotary frequencies in three consecutive runs of
+    # these sizes turn by a token's temporal, height and width position (model/rope.py, MRopeTables).
+    # None: one position per token. Written to JSON only when set, as the encoder below.
+    mrope_section: tuple[int, int, int] | None = None
+    # Qwen2.5-VL's vision tower feeding Transformer.encode_qwen_vision (model/qwen2_5_vl_vision.py).
+    qwen_vision: Qwen25VLVisionConfig | None = None
 
     def __post_init__(self):
         # JSON gives lists and dicts; normalise so equality and hashing behave.
@@ -414,6 +425,7 @@ class ModelConfig:
             elif value is not None and not isinstance(value, kind):
                 raise ValueError(f'ModelConfig.{field}={value!r}: use a {kind.__name__}, a dict of its fields, '
                                  'or None (no encoder).')
+        self._check_qwen_vl_fields()
         if self.layer_kinds is not None:
             kinds = tuple(LayerKind(**k) if isinstance(k, dict) else k for k in self.layer_kinds)
             if len(kinds) != self.n_layers or not all(isinstance(k, LayerKind) for k in kinds):
@@ -474,6 +486,31 @@ class ModelConfig:
             raise ValueError(f'local_rope_scaling={self.local_rope_scaling!r}: use a RopeScaling, a dict of its '
                              'fields, or None.')
 
+    def _check_qwen_vl_fields(self) -> None:
+        """Normalise and check mrope_section and qwen_vision (JSON gives a list and a dict)."""
+        if self.mrope_section is not None:
+            section = tuple(self.mrope_section)
+            if (len(section) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+                                             for v in section) or sum(section) != self.head_dim // 2):
+                raise ValueError(f'mrope_section={self.mrope_section!r}: give three positive ints (temporal, height, '
+                                 f'width frequencies) summing to head_dim // 2 = {self.head_dim // 2}, or None.')
+            object.__setattr__(self, 'mrope_section', tuple(int(v) for v in section))
+        if self.qwen_vision is not None:
+            from model.qwen2_5_vl_vision import Qwen25VLVisionConfig  # imports model.checkpoint, hence here
+
+            if isinstance(self.qwen_vision, dict):
+                known = {f.name for f in dataclasses.fields(Qwen25VLVisionConfig)}
+                if set(self.qwen_vision) - known:
+                    raise ValueError(f'Unknown Qwen25VLVisionConfig fields {sorted(set(self.qwen_vision) - known)}; '
+                                     f'known fields are {sorted(known)}.')
+                object.__setattr__(self, 'qwen_vision', Qwen25VLVisionConfig(**self.qwen_vision))
+            elif not isinstance(self.qwen_vision, Qwen25VLVisionConfig):
+                raise ValueError(f'ModelConfig.qwen_vision={self.qwen_vision!r}: use a Qwen25VLVisionConfig, a dict '
+                                 'of its fields, or None.')
+            if self.qwen_vision.out_width != self.d_model:
+                raise ValueError(f'qwen_vision.out_width={self.qwen_vision.out_width} must equal d_model='
+                                 f'{self.d_model}: its rows replace token embeddings.')
+
     # Derived values.
     @property
     def q_per_kv(self) -> int:
@@ -515,7 +552,7 @@ class ModelConfig:
             d['audio'] = self.audio.to_dict()  # leaves out its Qwen2-Audio fields at their defaults
         # Fields added for Gemma 3 are written only when set, so every earlier config (and the engine
         # identity processes compare, server/runtime.py) stays byte-identical.
-        for field in _GEMMA3_FIELDS:
+        for field in _GEMMA3_FIELDS + _QWEN_VL_FIELDS:
             if d[field] == _FIELD_DEFAULTS[field]:
                 del d[field]
         return d
@@ -547,6 +584,10 @@ class ModelConfig:
 
             return cls.from_hf_config(qwen2_audio.text_config(hf), dtype=dtype).replace(
                 audio=qwen2_audio.audio_config(hf))
+        if model_type == 'qwen2_5_vl':
+            from model import qwen2_5_vl  # imports this module, hence here
+
+            return qwen2_5_vl.model_config(hf, dtype=dtype)
         text = hf_text_config(hf)
         family = text['model_type']
         gemma = family in ('gemma', 'gemma3_text')
@@ -602,6 +643,7 @@ _AUDIO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AudioConfig)}
 _QWEN2_AUDIO_FIELDS = ('pool_site', 'projector', 'mask_padding')
 _GEMMA3_FIELDS = ('qk_norm', 'post_norms', 'query_pre_attn_scalar', 'local_rope_theta', 'local_rope_scaling',
                   'bidirectional_media')
+_QWEN_VL_FIELDS = ('mrope_section', 'qwen_vision')
 
 
 def hf_text_config(hf: dict[str, Any]) -> dict[str, Any]:

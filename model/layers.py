@@ -49,8 +49,9 @@ def group_qkv(q, k, v, kv_heads: int):
     return xp.concatenate([q, k, v], axis=-2)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, rope: rope_lib.RopeTables) -> jax.Array:
-    """Rotate-half RoPE (HF Llama convention). x: [B, T, N, H]; positions: i32[B, T].
+def apply_rope(x: jax.Array, positions: jax.Array, rope: rope_lib.RopeTables | rope_lib.MRopeTables) -> jax.Array:
+    """Rotate-half RoPE (HF Llama convention). x: [B, T, N, H]; positions: i32[B, T], or i32[3, B, T]
+    with MRopeTables.
 
     Angles come from `rope` (model/rope.py), exact for positions up to millions.
     """
@@ -142,10 +143,13 @@ class Attention(nnx.Module):
         layer: int,
         kv_span: int | None = None,
         spans: jax.Array | None = None,  # i32[B, T]
+        rope_positions: jax.Array | None = None,  # i32[3, B, T] for M-RoPE (rope is then MRopeTables)
     ):
         """Without a cache, causal attention over the T tokens; with one, `cache.attend` writes the
         new K/V and attends (dense, paged or sharded: the cache decides). `spans` (0 = text): each
-        query also sees the tokens of its own nonzero span (`attention.visible`)."""
+        query also sees the tokens of its own nonzero span (`attention.visible`). `positions` place
+        tokens in the cache and in masks; RoPE turns by `rope_positions` when given, else by
+        `positions`."""
         b, t, _ = x.shape
         n, kv_heads, h = self.n_heads, self.n_kv_heads, self.head_dim
         w = self.qkv_proj[...]
@@ -159,7 +163,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:  # Gemma 3 bounds attention logits so (Gemma 2 soft-capped them)
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
-            q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
+            turn = positions if rope_positions is None else rope_positions
+            q, k = apply_rope(q, turn, rope), apply_rope(k, turn, rope)
         if self.log_scale is not None:
             q = (q.astype(jnp.float32) * log_length_scale(positions, self.log_scale)).astype(q.dtype)
         if cache is None:
@@ -211,8 +216,9 @@ class Block(nnx.Module):
         else:
             self.attn_post_norm = self.mlp_post_norm = None
 
-    def __call__(self, x, positions, rope, cache, layer, kv_span=None, spans=None):
-        h, cache = self.attn(self.attn_norm(x), positions, rope, cache, layer, kv_span, spans)  # [B, T, D]
+    def __call__(self, x, positions, rope, cache, layer, kv_span=None, spans=None, rope_positions=None):
+        h, cache = self.attn(self.attn_norm(x), positions, rope, cache, layer, kv_span, spans,
+                             rope_positions)  # [B, T, D]
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)
         x = x + h

@@ -70,8 +70,12 @@ class Qwen25VLVisionConfig:
     full_attention_layers: tuple[int, ...] = (7, 15, 23, 31)  # HF fullatt_block_indexes
     activation: str = 'silu'  # HF hidden_act, of the blocks' gated MLP
     rope_theta: float = 10000.0
+    # Temporal M-RoPE positions per second of video (HF tokens_per_second; the released checkpoints
+    # say 2). Only the decoder's positions use it (model/qwen2_5_vl.py, mrope_positions).
+    tokens_per_second: float = 4
 
     def __post_init__(self):
+        object.__setattr__(self, 'full_attention_layers', tuple(self.full_attention_layers))  # JSON gives a list
         for name in ('n_layers', 'width', 'mlp_dim', 'n_heads', 'in_channels', 'patch_size',
                      'temporal_patch_size', 'merge_size', 'window_size', 'out_width'):
             value = getattr(self, name)
@@ -90,6 +94,8 @@ class Qwen25VLVisionConfig:
             raise ValueError(f'Qwen25VLVisionConfig.activation={self.activation!r}: use one of {sorted(_ACTIVATIONS)}.')
         if not self.rope_theta > 0:
             raise ValueError(f'Qwen25VLVisionConfig.rope_theta={self.rope_theta}: must be > 0.')
+        if not self.tokens_per_second > 0:
+            raise ValueError(f'Qwen25VLVisionConfig.tokens_per_second={self.tokens_per_second}: must be > 0.')
 
     @property
     def head_dim(self) -> int:
@@ -115,7 +121,7 @@ class Qwen25VLVisionConfig:
         names = {'n_layers': 'depth', 'width': 'hidden_size', 'mlp_dim': 'intermediate_size', 'n_heads': 'num_heads',
                  'patch_size': 'patch_size', 'temporal_patch_size': 'temporal_patch_size',
                  'merge_size': 'spatial_merge_size', 'window_size': 'window_size', 'out_width': 'out_hidden_size',
-                 'activation': 'hidden_act'}
+                 'activation': 'hidden_act', 'tokens_per_second': 'tokens_per_second'}
         kwargs: dict[str, Any] = {ours: raw[hf] for ours, hf in names.items() if hf in raw}
         if 'in_channels' in raw or 'in_chans' in raw:
             kwargs['in_channels'] = raw.get('in_channels', raw.get('in_chans'))
@@ -294,10 +300,10 @@ def qwen25vl_vision_params(hf_state: Mapping[str, np.ndarray], cfg: Qwen25VLVisi
     if prefix is None:
         prefix = checkpoint._find_prefix(hf_state, 'patch_embed.proj.weight', what)
     specs = checkpoint._module_specs(lambda: Qwen25VLVision(cfg, jnp.float32, nnx.Rngs(0)))
-    return checkpoint._convert_state(hf_state, _sources(cfg, prefix), specs, what)
+    return checkpoint._convert_state(hf_state, tower_sources(cfg, prefix), specs, what)
 
 
-def _sources(cfg: Qwen25VLVisionConfig, prefix: str) -> checkpoint.Sources:
+def tower_sources(cfg: Qwen25VLVisionConfig, prefix: str) -> checkpoint.Sources:
     """Qwen25VLVision parameter name -> transformers tensors under `prefix` and conversion."""
 
     def rms(ours: str, hf: str) -> checkpoint.Sources:

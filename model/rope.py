@@ -68,3 +68,34 @@ def rope_tables(inv_freq: np.ndarray, max_positions: int) -> RopeTables:
     if max_positions <= 0:
         raise ValueError(f'rope_tables: max_positions={max_positions} must be > 0.')
     return _tables(tuple(float(x) for x in np.asarray(inv_freq, np.float32)), int(max_positions))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MRopeTables:
+    """Multimodal RoPE (Qwen2-VL / Qwen2.5-VL, transformers' apply_multimodal_rotary_pos_emb): every
+    token has three positions (temporal, height, width); the H/2 frequencies fall into three
+    consecutive runs of `section` sizes, and run i turns by position row i. Text tokens carry three
+    equal positions, where this is plain RoPE exactly. Build with `mrope_tables`."""
+
+    tables: RopeTables
+    section: tuple[int, int, int]
+
+    def cos_sin(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """positions i32[3, ...] -> f32[..., H/2] cos and sin, each frequency from its section's row."""
+        if positions.shape[0] != 3:
+            raise ValueError(f'M-RoPE positions have shape {tuple(positions.shape)}: the first axis must be 3 '
+                             '(temporal, height, width).')
+        cos, sin = self.tables.cos_sin(positions)  # [3, ..., H/2]
+        row = np.repeat(np.arange(3), self.section)  # [H/2]: which position row turns frequency f
+
+        def pick(x):  # exact: a selection, no arithmetic
+            return jnp.where(row == 0, x[0], jnp.where(row == 1, x[1], x[2]))
+
+        return pick(cos), pick(sin)
+
+
+def mrope_tables(inv_freq: np.ndarray, max_positions: int, section: tuple[int, int, int]) -> MRopeTables:
+    """M-RoPE over `rope_tables(inv_freq, max_positions)`; `section` sums to len(inv_freq)."""
+    if len(section) != 3 or sum(section) != len(inv_freq):
+        raise ValueError(f'mrope section {tuple(section)} must be three sizes summing to H/2 = {len(inv_freq)}.')
+    return MRopeTables(rope_tables(inv_freq, max_positions), tuple(int(s) for s in section))

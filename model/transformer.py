@@ -34,11 +34,15 @@ class Transformer(nnx.Module):
     Media: `embeds` ([B, T, D]) with `embed_mask` (bool[B, T]) replace the token embedding wherever
     the mask is true (after Gemma's sqrt(D) scale, which media embeddings do not get); the tokens
     there are ignored. `encode_images` / `encode_audio` produce such rows when config.vision /
-    config.audio are set (submodules `vision` / `audio`, each a `tower` and a `projector`).
+    config.audio are set (submodules `vision` / `audio`, each a `tower` and a `projector`), and
+    `encode_qwen_vision` when config.qwen_vision is (submodule `qwen_vision`, Qwen2.5-VL's tower).
     `spans` (i32[B, T], 0 = text, k = the k-th run of one media item's placeholders): with
     config.bidirectional_media (Gemma 3's images) a token also sees the later tokens of its own
     span, within its layer's window; otherwise spans are ignored. With a cache a span must lie
     wholly inside this call's tokens (a prefill chunk never cuts one).
+    M-RoPE (config.mrope_section): `rope_positions` (i32[3, B, T], model/qwen2_5_vl.py's
+    mrope_positions) turn queries and keys, while `positions` still index the cache and the masks
+    (a token's place in the sequence). Left out, every row is `positions`: plain RoPE.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -56,6 +60,12 @@ class Transformer(nnx.Module):
         encoder = dict(dtype=config.jnp_dtype, rngs=rngs)
         self.vision = VisionEncoder(config.vision, config.d_model, **encoder) if config.vision is not None else None
         self.audio = AudioEncoder(config.audio, config.d_model, **encoder) if config.audio is not None else None
+        if config.qwen_vision is not None:
+            from model.qwen2_5_vl_vision import Qwen25VLVision  # it imports model.checkpoint, which imports us
+
+            self.qwen_vision = Qwen25VLVision(config.qwen_vision, config.jnp_dtype, rngs)
+        else:
+            self.qwen_vision = None
 
     def encode_images(self, pixels: jax.Array) -> jax.Array:
         """f32[B, S, S, 3] images (channels last, normalised) -> [B, tokens_per_image, D] in the model dtype."""
@@ -70,6 +80,14 @@ class Transformer(nnx.Module):
             raise ValueError(f'model {self.config.name!r} has no audio encoder (config.audio is None).')
         return self.audio(mel, valid_frames).astype(self.config.jnp_dtype)
 
+    def encode_qwen_vision(self, patches: jax.Array, layout) -> jax.Array:
+        """Qwen2.5-VL images / videos: processor patches f32[P, C*T*p*p] and their VisionLayout
+        (model.qwen2_5_vl_vision.vision_layout) -> [M, D] rows in the model dtype, one per placeholder
+        token, in prompt order."""
+        if self.qwen_vision is None:
+            raise ValueError(f'model {self.config.name!r} has no Qwen2.5-VL vision tower (config.qwen_vision is None).')
+        return self.qwen_vision(patches, layout).astype(self.config.jnp_dtype)
+
     def __call__(
         self,
         tokens: jax.Array,  # i32[B, T]
@@ -81,6 +99,7 @@ class Transformer(nnx.Module):
         embeds: jax.Array | None = None,  # [B, T, D]
         embed_mask: jax.Array | None = None,  # bool[B, T]
         spans: jax.Array | None = None,  # i32[B, T]
+        rope_positions: jax.Array | None = None,  # i32[3, B, T], with config.mrope_section
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         # Trace-time constants, one set per distinct RoPE (the model's, and the local one layers with
@@ -89,6 +108,15 @@ class Transformer(nnx.Module):
         max_positions = max(cfg.max_context, 1 << 16)
         ropes = [rope_lib.rope_tables(cfg.rope_inv_freq(cfg.layer_kind(i)), max_positions)
                  for i in range(cfg.n_layers)]
+        if cfg.mrope_section is not None:
+            ropes = [rope_lib.MRopeTables(tables, cfg.mrope_section) for tables in ropes]
+            if rope_positions is None:
+                rope_positions = jnp.broadcast_to(positions, (3, *positions.shape))
+            elif tuple(rope_positions.shape) != (3, *positions.shape):
+                raise ValueError(f'rope_positions {tuple(rope_positions.shape)} must be [3, B, T] = '
+                                 f'{(3, *positions.shape)}.')
+        elif rope_positions is not None:
+            raise ValueError(f'rope_positions given, but model {cfg.name!r} has no M-RoPE (config.mrope_section).')
         if cache is not None and kv_span is not None and not 0 < kv_span <= cache.span_limit:
             raise ValueError(f'kv_span={kv_span} must be in [1, cache.max_len={cache.span_limit}].')
         x = self.embedder.encode(tokens)  # [B, T, D]
@@ -103,7 +131,7 @@ class Transformer(nnx.Module):
             raise ValueError(f'spans {tuple(spans.shape)} must be [B, T] = {tuple(tokens.shape)}.')
         spans = spans if cfg.bidirectional_media else None
         for i, block in enumerate(self.layers):
-            x, cache = block(x, positions, ropes[i], cache, i, kv_span, spans)
+            x, cache = block(x, positions, ropes[i], cache, i, kv_span, spans, rope_positions)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)  # [B, M, D]
         x = self.final_norm(x)
