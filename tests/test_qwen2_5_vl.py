@@ -25,6 +25,7 @@ from model.config import LayerKind, ModelConfig
 from model.kv_cache import KVCache
 from model.qwen2_5_vl import MediaSpan, mrope_positions, placeholder_spans
 from model.qwen2_5_vl_vision import vision_layout
+from test_qwen2_5_vl_vision import randomize_tower
 
 torch.set_num_threads(2)
 
@@ -56,14 +57,8 @@ def _hf_model(case: dict, seed: int) -> transformers.Qwen2_5_VLForConditionalGen
         vision_config=dict(out_hidden_size=text['hidden_size'], **case['vision']), text_config=text,
         image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    randomize_tower(model)
     with torch.no_grad():
-        for name, p in model.model.visual.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, p[0].numel() ** -0.5)
-            elif 'norm' in name or 'ln_q' in name:
-                p.normal_(1.0, 0.2)
-            else:
-                p.normal_(0.0, 0.2)
         model.lm_head.weight.mul_(0.5)
     return model
 

@@ -46,6 +46,12 @@ def _hf_model(vision: dict, seed: int) -> transformers.Qwen2_5_VLForConditionalG
     torch.manual_seed(seed)
     config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=TEXT)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    randomize_tower(model)
+    return model
+
+
+def randomize_tower(model) -> None:
+    """Every tower weight random at unit-ish scale, biases and norms included."""
     with torch.no_grad():
         for name, p in model.model.visual.named_parameters():
             if p.ndim > 1:
@@ -54,7 +60,6 @@ def _hf_model(vision: dict, seed: int) -> transformers.Qwen2_5_VLForConditionalG
                 p.normal_(1.0, 0.2)
             else:
                 p.normal_(0.0, 0.2)
-    return model
 
 
 @pytest.fixture(scope='module', params=list(CASES), ids=list(CASES))
