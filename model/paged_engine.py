@@ -161,8 +161,11 @@ class PagedEngine:
         self.row_buckets = row_buckets(max_slots)
         self.num_pages = num_pages
         self.pages_per_device = num_pages // s
-        self._media = getattr(config, 'vision', None) is not None or getattr(
-            config, 'audio', None) is not None
+        self._media = any(getattr(config, name, None) is not None
+                          for name in ('vision', 'audio', 'qwen_vision'))
+        # M-RoPE (Qwen2.5-VL): prefill always takes [3, n] rotary positions and decode turns each
+        # row by position + its slot's delta, so text and media share one program a bucket.
+        self._mrope = getattr(config, 'mrope_section', None) is not None
         # Such a model's prefill always takes a spans array (zeros for text): one program a bucket.
         self._spans = getattr(config, 'bidirectional_media', False)
 
@@ -187,6 +190,7 @@ class PagedEngine:
         self._sample_step = jax.jit(self._sample_fn, out_shardings=self._replicated)
         greedy = [SamplingParams(temperature=0.0)] * max_slots
         self._temperature, self._top_k, self._top_p, self._seeds = params_arrays(greedy)
+        self._rope_delta = np.zeros(max_slots, np.int32)
 
     @property
     def pool_bytes_per_device(self) -> int:
@@ -198,15 +202,21 @@ class PagedEngine:
     def compile_count(self) -> int:
         return self._traces
 
-    def set_params(self, slot: int, params: SamplingParams) -> None:
-        """Sampling parameters of the request that now holds `slot`."""
+    def set_params(self, slot: int, params: SamplingParams, rope_delta: int = 0) -> None:
+        """Sampling parameters of the request that now holds `slot`. `rope_delta` (M-RoPE models):
+        decode turns the token at position j by j + rope_delta on all three rotary rows (the
+        delta of model/qwen2_5_vl.py's mrope_positions; 0 for a prompt without media)."""
+        if rope_delta and not self._mrope:
+            raise ValueError(f"rope_delta={rope_delta}, but {self.config.name} has no M-RoPE")
         t, k, p, s = params_arrays([params])
         self._temperature[slot], self._top_k[slot], self._top_p[slot] = t[0], k[0], p[0]
         self._seeds[slot] = s[0]
+        self._rope_delta[slot] = rope_delta
 
     def prefill(self, slot: int, token_ids: Sequence[int], start: int,
                 block_table: Sequence[int], embeds: np.ndarray | None = None,
-                spans: Sequence[int] | None = None) -> int:
+                spans: Sequence[int] | None = None,
+                rope_positions: np.ndarray | None = None) -> int:
         """Computes tokens at positions [start, start + len(token_ids)) of one request.
 
         Returns the token sampled after the last of them (callers drop it when the chunk does not
@@ -218,6 +228,8 @@ class PagedEngine:
         config.bidirectional_media the tokens of one span see each other both ways (Gemma 3's
         images); each nonzero span is one run of tokens, never cut across chunks (the caller's
         duty: a chunk cannot see its neighbours). None: all text. Ignored by other models.
+        `rope_positions` (i32[3, n], M-RoPE models only): the tokens' rotary positions
+        (temporal, height, width); None: each token's position on all three rows.
         """
         n = len(token_ids)
         if not 0 < n <= self.prefill_chunk:
@@ -226,6 +238,7 @@ class PagedEngine:
             raise ValueError(f"positions up to {start + n} pass max_len={self.max_len}")
         if spans is not None:
             spans = _check_spans(spans, n)  # before anything runs, for every model
+        rope = self._rope_rows(rope_positions, start, n)
         bucket = next(b for b in self.buckets if b >= n)
         tokens, positions, last, rows = self._stripe(token_ids, start, bucket, embeds)
         span_rows = None
@@ -235,10 +248,13 @@ class PagedEngine:
         seq = self._sharding(P(None, SEQ))
         rows = None if rows is None else self._put(rows, self._sharding(P(None, SEQ, None)))
         span_rows = None if span_rows is None else self._put(span_rows, seq)
+        if rope is not None:  # [n, 3] striped like the tokens -> [3, 1, S * T_l]
+            rope = self._put(np.moveaxis(self._striped(rope, start, bucket, 0), -1, 0),
+                             self._sharding(P(None, None, SEQ)))
         logits, self._pages = self._prefill_step(
             self._state, self._pages, self._put(tokens, seq), self._put(positions, seq), rows,
             self._local_tables([block_table], self.table_width), np.int32(start), np.int32(last),
-            span_rows)
+            span_rows, rope)
         token = self._sample_step(logits, np.array([start + n], np.int32), self._temperature[sl],
                                   self._top_k[sl], self._top_p[sl], self._seeds[sl])
         return int(_host(token)[0])
@@ -270,11 +286,12 @@ class PagedEngine:
         pos = np.array([*positions, *[-1] * pad], np.int32)
         idx = np.array([*slots, *[0] * pad])
         params = (self._temperature[idx], self._top_k[idx], self._top_p[idx], self._seeds[idx])
+        delta = self._rope_delta[idx] if self._mrope else None
         last = [p + steps - 1 for p in positions]
         need = max(p // self.page_len + 1 for p in last)
         if -(-need // self.seq_size) <= self.flat_pages:
             flat = self._decode_pages(block_tables, last, padded)
-            out, self._pages = self._steps_step(self._state, self._pages, flat, tok, pos,
+            out, self._pages = self._steps_step(self._state, self._pages, flat, tok, pos, delta,
                                                 np.int32(steps), *params)
             return _host(out)[:steps, :rows].T.tolist()
         out = []  # rows past the ragged bound: one block-walking step at a time
@@ -284,7 +301,7 @@ class PagedEngine:
             width = next(w for w in self.widths if w >= need)
             logits, self._pages = self._decode_step(
                 self._state, self._pages, self._local_tables(block_tables, width, rows=padded), tok,
-                pos)
+                pos, delta)
             tok = self._sample_step(logits, pos + 1, *params)
             out.append(tok)
             pos = np.where(pos >= 0, pos + 1, -1).astype(np.int32)
@@ -303,14 +320,16 @@ class PagedEngine:
             tok = np.full(rows, self.config.bos_id, np.int32)
             pos = np.zeros(rows, np.int32)  # position 0: same program, without reading anything
             params = tuple(a[:rows] for a in (self._temperature, self._top_k, self._top_p, self._seeds))
+            delta = np.zeros(rows, np.int32) if self._mrope else None
             for size in self.flat_sizes(rows):
                 flat = self._decode_pages([[]] * rows, [0] * rows, rows, size=size)
-                _, self._pages = self._steps_step(self._state, self._pages, flat, tok, pos,
+                _, self._pages = self._steps_step(self._state, self._pages, flat, tok, pos, delta,
                                                   np.int32(1), *params)
             placed = self._put(tok, self._replicated)  # as the block walk feeds decode
             for width in self.widths:
                 logits, self._pages = self._decode_step(
-                    self._state, self._pages, self._local_tables([[]] * rows, width), placed, pos)
+                    self._state, self._pages, self._local_tables([[]] * rows, width), placed, pos,
+                    delta)
             if self.widths:
                 self._sample_step(logits, pos + 1, *params).block_until_ready()
 
@@ -346,6 +365,22 @@ class PagedEngine:
                 embeds = np.zeros((n, self.config.d_model), np.float32)
             rows = self._striped(np.asarray(embeds), start, bucket, 0).astype(self.config.jnp_dtype)
         return tokens, positions, last, rows
+
+    def _rope_rows(self, rope_positions: np.ndarray | None, start: int, n: int) -> np.ndarray | None:
+        """A chunk's M-RoPE positions as i32[n, 3] (None for a model without M-RoPE)."""
+        if not self._mrope:
+            if rope_positions is not None:
+                raise ValueError(f"rope_positions given, but {self.config.name} has no M-RoPE")
+            return None
+        if rope_positions is None:
+            return np.repeat(np.arange(start, start + n, dtype=np.int32)[:, None], 3, axis=1)
+        rope = np.asarray(rope_positions)
+        if rope.shape != (3, n) or not np.issubdtype(rope.dtype, np.integer):
+            raise ValueError(f"rope_positions: give int [3, {n}] (one column per token), got "
+                             f"{rope.dtype}{list(rope.shape)}")
+        if rope.min() < 0:
+            raise ValueError("rope_positions: positions must be >= 0")
+        return rope.T.astype(np.int32)
 
     def _striped(self, values: np.ndarray, start: int, bucket: int, fill) -> np.ndarray:
         """values [n, ...], one per token of a chunk at [start, start + n), in `_stripe`'s layout:
@@ -427,10 +462,11 @@ class PagedEngine:
         return ShardedPagedCache(k_pages=pages[0], v_pages=pages[1], local_tables=tables,
                                  start=jnp.asarray(start, jnp.int32), mesh=self.mesh, prefill=prefill)
 
-    def _prefill_fn(self, state, pages, tokens, positions, rows, tables, start, last, spans):
+    def _prefill_fn(self, state, pages, tokens, positions, rows, tables, start, last, spans, rope):
         """tokens, positions i32[1, S * T_l] striped (padding at -1), rows f32[1, S * T_l, D] or
-        None (media embeddings where tokens < 0), spans i32[1, S * T_l] or None (media spans) ->
-        (logits f32[1, V] at the chunk's last token, pages)."""
+        None (media embeddings where tokens < 0), spans i32[1, S * T_l] or None (media spans),
+        rope i32[3, 1, S * T_l] or None (M-RoPE positions) -> (logits f32[1, V] at the chunk's
+        last token, pages)."""
         self._traces += 1  # Python runs only while tracing: one count per compilation
         model = nnx.merge(self._graphdef, state)
         cache = self._cache(pages, tables, start, prefill=True)
@@ -439,19 +475,22 @@ class PagedEngine:
             media = dict(embeds=rows, embed_mask=tokens < 0)
             tokens = jnp.maximum(tokens, 0)
         # Logits only where we sample: the chunk's last real token (not all T positions).
-        logits, cache = model(tokens, positions, cache, logits_at=last[None, None], spans=spans, **media)
+        logits, cache = model(tokens, positions, cache, logits_at=last[None, None], spans=spans,
+                              rope_positions=rope, **media)
         return logits[:, 0], (cache.k_pages, cache.v_pages)
 
-    def _decode_fn(self, state, pages, tables, tokens, positions):
-        """tokens i32[B] at positions i32[B] (-1: unused row) -> (logits f32[B, V], pages)."""
+    def _decode_fn(self, state, pages, tables, tokens, positions, delta):
+        """tokens i32[B] at positions i32[B] (-1: unused row), delta i32[B] or None (M-RoPE
+        offsets) -> (logits f32[B, V], pages)."""
         self._traces += 1
         model = nnx.merge(self._graphdef, state)
         cache = self._cache(pages, tables, 0, prefill=False)
-        logits, cache = model(tokens[:, None], positions[:, None], cache)  # [B, 1, V]
+        logits, cache = model(tokens[:, None], positions[:, None], cache,
+                              rope_positions=_turns(positions, delta))  # [B, 1, V]
         return logits[:, 0], (cache.k_pages, cache.v_pages)
 
-    def _steps_fn(self, state, pages, flat: DecodePages, tokens, positions, steps, temperature,
-                  top_k, top_p, seeds):
+    def _steps_fn(self, state, pages, flat: DecodePages, tokens, positions, delta, steps,
+                  temperature, top_k, top_p, seeds):
         """`steps` (i32[], 1..max_steps) decode steps over ragged page lists: tokens i32[B] at
         positions i32[B] (-1: unused row); each step samples every row's next token (its key from
         the row's seed and the sampled position) and feeds it to the next -> (tokens
@@ -463,7 +502,8 @@ class PagedEngine:
             k_pages, v_pages, tok, pos, out = carry
             cache = ShardedPagedCache(k_pages=k_pages, v_pages=v_pages, local_tables=None,
                                       start=jnp.int32(0), mesh=self.mesh, prefill=False, flat=flat)
-            logits, cache = model(tok[:, None], pos[:, None], cache)  # [B, 1, V]
+            logits, cache = model(tok[:, None], pos[:, None], cache,
+                                  rope_positions=_turns(pos, delta))  # [B, 1, V]
             tok = sample(logits[:, 0], temperature, top_k, top_p, row_keys(seeds, pos + 1))
             pos = jnp.where(pos >= 0, pos + 1, -1)
             return cache.k_pages, cache.v_pages, tok, pos, out.at[i].set(tok)
@@ -478,6 +518,15 @@ class PagedEngine:
         position of the token it samples."""
         self._traces += 1
         return sample(logits, temperature, top_k, top_p, row_keys(seeds, sampled_at))
+
+
+def _turns(positions: jax.Array, delta: jax.Array | None) -> jax.Array | None:
+    """M-RoPE rows of decode tokens: i32[B] positions (-1: unused row) plus each row's delta, the
+    same on all three rows -> i32[3, B, 1]; None without M-RoPE (delta None)."""
+    if delta is None:
+        return None
+    turn = jnp.where(positions >= 0, positions + delta, 0)
+    return jnp.broadcast_to(turn[None, :, None], (3, positions.shape[0], 1))
 
 
 def _check_spans(spans: Sequence[int], n: int) -> np.ndarray:

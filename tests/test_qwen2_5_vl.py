@@ -20,9 +20,11 @@ from flax import nnx
 from safetensors.torch import save_file
 
 from _model_helpers import tiny_config
-from model import checkpoint, qwen2_5_vl
+from model import checkpoint, qwen2_5_vl, sharding
 from model.config import LayerKind, ModelConfig
 from model.kv_cache import KVCache
+from model.paged_engine import PagedEngine
+from model.sampling import SamplingParams
 from model.qwen2_5_vl import MediaSpan, mrope_positions, placeholder_spans
 from model.qwen2_5_vl_vision import vision_layout
 from test_qwen2_5_vl_vision import randomize_tower
@@ -282,6 +284,16 @@ def test_logits_match_transformers(loaded, kind):
     assert np.abs(np.asarray(flat[0, -1]) - want[-1]).max() > 1e-2
 
 
+def _generate(hf_model, ids, patches, grid, seconds, steps: int) -> list[int]:
+    """transformers' greedy tokens, past any stop token."""
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = hf_model.generate(**_hf_inputs(ids, patches, grid, seconds), max_new_tokens=steps,
+                                min_new_tokens=steps, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
 def _dense_greedy(ours, tokens, embeds, mask, rope_positions, delta: int, steps: int) -> list[int]:
     """Prefill with the media rows and M-RoPE positions, then decode through the dense KV cache:
     the token at sequence index j sits at cache index j and turns by j + delta on all three rows."""
@@ -306,16 +318,58 @@ def test_greedy_matches_transformers_generate(loaded, kind):
     hf_model, config, ours, _ = loaded
     steps = 16
     ids, patches, grid, seconds = _media_case(config, kind)
-    hf_model.generation_config.eos_token_id = None
-    hf_model.generation_config.pad_token_id = 0
-    with torch.no_grad():
-        out = hf_model.generate(**_hf_inputs(ids, patches, grid, seconds), max_new_tokens=steps,
-                                min_new_tokens=steps, do_sample=False)
-    want = out[0, len(ids):].tolist()
+    want = _generate(hf_model, ids, patches, grid, seconds, steps)
     tokens, embeds, mask, rope_positions, delta = _ours_inputs(config, ours, ids, patches, grid, seconds)
     assert delta != 0  # the media really shift later positions
     assert _dense_greedy(ours, tokens, embeds, mask, rope_positions, delta, steps) == want
     assert len(set(want)) > 2  # a run that moves, not one repeated token
+
+
+def _paged_greedy(config, ours, tokens, embeds, rope_positions, delta: int, steps: int, mesh=None) -> list[int]:
+    """The paged engine, as the server drives it: prefill in chunks that cut the medium (each with
+    its M-RoPE columns), then decode windows that turn by position + delta."""
+    page, chunk = 4, 16
+    engine = PagedEngine(config, ours, max_slots=2, num_pages=2 * 32, page_len=page, prefill_chunk=chunk,
+                         max_len=96, mesh=mesh, max_steps=4)
+    s, per = engine.seq_size, engine.pages_per_device
+    table = [(j % s) * per + 1 + j // s for j in range(engine.pages_per_seq)]  # page j on device j % S
+    slot = 1
+    engine.set_params(slot, SamplingParams(temperature=0.0), rope_delta=delta)
+    ids = [int(t) for t in tokens]
+    for start in range(0, len(ids), chunk):
+        end = min(start + chunk, len(ids))
+        token = engine.prefill(slot, ids[start:end], start, table, embeds=embeds[start:end],
+                               rope_positions=rope_positions[:, start:end])
+    out = [token]
+    while len(out) < steps:
+        n = min(4, steps - len(out))
+        out += engine.decode_steps([slot], [out[-1]], [len(ids) + len(out) - 1], [table], n)[0]
+    return out
+
+
+@pytest.mark.parametrize('kind', ['image', 'video'])
+def test_paged_engine_matches_transformers_generate(loaded, kind):
+    """The engine's prefill (chunks cut across the medium) and decode windows give generate's
+    tokens, on one device and with the sequence striped over two."""
+    hf_model, config, ours, _ = loaded
+    steps = 12
+    ids, patches, grid, seconds = _media_case(config, kind)
+    want = _generate(hf_model, ids, patches, grid, seconds, steps)
+    tokens, embeds, mask, rope_positions, delta = _ours_inputs(config, ours, ids, patches, grid, seconds)
+    # Placeholders are negative ids on the engine's path (their rows come from embeds).
+    placed = np.where(mask[0], -1, tokens[0])
+    assert _paged_greedy(config, ours, placed, embeds[0], rope_positions[:, 0], delta, steps) == want
+    mesh = sharding.make_mesh(sharding.MeshShape(sequence=2), jax.devices()[:2])
+    assert _paged_greedy(config, ours, placed, embeds[0], rope_positions[:, 0], delta, steps, mesh) == want
+
+
+def test_paged_engine_checks_rope_positions(loaded):
+    _, config, ours, _ = loaded
+    engine = PagedEngine(config, ours, max_slots=1, num_pages=8, page_len=4, prefill_chunk=16, max_len=16)
+    with pytest.raises(ValueError, match=r'rope_positions: give int \[3, 4\]'):
+        engine.prefill(0, [5, 6, 7, 8], 0, [1], rope_positions=np.zeros((3, 5), np.int32))
+    with pytest.raises(ValueError, match='must be >= 0'):
+        engine.prefill(0, [5, 6, 7, 8], 0, [1], rope_positions=np.full((3, 4), -2, np.int32))
 
 
 def test_text_only_mrope_is_plain_rope(loaded):
