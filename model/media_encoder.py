@@ -4,6 +4,8 @@ The serving engine shards the decoder over the mesh; the encoders are small and 
 media are decoded (process 0), so they get their own copy of just their weights on one device,
 and their outputs travel to the engine as host arrays (rows of the prompt's embeddings).
 Batches are padded up to a bucket so a new batch size never compiles again after warm-up.
+Qwen2.5-VL's tower takes one image of any size: its patches are padded to a size bucket
+(model/qwen2_5_vl_vision.py's patch_bucket), each compiled when first needed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from model import qwen2_5_vl_vision
 
 IMAGE_BATCHES = (1, 4, 16)
 AUDIO_BATCHES = (1, 4)
@@ -32,7 +36,7 @@ class MediaEncoder:
         device = device or jax.local_devices()[0]
         self._lock = threading.Lock()  # one encoder call at a time: they share the device
         self._traces = 0
-        self._vision = self._audio = None
+        self._vision = self._audio = self._qwen_vision = None
         if config.vision is not None:
             self.image_size = config.vision.image_size
             self.tokens_per_image = config.vision.tokens_per_image
@@ -44,6 +48,9 @@ class MediaEncoder:
             self.mask_padding = config.audio.mask_padding
             self.valid_rows = config.audio.valid_rows  # rows of a window from its audio frames
             self._audio = self._compile(model.audio, device)
+        if getattr(config, "qwen_vision", None) is not None:
+            self.qwen_vision = config.qwen_vision
+            self._qwen_vision = self._compile(model.qwen_vision, device)
 
     @property
     def compile_count(self) -> int:
@@ -84,6 +91,23 @@ class MediaEncoder:
             raise ValueError(f"{self.config.name} has no image encoder")
         with self._lock:
             return self._batched(self._vision, pixels, IMAGE_BATCHES)
+
+    def qwen_image(self, pixel_values: np.ndarray, grid_thw: tuple[int, int, int]) -> np.ndarray:
+        """Qwen2.5-VL: one image's (or video's) processor patches f32[P, C*T*p*p] and grid ->
+        f32[M, D], one row per placeholder token."""
+        if self._qwen_vision is None:
+            raise ValueError(f"{self.config.name} has no Qwen2.5-VL vision tower")
+        cfg = self.qwen_vision
+        layout = qwen2_5_vl_vision.vision_layout([grid_thw], cfg)
+        if len(pixel_values) != layout.num_patches:
+            raise ValueError(f"{len(pixel_values)} patches for grid {tuple(grid_thw)}: expected "
+                             f"{layout.num_patches}")
+        size = qwen2_5_vl_vision.patch_bucket(layout.num_patches, cfg.merge_size)
+        patches = np.zeros((size, pixel_values.shape[1]), np.float32)
+        patches[:len(pixel_values)] = pixel_values
+        with self._lock:
+            out = self._qwen_vision(patches, qwen2_5_vl_vision.padded_layout(layout, size, cfg.merge_size))
+            return np.asarray(out)[:layout.num_tokens]
 
     def audio(self, mel: np.ndarray, valid_frames: np.ndarray | None = None) -> np.ndarray:
         if self._audio is None:

@@ -198,6 +198,36 @@ def vision_layout(grid_thw: Sequence[tuple[int, int, int]], cfg: Qwen25VLVisionC
     )
 
 
+def patch_bucket(num_patches: int, merge_size: int) -> int:
+    """The patch count an encoder call of `num_patches` is padded to: the next power of two or
+    3/4 of one (from 64), a multiple of merge_size**2. Images of many sizes then share a few
+    compiled programs, at most 4/3 of the patches each."""
+    size = 64
+    while size < num_patches:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3  # 64, 96, 128, 192, ...
+    unit = merge_size ** 2
+    return -(-size // unit) * unit
+
+
+def padded_layout(layout: VisionLayout, num_patches: int, merge_size: int) -> VisionLayout:
+    """`layout` grown to `num_patches` rows: padding patches (zeros, appended to the processor's
+    rows) in segments of their own, so they attend only to each other and real patches never
+    see them; they come out as rows after the real M, which callers drop."""
+    extra = num_patches - layout.num_patches
+    if extra < 0 or extra % merge_size ** 2:
+        raise ValueError(f'padding {layout.num_patches} patches to {num_patches}: need more, by a multiple of '
+                         f'merge_size**2={merge_size ** 2}.')
+    p, m = layout.num_patches, layout.num_tokens
+    pad = np.full(extra, -1, np.int32)
+    return VisionLayout(
+        order=np.concatenate([layout.order, np.arange(p, num_patches, dtype=np.int32)]),
+        restore=np.concatenate([layout.restore, np.arange(m, m + extra // merge_size ** 2, dtype=np.int32)]),
+        positions=np.concatenate([layout.positions, np.zeros((extra, 2), np.int32)]),
+        window_segments=np.concatenate([layout.window_segments, pad]),
+        full_segments=np.concatenate([layout.full_segments, pad]),
+    )
+
+
 def _inv_freq(cfg: Qwen25VLVisionConfig) -> np.ndarray:
     """f32[H/4]: one frequency table shared by rows and columns, in float32 as the reference has it."""
     half = np.float32(cfg.head_dim // 2)

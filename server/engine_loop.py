@@ -47,6 +47,8 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
 from model.paged_engine import PagedEngine
 from preprocess.detokenize import IncrementalDetokenizer
 from preprocess.tokenizer_protocol import TextTokenizer
@@ -158,6 +160,17 @@ class _Active:
     @property
     def request(self) -> GenerationRequest:
         return self.stream.request
+
+
+def _rope_columns(request: GenerationRequest, start: int, count: int) -> np.ndarray:
+    """i32[3, count] M-RoPE positions of tokens [start, start + count): the prompt's, then (for
+    generated tokens recomputed after a preemption) index + delta on all three rows."""
+    known = request.rope_positions.shape[1]
+    columns = request.rope_positions[:, start:start + count]
+    if start + count > known:
+        after = np.arange(max(start, known), start + count, dtype=np.int32) + request.rope_delta
+        columns = np.concatenate([columns, np.broadcast_to(after, (3, len(after)))], axis=1)
+    return columns
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -410,7 +423,7 @@ class EngineLoop:
             active = self._active[work.request_id]
             if not active.admitted:
                 self._on_admit(active)
-            self._engine.set_params(work.slot, active.request.params)
+            self._engine.set_params(work.slot, active.request.params, active.request.rope_delta)
             if work.is_decode:
                 decodes.append(work)
                 continue
@@ -420,6 +433,8 @@ class EngineLoop:
             extra = {} if embeds is None else {"embeds": embeds}
             if self._spans and embeds is not None:
                 extra["spans"] = span_ids(tokens)
+            if active.request.rope_positions is not None:
+                extra["rope_positions"] = _rope_columns(active.request, work.start, work.count)
             token = self._engine.prefill(work.slot, tokens, work.start, work.block_table, **extra)
             if work.samples:
                 sampled[work.request_id] = token
@@ -461,7 +476,8 @@ class EngineLoop:
         scheduler and the streams one step at a time."""
         work = plan.work
         for w in work:
-            self._engine.set_params(w.slot, self._active[w.request_id].request.params)
+            request = self._active[w.request_id].request
+            self._engine.set_params(w.slot, request.params, request.rope_delta)
         rows = self._engine.decode_steps(
             [w.slot for w in work], [self._active[w.request_id].seq.token_ids[w.start] for w in work],
             [w.start for w in work], tables, steps)

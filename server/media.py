@@ -10,7 +10,8 @@ How an image, audio clip or video enters a prompt:
               its sound from that frame to the next <|media_end|>
    Those are the built-in model's markers; a checkpoint family's own come from
    server/media_markup.py (Qwen2-Audio: <|audio_bos|> rows <|audio_eos|>, in 30 s windows whose
-   rows are those of their audio frames, as its processor counts them).
+   rows are those of their audio frames, as its processor counts them; Qwen2.5-VL:
+   <|vision_start|> rows <|vision_end|>, as many rows as the image's size gives, `grid`).
    Rows are placeholder ids: negative ints derived from the media's key (content hash plus what
    is read: offsets, fps), so equal media gives equal ids and the prefix cache and named caches
    work on media prompts unchanged, while different media never share a page hash. CountTokens
@@ -43,7 +44,7 @@ import numpy as np
 
 from model.config import MEL_FRAMES_PER_SECOND
 from preprocess import audio as audio_lib
-from preprocess import gemma3_image
+from preprocess import gemma3_image, qwen2_vl_image
 from preprocess import image as image_lib
 from preprocess import video as video_lib
 from preprocess import whisper_features
@@ -134,6 +135,9 @@ class MediaTokens:
     expansion: Expansion | None = dataclasses.field(default=None, compare=False, repr=False)
     # Encoders that mask padding (Qwen2-Audio's): 16 kHz samples in each window that yields rows.
     audio_windows: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    # Dynamic-resolution towers (Qwen2.5-VL's): the processor's patch grid (t, h, w); its rows
+    # are t * h * w / merge**2, and its M-RoPE positions follow the grid (server/media_rows.py).
+    grid: tuple[int, int, int] | None = dataclasses.field(default=None, compare=False)
 
 
 def token_details(total: int, media: Sequence[MediaTokens]) -> dict[str, int]:
@@ -186,18 +190,27 @@ class MediaResolver:
     """Parts -> `MediaTokens`, from probes only. Raises RequestErrors naming the part."""
 
     def __init__(self, config, tokenizer: TextTokenizer, store: MediaStore,
-                 limits: MediaLimits = MediaLimits()):
+                 limits: MediaLimits = MediaLimits(), image_processor=None):
+        """image_processor: the checkpoint's (runtime.load_image_processor); a Qwen2.5-VL
+        model's sizes its images' grids."""
         self.vision, self.audio = config.vision, config.audio
+        self.qwen_vision = getattr(config, "qwen_vision", None)
+        if self.qwen_vision is not None and not isinstance(image_processor,
+                                                           qwen2_vl_image.Qwen2VLImageConfig):
+            raise ValueError("a Qwen2.5-VL vision tower needs its image processor's config "
+                             "(preprocessor_config.json)")
+        self.image_processor = image_processor
         self.tokenizer, self.store, self.limits = tokenizer, store, limits
         self._markup = {m: markup_for(tokenizer, m) for m in (IMAGE, AUDIO, VIDEO)}
         # Encoders' identity: embeddings cached under one config are not reused under another.
-        self._salt = hashlib.sha256(repr((config.vision, config.audio, config.d_model,
+        self._salt = hashlib.sha256(repr((config.vision, config.audio, self.qwen_vision,
+                                          image_processor, config.d_model,
                                           config.name)).encode()).hexdigest()[:16]
 
     @property
     def modalities(self) -> tuple[str, ...]:
         found = [TEXT]
-        if self.vision is not None:
+        if self.vision is not None or self.qwen_vision is not None:
             found.append(IMAGE)
         if self.audio is not None:
             found.append(AUDIO)
@@ -302,6 +315,8 @@ class MediaResolver:
         if source.modality == IMAGE:
             info = image_lib.probe_image(source.bytes(), source.mime_type,
                                          max_pixels=self.limits.max_pixels)
+            if self.qwen_vision is not None:
+                return self._grid_layout(key, source, info)
             rows = self.vision.tokens_per_image
             return self._wrap(key, placeholder_ids(key, rows).tolist(), rows, {IMAGE: rows},
                               source, width=info.width, height=info.height)
@@ -314,6 +329,19 @@ class MediaResolver:
             return self._wrap(key, placeholder_ids(key, rows).tolist(), rows, {AUDIO: rows},
                               source, duration_s=info.duration_s)
         return self._video_layout(key, source)
+
+    def _grid_layout(self, key: int, source: MediaSource, info) -> MediaTokens:
+        """An image for a dynamic-resolution tower (Qwen2.5-VL's): the processor's resize rule
+        picks its patch grid from the displayed size, and each merge x merge block of patches
+        is one row."""
+        try:
+            grid = qwen2_vl_image.image_grid(info.height, info.width, self.image_processor)
+        except ValueError as error:
+            raise MediaError(str(error)) from None
+        t, h, w = grid
+        rows = t * h * w // self.image_processor.merge_size ** 2
+        return self._wrap(key, placeholder_ids(key, rows).tolist(), rows, {IMAGE: rows}, source,
+                          width=info.width, height=info.height, grid=grid)
 
     def _window_layout(self, key: int, source: MediaSource, info) -> MediaTokens:
         """Audio for an encoder that masks padding (Qwen2-Audio's): the clip in windows of
@@ -405,13 +433,16 @@ def _video_read(metadata, field: str) -> VideoRead:
 
 
 def _decode_image(data: bytes, mime_type: str, size: int, max_pixels: int,
-                  processor: gemma3_image.Gemma3ImageConfig | None = None) -> np.ndarray:
-    """Process-pool job: bytes -> f32[S, S, 3] (top level, so it pickles). With a checkpoint's
-    image processor config, its pixels, channels last."""
+                  processor=None) -> np.ndarray:
+    """Process-pool job (top level, so it pickles): bytes -> f32[S, S, 3] pixels; with Gemma 3's
+    image processor config its pixels, channels last; with Qwen2-VL's the patches
+    f32[P, C*T*p*p] of its grid."""
     if processor is None:
         return image_lib.load_image(data, mime_type, image_lib.ImageSpec(size=size),
                                     max_pixels=max_pixels)
     image = image_lib.decode_image(data, mime_type, max_pixels=max_pixels)
+    if isinstance(processor, qwen2_vl_image.Qwen2VLImageConfig):
+        return qwen2_vl_image.preprocess(image, processor).pixel_values
     return gemma3_image.preprocess(image, processor).transpose(1, 2, 0)
 
 
@@ -425,13 +456,16 @@ class MediaEmbedder:
     def __init__(self, encoder, limits: MediaLimits = MediaLimits(), *,
                  cache_bytes: int = 1 << 30, processes: int = 2,
                  audio_features: whisper_features.WhisperFeatureConfig | None = None,
-                 image_processor: gemma3_image.Gemma3ImageConfig | None = None):
+                 image_processor: (gemma3_image.Gemma3ImageConfig
+                                   | qwen2_vl_image.Qwen2VLImageConfig | None) = None):
         """audio_features: the checkpoint's feature extractor, for encoders that mask padding
         (their windows are extracted as the family's processor does). image_processor: the
-        checkpoint's image processor (Gemma 3's); without it, the built-in preprocessing."""
+        checkpoint's image processor (Gemma 3's, Qwen2-VL's); without it, the built-in
+        preprocessing."""
         self.encoder, self.limits = encoder, limits
         side = getattr(encoder, "image_size", None)
-        if image_processor is not None and image_processor.size != (side, side):
+        if isinstance(image_processor, gemma3_image.Gemma3ImageConfig) and (
+                image_processor.size != (side, side)):
             raise ValueError(f"the image processor makes {image_processor.size[0]} x "
                              f"{image_processor.size[1]} pixels; the vision encoder takes "
                              f"{side} x {side}")
@@ -476,8 +510,8 @@ class MediaEmbedder:
         broken before this job ran is retried once on the new one; a worker that died running
         this job fails this request only, naming the image."""
         loop = asyncio.get_running_loop()
-        args = (source.bytes(), source.mime_type, self.encoder.image_size, self.limits.max_pixels,
-                self.image_processor)
+        args = (source.bytes(), source.mime_type, getattr(self.encoder, "image_size", 0),
+                self.limits.max_pixels, self.image_processor)
         for attempt in range(2):
             pool = self._decoders()
             try:
@@ -552,7 +586,11 @@ class MediaEmbedder:
 
     async def _compute(self, media: MediaTokens, progress: Progress) -> np.ndarray:
         source = media.source
-        if source.modality == IMAGE:
+        if source.modality == IMAGE and media.grid is not None:
+            patches = await self._decode_image(source)
+            progress.rows[:] = await asyncio.to_thread(self.encoder.qwen_image, patches, media.grid)
+            progress.ready = len(progress.rows)
+        elif source.modality == IMAGE:
             pixels = await self._decode_image(source)
             progress.rows[:] = (await asyncio.to_thread(self.encoder.images, pixels[None]))[0]
             progress.ready = len(progress.rows)

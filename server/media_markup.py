@@ -40,7 +40,8 @@ class Markup:
     close: str | None  # after them
     template_token: str | None = None  # what the family's chat template writes for the item
     # True: the template writes open and close around template_token, which stands for the rows
-    # only (Qwen2-Audio's <|audio_bos|><|AUDIO|><|audio_eos|>). False: template_token is `open`
+    # only (Qwen2-Audio's <|audio_bos|><|AUDIO|><|audio_eos|>, Qwen2.5-VL's
+    # <|vision_start|><|image_pad|><|vision_end|>). False: template_token is `open`
     # and stands for the whole item (Gemma 3's <start_of_image>).
     template_writes_markers: bool = False
     around: str = ""  # text the processor puts on both sides of a whole item (Gemma 3: "\n\n")
@@ -81,7 +82,8 @@ class BoundMarkup:
 # Families in the order they are tried; the built-in markers last.
 _FAMILIES: dict[str, tuple[Markup, ...]] = {
     AUDIO: (Markup("<|audio_bos|>", "<|audio_eos|>", "<|AUDIO|>", template_writes_markers=True),),
-    IMAGE: (Markup("<start_of_image>", "<end_of_image>", "<start_of_image>", around="\n\n"),),
+    IMAGE: (Markup("<start_of_image>", "<end_of_image>", "<start_of_image>", around="\n\n"),
+            Markup("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", template_writes_markers=True)),
     VIDEO: (),
 }
 BUILT_IN = Markup(MEDIA_START, MEDIA_END)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from model.qwen2_5_vl import MediaSpan, mrope_positions
+
 KEY_SPACE = 1 << 62
 
 
@@ -47,6 +49,26 @@ def span_ids(token_ids: Sequence[int]) -> np.ndarray:
     holes = np.asarray(token_ids, np.int64) < 0
     starts = holes & ~np.concatenate([[False], holes[:-1]])
     return np.where(holes, np.cumsum(starts), 0).astype(np.int32)
+
+
+def rope_positions(prompt_ids: Sequence[int], media: Sequence, config) -> tuple[np.ndarray, int]:
+    """M-RoPE (Qwen2.5-VL): (i32[3, len(prompt_ids)] rotary positions, delta for the tokens after
+    the prompt) of a prompt whose media items (`server.media.MediaTokens` with a `grid`) stand
+    in it as placeholder runs. Each run starts at its item's row 0 and is as long as its grid
+    says; the same item may appear more than once."""
+    grids = {item.key: item.grid for item in media if item.grid is not None}
+    ids = np.asarray(prompt_ids, np.int64)
+    holes = np.nonzero(ids < 0)[0]
+    merge = config.qwen_vision.merge_size
+    spans, at = [], 0
+    while (i := int(np.searchsorted(holes, at))) < len(holes):
+        start = int(holes[i])
+        grid = grids.get(int((-1 - ids[start]) % KEY_SPACE))
+        if grid is None:
+            raise AssertionError(f"placeholder at {start} starts no media item's rows")
+        spans.append(MediaSpan(start, grid))
+        at = start + spans[-1].tokens(merge)
+    return mrope_positions(len(ids), spans, config)
 
 
 class PromptReadiness:

@@ -24,6 +24,7 @@ from preprocess import prompt as prompt_lib
 from preprocess import tokenizer as tokenizer_lib
 from preprocess.tokenizer_protocol import TextTokenizer
 from preprocess.gemma3_image import Gemma3ImageConfig
+from preprocess.qwen2_vl_image import Qwen2VLImageConfig
 from preprocess.whisper_features import WhisperFeatureConfig
 from server.distributed import MirroredEngine, StepLeader
 from server.engine_loop import EngineLoop
@@ -112,16 +113,26 @@ def load_tokenizer(model_dir: pathlib.Path, override: str | None) -> TextTokeniz
 
 
 def load_image_processor(model_dir: pathlib.Path,
-                         config: ModelConfig) -> Gemma3ImageConfig | None:
-    """The image processor of a Hugging Face directory with a vision tower (Gemma 3's), from
-    its preprocessor_config.json; None for ringserve's own format, whose images are
-    preprocessed the built-in way."""
-    if config.vision is None or not (model_dir / checkpoint.HF_CONFIG_FILE).is_file():
+                         config: ModelConfig) -> Gemma3ImageConfig | Qwen2VLImageConfig | None:
+    """The image processor of a Hugging Face directory with a vision tower (Gemma 3's, or
+    Qwen2.5-VL's dynamic-resolution one), from its preprocessor_config.json; None for
+    ringserve's own format, whose images are preprocessed the built-in way."""
+    tower = config.qwen_vision
+    if (config.vision is None and tower is None) or not (
+            model_dir / checkpoint.HF_CONFIG_FILE).is_file():
         return None
     try:
-        return Gemma3ImageConfig.from_dir(model_dir)
+        if tower is None:
+            return Gemma3ImageConfig.from_dir(model_dir)
+        processor = Qwen2VLImageConfig.from_dir(model_dir)
     except (FileNotFoundError, ValueError, TypeError) as error:
         raise ValueError(f"{model_dir}: the image processor's config: {error}") from None
+    ours = (processor.patch_size, processor.temporal_patch_size, processor.merge_size)
+    theirs = (tower.patch_size, tower.temporal_patch_size, tower.merge_size)
+    if ours != theirs:
+        raise ValueError(f"{model_dir}: the image processor cuts (patch, temporal patch, merge) "
+                         f"= {ours}; the vision tower takes {theirs}")
+    return processor
 
 
 def load_audio_features(model_dir: pathlib.Path,
@@ -271,7 +282,8 @@ def build(options: RuntimeOptions,
     store = MediaStore(options.media_dir, budget_bytes=int(options.media_store_gib * 2**30),
                        max_bytes=options.media_limits.max_bytes)
     return Runtime(
-        media_store=store, media=MediaResolver(config, tokenizer, store, options.media_limits),
+        media_store=store, media=MediaResolver(config, tokenizer, store, options.media_limits,
+                                               image_processor),
         embedder=MediaEmbedder(encoder, options.media_limits, audio_features=audio_features,
                                image_processor=image_processor),
         probes=ProbePool(options.media_probe_workers),

@@ -27,7 +27,7 @@ from server.auth import KeyRing, presented_key
 from server.quotas import Quotas, StreamCounter, check_display_name
 from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, RequestError,
                            ResourceExhausted, abort)
-from server.media_rows import PromptReadiness
+from server.media_rows import PromptReadiness, rope_positions
 from server.probe_pool import has_media
 from server.runtime import Runtime
 from server.validation import (GenerationRequest, conversation, media_of, render_prompt,
@@ -156,7 +156,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                                       cache, parts)
         decoding = None
         if media:
-            work, decoding = self._start_media(work, media, cache)
+            work, decoding = self._start_media(self._with_rope(work, media), media, cache)
         stream = self._rt.engine_loop.submit(work, received,
                                              affinity=cache.name if cache else None)
         if decoding is not None:
@@ -195,6 +195,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             stream.cancel()
             if decoding is not None:
                 decoding.cancel()
+
+    def _with_rope(self, work: GenerationRequest, media) -> GenerationRequest:
+        """The request with its prompt's M-RoPE positions, for a model whose media shift them
+        (Qwen2.5-VL's); unchanged otherwise."""
+        if not any(item.grid is not None for item in media):
+            return work
+        positions, delta = rope_positions(work.prompt_ids, media, self._rt.config)
+        return dataclasses.replace(work, rope_positions=positions, rope_delta=int(delta))
 
     def _start_media(self, work: GenerationRequest, media, cache):
         """Starts decoding the request's media; the engine prefills behind it (`ready`). Returns
@@ -299,9 +307,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                   share_pool=self._keys is not None)
         rows = await rt.embedder.embed_all(media_of(turns))
         name = caches_lib.new_name()
-        work = GenerationRequest(request_id=name, prompt_ids=tuple(ids),
-                                 params=SamplingParams(temperature=0.0), max_new_tokens=1,
-                                 stop_sequences=(), pin_as=name, media=rows)
+        work = self._with_rope(GenerationRequest(
+            request_id=name, prompt_ids=tuple(ids), params=SamplingParams(temperature=0.0),
+            max_new_tokens=1, stop_sequences=(), pin_as=name, media=rows), media_of(turns))
         stream = rt.engine_loop.submit(work, time.monotonic())
         entry = None
         try:

@@ -12,6 +12,8 @@ import secrets
 import uuid
 from typing import Callable, Protocol
 
+import numpy as np
+
 from model.sampling import SamplingParams
 from preprocess import prompt as prompt_lib
 from preprocess.tokenizer_protocol import TextTokenizer
@@ -57,6 +59,10 @@ class GenerationRequest:
     # then says how many leading prompt tokens have their inputs (server/media_rows.py).
     media: tuple = ()
     ready: Callable[[], int] | None = None
+    # M-RoPE models with media in the prompt (server/media_rows.py, rope_positions): i32[3, P]
+    # rotary positions of the prompt, and the delta the tokens after it turn by.
+    rope_positions: np.ndarray | None = None
+    rope_delta: int = 0
 
 
 class MediaParts(Protocol):

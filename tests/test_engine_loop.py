@@ -110,3 +110,18 @@ def test_engine_failure_fails_every_request_and_stops_serving(model):
         assert "RuntimeError" in events[-1].error.message
         assert "device lost" not in events[-1].error.message
     assert len(failures) == 1 and not stats.serving
+
+
+def test_rope_columns_continue_past_the_prompt_by_delta():
+    """M-RoPE columns of a chunk: the prompt's own, then (a preempted request recomputing its
+    generated tokens) index + delta on all three rows."""
+    import numpy as np
+
+    from server.engine_loop import _rope_columns
+
+    prompt = np.array([[0, 1, 2, 2, 2, 5], [0, 1, 2, 3, 3, 5], [0, 1, 2, 3, 4, 5]], np.int32)
+    request = GenerationRequest(request_id="r", prompt_ids=(1,) * 6, params=SamplingParams(),
+                                max_new_tokens=4, stop_sequences=(), rope_positions=prompt, rope_delta=-2)
+    np.testing.assert_array_equal(_rope_columns(request, 1, 3), prompt[:, 1:4])
+    np.testing.assert_array_equal(_rope_columns(request, 4, 4), [[2, 5, 4, 5], [3, 5, 4, 5], [4, 5, 4, 5]])
+    np.testing.assert_array_equal(_rope_columns(request, 7, 2), [[5, 6]] * 3)

@@ -20,7 +20,8 @@ from safetensors.numpy import load_file
 from transformers import vision_utils
 
 from model import checkpoint
-from model.qwen2_5_vl_vision import Qwen25VLVision, Qwen25VLVisionConfig, qwen25vl_vision_params, vision_layout
+from model.qwen2_5_vl_vision import (Qwen25VLVision, Qwen25VLVisionConfig, padded_layout, patch_bucket,
+                                     qwen25vl_vision_params, vision_layout)
 from preprocess import qwen2_vl_image
 
 torch.set_num_threads(2)
@@ -219,3 +220,24 @@ def test_one_compilation_per_patch_count(loaded):
         np.testing.assert_allclose(run(ours, patches, vision_layout(grids, cfg)),
                                    _encode(ours, cfg, patches, grids), atol=TOL, rtol=0)
     assert traces == [(96, cfg.patch_dim)]
+
+
+def test_padded_layout_changes_no_row(loaded):
+    """Padding patches to a size bucket (as the server's encoder does) leaves every real row as
+    transformers has it: padding sits in segments of its own."""
+    hf_model, cfg, ours, _ = loaded
+    patches, grids = _images(cfg, [(6, 10)])  # 60 patches, 15 tokens
+    size = patch_bucket(len(patches), cfg.merge_size)
+    assert size == 64
+    padded = np.zeros((size, patches.shape[1]), np.float32)
+    padded[:len(patches)] = patches
+    out = np.asarray(_run(ours, padded, padded_layout(vision_layout(grids, cfg), size, cfg.merge_size)))
+    assert out.shape == (size // cfg.merge_size ** 2, cfg.out_width)
+    np.testing.assert_allclose(out[:15], _hf_image_features(hf_model, patches, grids), atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match='multiple of merge_size'):
+        padded_layout(vision_layout(grids, cfg), 63, cfg.merge_size)
+
+
+def test_patch_buckets():
+    assert [patch_bucket(n, 2) for n in (1, 64, 65, 97, 129, 1000)] == [64, 64, 96, 128, 192, 1024]
+    assert patch_bucket(100, 3) % 9 == 0
