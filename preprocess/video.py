@@ -163,7 +163,7 @@ def sample_times(duration_s: float, *, fps: float = 1.0, start: float = 0.0,
     return times[times < end]
 
 
-def frames(path: str | os.PathLike, info: VideoInfo, *, size: int, fps: float = 1.0,
+def frames(path: str | os.PathLike, info: VideoInfo, *, size: int | None, fps: float = 1.0,
            start: float = 0.0, end: float | None = None, chunk: int = 16,
            timeout: float | None = None,
            process_hook: Callable[[ffmpeg.Process], None] | None = None,
@@ -171,12 +171,13 @@ def frames(path: str | os.PathLike, info: VideoInfo, *, size: int, fps: float = 
     """Yields (times f64[n], frames uint8[n, size, size, 3]) chunks, n <= chunk, in time order.
 
     Frames are scaled to fit size x size keeping their aspect ratio and padded with black bars,
-    RGB. All chunks together hold exactly len(sample_times(...)) frames: if ffmpeg stops early
+    RGB; size=None keeps them as displayed (uint8[n, info.height, info.width, 3]), for
+    processors that resize themselves. All chunks together hold exactly len(sample_times(...)) frames: if ffmpeg stops early
     (a truncated file), the last frame is repeated. timeout defaults to 30 s + 0.5 s per second of
     video; process_hook(proc) gets the running process so another thread can proc.cancel() it.
     """
     times = sample_times(info.duration_s, fps=fps, start=start, end=end)  # [N]
-    if size < 1 or chunk < 1:
+    if (size is not None and size < 1) or chunk < 1:
         raise ValueError(f"size and chunk must be >= 1, got size={size}, chunk={chunk}")
     span = float(times[-1] - times[0]) + 1.0 / fps
     rate = fractions.Fraction(fps).limit_denominator(1_000_000)  # exact grid for 1/3 fps etc.
@@ -188,22 +189,28 @@ def frames(path: str | os.PathLike, info: VideoInfo, *, size: int, fps: float = 
         # begins still gets that frame (the fps filter alone stops at the end of the last frame).
         # tpad steps by the stream's frame rate, so it needs one.
         picture = picture.filter("tpad", stop=-1, stop_mode="clone")
-    picture = (picture
-               .filter("fps", fps=f"{rate.numerator}/{rate.denominator}", start_time=0, round="up")
-               .filter("scale", size, size, force_original_aspect_ratio="decrease")
-               .filter("format", "rgb24")  # pad in RGB: exact black, no chroma bleed at the bar
-               .filter("pad", size, size, "(ow-iw)/2", "(oh-ih)/2", color="black"))
+    picture = picture.filter("fps", fps=f"{rate.numerator}/{rate.denominator}", start_time=0,
+                             round="up")
+    if size is None:
+        height, width = info.height, info.width
+        picture = picture.filter("format", "rgb24")
+    else:
+        height = width = size
+        picture = (picture
+                   .filter("scale", size, size, force_original_aspect_ratio="decrease")
+                   .filter("format", "rgb24")  # pad in RGB: exact black, no chroma bleed at the bar
+                   .filter("pad", size, size, "(ow-iw)/2", "(oh-ih)/2", color="black"))
     out = ffmpeg_python.output(picture, "pipe:", format="rawvideo", pix_fmt="rgb24",
                                **{"frames:v": len(times)})
     with ffmpeg.Process(ffmpeg.compile_args(out), timeout=_timeout(timeout, span),
                         path=path) as proc:
         if process_hook is not None:
             process_hook(proc)
-        last = None  # [size, size, 3], the newest frame, to repeat if ffmpeg ends early
+        last = None  # [height, width, 3], the newest frame, to repeat if ffmpeg ends early
         ended = False
         for first in range(0, len(times), chunk):
             n = min(chunk, len(times) - first)
-            block = np.empty((n, size, size, 3), np.uint8)  # [n, size, size, 3]
+            block = np.empty((n, height, width, 3), np.uint8)
             got = 0
             while not ended and got < len(block):
                 if proc.readinto(block[got]) == block[got].nbytes:

@@ -44,7 +44,7 @@ import numpy as np
 
 from model.config import MEL_FRAMES_PER_SECOND
 from preprocess import audio as audio_lib
-from preprocess import gemma3_image, qwen2_vl_image
+from preprocess import gemma3_image, qwen2_vl_image, qwen2_vl_video
 from preprocess import image as image_lib
 from preprocess import video as video_lib
 from preprocess import whisper_features
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 TEXT = "TEXT"
 _FRAME_BATCH = 16  # frames decoded and encoded together
 _AUDIO_BATCH = 4  # 10 s windows encoded together
+_PATCHES_PER_CALL = 4096  # a dynamic-resolution tower's patches per call, at most (one temporal patch at least)
 _HOP = audio_lib.SAMPLE_RATE // MEL_FRAMES_PER_SECOND  # 16 kHz samples per mel frame
 
 
@@ -138,6 +139,9 @@ class MediaTokens:
     # Dynamic-resolution towers (Qwen2.5-VL's): the processor's patch grid (t, h, w); its rows
     # are t * h * w / merge**2, and its M-RoPE positions follow the grid (server/media_rows.py).
     grid: tuple[int, int, int] | None = dataclasses.field(default=None, compare=False)
+    # Their videos: seconds each temporal patch spans (temporal_patch_size / fps), which scales
+    # the temporal M-RoPE positions.
+    seconds_per_grid: float | None = dataclasses.field(default=None, compare=False)
 
 
 def token_details(total: int, media: Sequence[MediaTokens]) -> dict[str, int]:
@@ -190,21 +194,22 @@ class MediaResolver:
     """Parts -> `MediaTokens`, from probes only. Raises RequestErrors naming the part."""
 
     def __init__(self, config, tokenizer: TextTokenizer, store: MediaStore,
-                 limits: MediaLimits = MediaLimits(), image_processor=None):
-        """image_processor: the checkpoint's (runtime.load_image_processor); a Qwen2.5-VL
-        model's sizes its images' grids."""
+                 limits: MediaLimits = MediaLimits(), image_processor=None,
+                 video_processor: qwen2_vl_video.Qwen2VLVideoConfig | None = None):
+        """image_processor, video_processor: the checkpoint's (server/runtime.py); a Qwen2.5-VL
+        model's size its images' and videos' grids (no video_processor: no video input)."""
         self.vision, self.audio = config.vision, config.audio
         self.qwen_vision = getattr(config, "qwen_vision", None)
         if self.qwen_vision is not None and not isinstance(image_processor,
                                                            qwen2_vl_image.Qwen2VLImageConfig):
             raise ValueError("a Qwen2.5-VL vision tower needs its image processor's config "
                              "(preprocessor_config.json)")
-        self.image_processor = image_processor
+        self.image_processor, self.video_processor = image_processor, video_processor
         self.tokenizer, self.store, self.limits = tokenizer, store, limits
         self._markup = {m: markup_for(tokenizer, m) for m in (IMAGE, AUDIO, VIDEO)}
         # Encoders' identity: embeddings cached under one config are not reused under another.
         self._salt = hashlib.sha256(repr((config.vision, config.audio, self.qwen_vision,
-                                          image_processor, config.d_model,
+                                          image_processor, video_processor, config.d_model,
                                           config.name)).encode()).hexdigest()[:16]
 
     @property
@@ -218,6 +223,8 @@ class MediaResolver:
         if (self.vision is not None and self._markup[IMAGE].markup is BUILT_IN
                 and (self.audio is None or not self.audio.mask_padding)):
             found.append(VIDEO)
+        elif self.qwen_vision is not None and self.video_processor is not None:
+            found.append(VIDEO)  # temporal patches, the family's own layout
         return tuple(found)
 
     def for_request(self, owner: str) -> RequestMedia:
@@ -343,6 +350,22 @@ class MediaResolver:
         return self._wrap(key, placeholder_ids(key, rows).tolist(), rows, {IMAGE: rows}, source,
                           width=info.width, height=info.height, grid=grid)
 
+    def _temporal_layout(self, key: int, source: MediaSource, info, frames: int) -> MediaTokens:
+        """A video for a dynamic-resolution tower (Qwen2.5-VL's): the frames sampled at the
+        request's fps, in temporal patches of temporal_patch_size frames (the last padded with
+        copies of the final frame, as the processor does), one grid for all of them; no sound."""
+        cfg = self.video_processor
+        try:
+            grid = qwen2_vl_video.video_grid(frames, info.height, info.width, cfg)
+        except ValueError as error:
+            raise MediaError(str(error)) from None
+        t, h, w = grid
+        rows = t * h * w // cfg.pixels.merge_size ** 2
+        seconds = cfg.pixels.temporal_patch_size / source.video.fps
+        return self._wrap(key, placeholder_ids(key, rows).tolist(), rows, {VIDEO: rows}, source,
+                          duration_s=info.duration_s, width=info.width, height=info.height,
+                          grid=grid, seconds_per_grid=seconds)
+
     def _window_layout(self, key: int, source: MediaSource, info) -> MediaTokens:
         """Audio for an encoder that masks padding (Qwen2-Audio's): the clip in windows of
         window_frames mel frames, each yielding the rows of its audio frames only, as the
@@ -382,6 +405,8 @@ class MediaResolver:
         if len(times) == 0:
             raise MediaError(f"no frame to sample between {read.start} s and "
                              f"{read.end if read.end is not None else info.duration_s} s")
+        if self.qwen_vision is not None:
+            return self._temporal_layout(key, source, info, len(times))
         end = min(read.end, info.duration_s) if read.end is not None else info.duration_s
         per_frame = self.vision.tokens_per_image
         audio_rows = 0
@@ -457,11 +482,12 @@ class MediaEmbedder:
                  cache_bytes: int = 1 << 30, processes: int = 2,
                  audio_features: whisper_features.WhisperFeatureConfig | None = None,
                  image_processor: (gemma3_image.Gemma3ImageConfig
-                                   | qwen2_vl_image.Qwen2VLImageConfig | None) = None):
+                                   | qwen2_vl_image.Qwen2VLImageConfig | None) = None,
+                 video_processor: qwen2_vl_video.Qwen2VLVideoConfig | None = None):
         """audio_features: the checkpoint's feature extractor, for encoders that mask padding
         (their windows are extracted as the family's processor does). image_processor: the
         checkpoint's image processor (Gemma 3's, Qwen2-VL's); without it, the built-in
-        preprocessing."""
+        preprocessing. video_processor: Qwen2-VL's, for videos laid out in temporal patches."""
         self.encoder, self.limits = encoder, limits
         side = getattr(encoder, "image_size", None)
         if isinstance(image_processor, gemma3_image.Gemma3ImageConfig) and (
@@ -469,7 +495,7 @@ class MediaEmbedder:
             raise ValueError(f"the image processor makes {image_processor.size[0]} x "
                              f"{image_processor.size[1]} pixels; the vision encoder takes "
                              f"{side} x {side}")
-        self.image_processor = image_processor
+        self.image_processor, self.video_processor = image_processor, video_processor
         if getattr(encoder, "mask_padding", False):
             if audio_features is None:
                 raise ValueError("this audio encoder masks padding: it needs the checkpoint's "
@@ -597,7 +623,8 @@ class MediaEmbedder:
         else:
             cancel = _Cancel()
             try:
-                work = (self._video if source.modality == VIDEO else
+                work = (self._temporal_patches if source.modality == VIDEO and media.grid else
+                        self._video if source.modality == VIDEO else
                         self._audio_windows if media.audio_windows else self._audio)
                 await asyncio.to_thread(work, media, progress, cancel)
             except asyncio.CancelledError:
@@ -672,6 +699,43 @@ class MediaEmbedder:
             samples.close()
         if progress.ready != media.rows:
             raise AssertionError(f"audio windows gave {progress.ready} rows, laid out {media.rows}")
+
+    def _temporal_patches(self, media: MediaTokens, progress: Progress, cancel: _Cancel) -> None:
+        """A video for a dynamic-resolution tower (Qwen2.5-VL's): frames decoded as displayed,
+        resized and normalised as the processor does, and encoded a few temporal patches at a
+        time (patches of different temporal positions never attend to each other, so the rows
+        are those of one call over the whole video), rows completing in order."""
+        source, read = media.source, media.source.video
+        px = self.video_processor.pixels
+        info = video_lib.probe_video(source.path, source.mime_type,
+                                     max_seconds=self.limits.max_seconds)
+        t, h, w = media.grid
+        step = px.temporal_patch_size
+        per_call = step * max(1, _PATCHES_PER_CALL // (h * w))  # frames per encoder call
+        frames = video_lib.frames(source.path, info, size=None, fps=read.fps, start=read.start,
+                                  end=read.end, chunk=_FRAME_BATCH, process_hook=cancel.watch)
+        pending: list[np.ndarray] = []  # normalised frames [3, H, W] not yet encoded
+
+        def encode(group: list[np.ndarray]) -> None:
+            patches, grid = qwen2_vl_image.patchify(np.stack(group), px)
+            rows = self.encoder.qwen_image(patches, grid)
+            progress.rows[progress.ready:progress.ready + len(rows)] = rows
+            progress.ready += len(rows)  # after the rows are written: readers trust `ready`
+
+        try:
+            for _, chunk in frames:
+                cancel.check()
+                pending += [qwen2_vl_image.resize_normalize(f, h * px.patch_size,
+                                                            w * px.patch_size, px) for f in chunk]
+                while len(pending) >= per_call:
+                    encode(pending[:per_call])
+                    del pending[:per_call]
+        finally:
+            frames.close()
+        if pending:  # the last temporal patch padded with copies of the final frame
+            encode(pending + [pending[-1]] * (-len(pending) % step))
+        if progress.ready != media.rows:
+            raise AssertionError(f"video gave {progress.ready} rows, laid out {media.rows}")
 
     def _video(self, media: MediaTokens, progress: Progress, cancel: _Cancel) -> None:
         """Frames and sound decoded side by side (two ffmpeg processes), so rows complete in

@@ -84,7 +84,7 @@ _FAMILIES: dict[str, tuple[Markup, ...]] = {
     AUDIO: (Markup("<|audio_bos|>", "<|audio_eos|>", "<|AUDIO|>", template_writes_markers=True),),
     IMAGE: (Markup("<start_of_image>", "<end_of_image>", "<start_of_image>", around="\n\n"),
             Markup("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", template_writes_markers=True)),
-    VIDEO: (),
+    VIDEO: (Markup("<|vision_start|>", "<|vision_end|>", "<|video_pad|>", template_writes_markers=True),),
 }
 BUILT_IN = Markup(MEDIA_START, MEDIA_END)
 

@@ -56,17 +56,17 @@ def rope_positions(prompt_ids: Sequence[int], media: Sequence, config) -> tuple[
     the prompt) of a prompt whose media items (`server.media.MediaTokens` with a `grid`) stand
     in it as placeholder runs. Each run starts at its item's row 0 and is as long as its grid
     says; the same item may appear more than once."""
-    grids = {item.key: item.grid for item in media if item.grid is not None}
+    grids = {item.key: (item.grid, item.seconds_per_grid) for item in media if item.grid is not None}
     ids = np.asarray(prompt_ids, np.int64)
     holes = np.nonzero(ids < 0)[0]
     merge = config.qwen_vision.merge_size
     spans, at = [], 0
     while (i := int(np.searchsorted(holes, at))) < len(holes):
         start = int(holes[i])
-        grid = grids.get(int((-1 - ids[start]) % KEY_SPACE))
-        if grid is None:
+        found = grids.get(int((-1 - ids[start]) % KEY_SPACE))
+        if found is None:
             raise AssertionError(f"placeholder at {start} starts no media item's rows")
-        spans.append(MediaSpan(start, grid))
+        spans.append(MediaSpan(start, *found))
         at = start + spans[-1].tokens(merge)
     return mrope_positions(len(ids), spans, config)
 

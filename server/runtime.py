@@ -25,6 +25,7 @@ from preprocess import tokenizer as tokenizer_lib
 from preprocess.tokenizer_protocol import TextTokenizer
 from preprocess.gemma3_image import Gemma3ImageConfig
 from preprocess.qwen2_vl_image import Qwen2VLImageConfig
+from preprocess.qwen2_vl_video import Qwen2VLVideoConfig
 from preprocess.whisper_features import WhisperFeatureConfig
 from server.distributed import MirroredEngine, StepLeader
 from server.engine_loop import EngineLoop
@@ -127,12 +128,31 @@ def load_image_processor(model_dir: pathlib.Path,
         processor = Qwen2VLImageConfig.from_dir(model_dir)
     except (FileNotFoundError, ValueError, TypeError) as error:
         raise ValueError(f"{model_dir}: the image processor's config: {error}") from None
-    ours = (processor.patch_size, processor.temporal_patch_size, processor.merge_size)
+    return _cut_for(processor, tower, model_dir, "image")
+
+
+def load_video_processor(model_dir: pathlib.Path, config: ModelConfig) -> Qwen2VLVideoConfig | None:
+    """Qwen2.5-VL's video processor (video_preprocessor_config.json, else the image processor's
+    file, as transformers falls back); None for other models."""
+    tower = config.qwen_vision
+    if tower is None or not (model_dir / checkpoint.HF_CONFIG_FILE).is_file():
+        return None
+    try:
+        processor = Qwen2VLVideoConfig.from_dir(model_dir)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        raise ValueError(f"{model_dir}: the video processor's config: {error}") from None
+    _cut_for(processor.pixels, tower, model_dir, "video")
+    return processor
+
+
+def _cut_for(pixels: Qwen2VLImageConfig, tower, model_dir: pathlib.Path, what: str):
+    """`pixels`, once its patches are checked to be what the tower takes."""
+    ours = (pixels.patch_size, pixels.temporal_patch_size, pixels.merge_size)
     theirs = (tower.patch_size, tower.temporal_patch_size, tower.merge_size)
     if ours != theirs:
-        raise ValueError(f"{model_dir}: the image processor cuts (patch, temporal patch, merge) "
+        raise ValueError(f"{model_dir}: the {what} processor cuts (patch, temporal patch, merge) "
                          f"= {ours}; the vision tower takes {theirs}")
-    return processor
+    return pixels
 
 
 def load_audio_features(model_dir: pathlib.Path,
@@ -240,6 +260,7 @@ def build(options: RuntimeOptions,
     tokenizer = load_tokenizer(model_dir, options.tokenizer)
     audio_features = load_audio_features(model_dir, config)
     image_processor = load_image_processor(model_dir, config)
+    video_processor = load_video_processor(model_dir, config)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
                          f"is {config.vocab_size}: they do not belong together")
@@ -283,9 +304,9 @@ def build(options: RuntimeOptions,
                        max_bytes=options.media_limits.max_bytes)
     return Runtime(
         media_store=store, media=MediaResolver(config, tokenizer, store, options.media_limits,
-                                               image_processor),
+                                               image_processor, video_processor),
         embedder=MediaEmbedder(encoder, options.media_limits, audio_features=audio_features,
-                               image_processor=image_processor),
+                               image_processor=image_processor, video_processor=video_processor),
         probes=ProbePool(options.media_probe_workers),
         config=config, tokenizer=tokenizer, engine=engine, engine_loop=loop,
         limits=Limits(context_length=max_len,

@@ -8,11 +8,15 @@ transformers: its image processor makes the patches and grids, the chat template
 its tokenizer, each <|image_pad|> is expanded to the grid's token count (what
 Qwen2_5_VLProcessor does; the processor class itself needs torchvision, absent here), and its
 model generates greedily. The server's tokens for the same images must be those tokens.
+Videos: the frames the server samples (its ffmpeg reader at the request's fps) go through
+preprocess/qwen2_vl_video.py (checked against transformers in test_hf_processors.py) into
+transformers' model with their grid and seconds per temporal patch.
 """
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,6 +25,9 @@ import torch
 import transformers
 from PIL import Image
 
+from _media import video
+from preprocess import qwen2_vl_video
+from preprocess import video as video_lib
 from ringserve.v1 import inference_pb2 as pb
 from serving import hf_greedy, modality_counts, served
 from test_chat_template import QWEN2_VL
@@ -85,29 +92,67 @@ def stub(hub_dir):
         yield stub
 
 
+FPS = 2.0  # the videos' sampling rate, as requests ask for it
+
+
+def _part(item) -> pb.Part:
+    if isinstance(item, str):
+        return pb.Part(text=item)
+    if isinstance(item, Path):
+        return pb.Part(inline_data=pb.Blob(mime_type="video/mp4", data=item.read_bytes()),
+                       video_metadata=pb.VideoMetadata(fps=FPS))
+    return pb.Part(inline_data=pb.Blob(mime_type="image/png", data=_png(item)))
+
+
 def _parts(items) -> list[pb.Part]:
-    return [pb.Part(text=p) if isinstance(p, str) else
-            pb.Part(inline_data=pb.Blob(mime_type="image/png", data=_png(p))) for p in items]
+    return [_part(p) for p in items]
+
+
+def _video_inputs(directory: Path, path: Path) -> dict:
+    """transformers' video inputs for the frames the server samples from `path`."""
+    info = video_lib.probe_video(path, "video/mp4")
+    frames = np.concatenate([chunk for _, chunk in video_lib.frames(path, info, size=None, fps=FPS)])
+    patches = qwen2_vl_video.preprocess(frames, qwen2_vl_video.Qwen2VLVideoConfig.from_dir(directory), fps=FPS)
+    return dict(pixel_values_videos=torch.from_numpy(patches.pixel_values),
+                video_grid_thw=torch.tensor([patches.grid_thw]),
+                second_per_grid_ts=torch.tensor([patches.second_per_grid_ts]))
 
 
 def _theirs(hub_dir, turns) -> tuple[list[int], list[int]]:
     """transformers' prompt ids and greedy tokens: turns are (role, [text or PIL image, ...])."""
-    _, model, tokenizer, image_processor = hub_dir
+    directory, model, tokenizer, image_processor = hub_dir
+
+    def kind(p):
+        return "text" if isinstance(p, str) else "video" if isinstance(p, Path) else "image"
+
     messages = [{"role": "assistant" if role == "model" else role,
-                 "content": [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in items]}
+                 "content": [{"type": "text", "text": p} if kind(p) == "text" else {"type": kind(p)} for p in items]}
                 for role, items in turns]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    images = [p for _, items in turns for p in items if not isinstance(p, str)]
+    items = [p for _, turn in turns for p in turn]
     inputs = {}
+    images = [p for p in items if kind(p) == "image"]
     if images:
-        inputs = dict(image_processor(images=images, return_tensors="pt"))
-        counts = (inputs["image_grid_thw"].prod(-1) // MERGE ** 2).tolist()
-        pieces = text.split("<|image_pad|>")
-        text = pieces[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, pieces[1:]))
+        inputs.update(image_processor(images=images, return_tensors="pt"))
+        text = _expand(text, "<|image_pad|>", inputs["image_grid_thw"])
+    videos = [p for p in items if kind(p) == "video"]
+    if videos:
+        assert len(videos) == 1
+        inputs.update(_video_inputs(directory, videos[0]))
+        text = _expand(text, "<|video_pad|>", inputs["video_grid_thw"])
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    image_id = model.config.image_token_id
-    inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_id).int())
+    config = model.config
+    inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  mm_token_type_ids=((ids == config.image_token_id) * 1 + (ids == config.video_token_id) * 2).int())
     return hf_greedy(model, inputs, STEPS)
+
+
+def _expand(text: str, token: str, grids: torch.Tensor) -> str:
+    """What Qwen2_5_VLProcessor does to the rendered template: the i-th `token` becomes as many
+    as the i-th grid has merged patches."""
+    counts = (grids.prod(-1) // MERGE ** 2).tolist()
+    pieces = text.split(token)
+    return pieces[0] + "".join(token * n + rest for n, rest in zip(counts, pieces[1:]))
 
 
 def _ours(stub, turns, **request) -> list[pb.GenerateResponse]:
@@ -129,14 +174,29 @@ CASES = {
 def test_image_prompts_answer_with_transformers_tokens(stub, hub_dir, name):
     """The prompt has transformers' ids (CountTokens, by modality) and the greedy answer its
     tokens: M-RoPE positions through chunked, striped prefill and decode."""
-    turns = CASES[name]
+    _check(stub, hub_dir, CASES[name])
+
+
+def _check(stub, hub_dir, turns) -> None:
     prompt, want = _theirs(hub_dir, turns)
     contents = [pb.Content(role=role, parts=_parts(items)) for role, items in turns]
     counted = stub.CountTokens(pb.CountTokensRequest(contents=contents))
     assert counted.total_tokens == len(prompt)
-    assert modality_counts(counted)["IMAGE"] == prompt.count(hub_dir[1].config.image_token_id)
+    config = hub_dir[1].config
+    counts = modality_counts(counted)
+    assert counts.get("IMAGE", 0) == prompt.count(config.image_token_id)
+    assert counts.get("VIDEO", 0) == prompt.count(config.video_token_id)
     assert token_ids(_ours(stub, turns)) == want
     assert len(set(want)) > 2  # an answer that moves
+
+
+def test_a_video_answers_with_transformers_tokens(stub, hub_dir, tmp_path):
+    """A 3 s clip sampled at 2 fps: three temporal patches of two frames, whose temporal
+    positions step by tokens_per_second x 1 s (0, 2, 4); text before and after it. The frame's
+    merged grid is 4 x 6, so its last temporal position stays under 6, where transformers 5.3+
+    and Qwen's rule resume the text alike (model/qwen2_5_vl.py)."""
+    clip = video(tmp_path / "clip.mp4", 3.0, fps=4, size="96x64")
+    _check(stub, hub_dir, [("user", ["Watch", clip, "What moves?"])])
 
 
 def test_a_cached_image_context_answers_as_the_whole_prompt(stub, hub_dir):
@@ -159,8 +219,28 @@ def test_bad_media_is_refused_and_the_server_goes_on(stub):
         stub.CountTokens(pb.CountTokensRequest(contents=[pb.Content(role="user", parts=_parts([_picture(800, 2, 7)]))]))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "contents[0].parts[0].inline_data" in error.value.details() and "aspect" in error.value.details()
-    video = pb.Part(inline_data=pb.Blob(mime_type="video/mp4", data=b"\0" * 64))
+    sound = pb.Part(inline_data=pb.Blob(mime_type="audio/wav", data=b"\0" * 64))
     with pytest.raises(grpc.RpcError) as error:
-        stub.CountTokens(pb.CountTokensRequest(contents=[pb.Content(role="user", parts=[video])]))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "takes no video" in error.value.details()
+        stub.CountTokens(pb.CountTokensRequest(contents=[pb.Content(role="user", parts=[sound])]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "takes no audio" in error.value.details()
     assert len(token_ids(_ours(stub, [("user", ["still here"])]))) == STEPS
+
+
+def test_a_processor_that_cuts_other_patches_is_named(hub_dir, tmp_path):
+    import json
+    import shutil
+
+    from model import qwen2_5_vl
+    from server.runtime import load_image_processor, load_video_processor
+
+    directory = tmp_path / "model"
+    shutil.copytree(hub_dir[0], directory)
+    config = qwen2_5_vl.model_config(json.loads((directory / "config.json").read_text()))
+    assert load_image_processor(directory, config).patch_size == PATCH
+    assert load_video_processor(directory, config).pixels.merge_size == MERGE
+    raw = json.loads((directory / "preprocessor_config.json").read_text())
+    (directory / "preprocessor_config.json").write_text(json.dumps({**raw, "patch_size": 14}))
+    with pytest.raises(ValueError, match=r"image processor cuts .* \(14, 2, 2\); the vision tower takes \(8, 2, 2\)"):
+        load_image_processor(directory, config)
+    with pytest.raises(ValueError, match="video processor cuts"):
+        load_video_processor(directory, config)

@@ -241,3 +241,15 @@ def test_padded_layout_changes_no_row(loaded):
 def test_patch_buckets():
     assert [patch_bucket(n, 2) for n in (1, 64, 65, 97, 129, 1000)] == [64, 64, 96, 128, 192, 1024]
     assert patch_bucket(100, 3) % 9 == 0
+
+
+def test_temporal_patches_encode_alone(loaded):
+    """A video's temporal patches never attend to each other: encoding them a few at a time (as
+    the server streams a long video) gives the rows of one call over the whole video."""
+    _, cfg, ours, _ = loaded
+    grid = (3, 4, 6)
+    per = grid[1] * grid[2]
+    patches = np.random.default_rng(7).standard_normal((3 * per, cfg.patch_dim), dtype=np.float32)
+    whole = _encode(ours, cfg, patches, [grid])
+    parts = [_encode(ours, cfg, patches[:2 * per], [(2, 4, 6)]), _encode(ours, cfg, patches[2 * per:], [(1, 4, 6)])]
+    np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5, rtol=0)
