@@ -29,7 +29,7 @@ from test_server_e2e import run, token_ids
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(2)
 
-STEPS = 12
+STEPS = 32
 VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=2, image_size=32, patch_size=4)
 TEXT = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -37,10 +37,10 @@ from test_server_e2e import run, token_ids
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(2)
 
-STEPS = 10
+STEPS = 32
 PATCH, MERGE = 8, 2
 VISION = dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
-              temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1], tokens_per_second=2)
+              temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1], tokens_per_second=1)
 TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512, initializer_range=0.3,
             rope_parameters=dict(rope_type="default", rope_theta=10_000.0, mrope_section=[1, 1, 2]))
@@ -92,7 +92,7 @@ def stub(hub_dir):
         yield stub
 
 
-FPS = 2.0  # the videos' sampling rate, as requests ask for it
+FPS = 4.0  # the videos' sampling rate, as requests ask for it
 
 
 def _part(item) -> pb.Part:
@@ -191,11 +191,11 @@ def _check(stub, hub_dir, turns) -> None:
 
 
 def test_a_video_answers_with_transformers_tokens(stub, hub_dir, tmp_path):
-    """A 3 s clip sampled at 2 fps: three temporal patches of two frames, whose temporal
-    positions step by tokens_per_second x 1 s (0, 2, 4); text before and after it. The frame's
-    merged grid is 4 x 6, so its last temporal position stays under 6, where transformers 5.3+
-    and Qwen's rule resume the text alike (model/qwen2_5_vl.py)."""
-    clip = video(tmp_path / "clip.mp4", 3.0, fps=4, size="96x64")
+    """A 5 s clip sampled at 4 fps: 20 frames in ten temporal patches of two, whose temporal
+    positions are tokens_per_second (1) x 0.5 s x i, truncated (0, 0, 1, 1, ..., 4); text
+    before and after it. The frame's merged grid is 4 x 6, so the last temporal position stays
+    under 6, where transformers 5.3+ and Qwen's rule resume the text alike (model/qwen2_5_vl.py)."""
+    clip = video(tmp_path / "clip.mp4", 5.0, fps=8, size="96x64")
     _check(stub, hub_dir, [("user", ["Watch", clip, "What moves?"])])
 
 

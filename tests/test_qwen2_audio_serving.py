@@ -28,7 +28,7 @@ from test_server_e2e import run, token_ids
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(2)
 
-STEPS = 12
+STEPS = 32
 AUDIO_CONFIG = dict(num_mel_bins=128, d_model=64, encoder_layers=2, encoder_attention_heads=4,
                     encoder_ffn_dim=128, max_source_positions=1500)
 TEXT_CONFIG = dict(model_type="qwen2", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -105,12 +105,13 @@ def _theirs(processor, model, parts) -> tuple[list[int], list[int]]:
 
 
 def test_audio_prompts_answer_with_transformers_tokens(stub, hub_dir):
-    """One clip, then two clips at other rates in one turn: the prompt has transformers' ids
-    (CountTokens) and the greedy answer its tokens."""
+    """One clip, two clips at other rates in one turn, and a whole 30 s window at 48 kHz: the
+    prompt has transformers' ids (CountTokens) and the greedy answer its tokens."""
     _, model, processor = hub_dir
     cases = [
         ["What is this sound?", (_clip(3.0, 16_000, 1), 16_000)],
         [(_clip(2.5, 22_050, 2), 22_050), "Compare it with", (_clip(4.2, 44_100, 3), 44_100), "Which is louder?"],
+        ["Summarise the recording.", (_clip(30.0, 48_000, 8), 48_000)],  # one whole 30 s window
     ]
     for parts in cases:
         prompt, want = _theirs(processor, model, parts)
