@@ -32,9 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from model import sharding
 from model.audio_encoder import AudioTower
 from model.config import HF_MODEL_TYPES, AudioConfig, ModelConfig, VisionConfig
 from model.layers import group_qkv
@@ -51,27 +53,41 @@ _HF_DTYPES = {'float32': 'float32', 'bfloat16': 'bfloat16', 'float16': 'float32'
 Fetch = Callable[[str], np.ndarray]
 
 
-def load(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Transformer]:
-    """Load a ringserve checkpoint or a Hugging Face directory; `dtype` overrides the stored one."""
+def load_config(path: str | Path, dtype: str | None = None) -> ModelConfig:
+    """The ModelConfig of a ringserve checkpoint or a Hugging Face directory, without its weights
+    (to build the mesh they load onto); `dtype` overrides the stored one."""
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         config = ModelConfig.from_json((path / CONFIG_FILE).read_text())
-        if dtype is not None:
-            config = config.replace(dtype=dtype)
-        with _TensorFiles([path / WEIGHTS_FILE]) as files:
-            if 'layers.0.attn.q_proj' in files.names:  # the unfused layout of the first versions
-                sources = _legacy_sources(config)
-                return config, from_params(config, lambda name: _fetch(files, sources, name))
-            if len(files.shape('layers.0.attn.qkv_proj')) == 2:  # fused, ungrouped (before TP)
-                sources = _fused_v1_sources(config)
-                return config, from_params(config, lambda name: _fetch(files, sources, name))
-            return config, from_params(config, files.get)
+        return config if dtype is None else config.replace(dtype=dtype)
     if (path / HF_CONFIG_FILE).is_file():
-        return _load_hf(path, dtype)
+        hf = _hf_config(path)
+        if dtype is None:
+            dtype = _HF_DTYPES.get(str(hf.get('torch_dtype') or hf.get('dtype') or 'float32'), 'float32')
+        return ModelConfig.from_hf_config(hf, dtype=dtype)
     raise ValueError(
         f'{path} is not a checkpoint directory: expected {CONFIG_FILE} + {WEIGHTS_FILE} (ringserve) '
         f'or {HF_CONFIG_FILE} + *.safetensors (Hugging Face {"/".join(HF_MODEL_TYPES)}).'
     )
+
+
+def load(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None) -> tuple[ModelConfig, Transformer]:
+    """Load a ringserve checkpoint or a Hugging Face directory; `dtype` overrides the stored one.
+    With a `mesh`, every parameter goes straight to its shards there (model/sharding.py's
+    layout, as the engine wants it): tensors are read one at a time and no device ever holds a
+    whole copy of the model."""
+    path = Path(path)
+    config = load_config(path, dtype)
+    if (path / CONFIG_FILE).is_file():
+        with _TensorFiles([path / WEIGHTS_FILE]) as files:
+            if 'layers.0.attn.q_proj' in files.names:  # the unfused layout of the first versions
+                sources = _legacy_sources(config)
+                return config, from_params(config, lambda name: _fetch(files, sources, name), mesh)
+            if len(files.shape('layers.0.attn.qkv_proj')) == 2:  # fused, ungrouped (before TP)
+                sources = _fused_v1_sources(config)
+                return config, from_params(config, lambda name: _fetch(files, sources, name), mesh)
+            return config, from_params(config, files.get, mesh)
+    return config, _load_hf(path, config, mesh)
 
 
 def save(path: str | Path, config: ModelConfig, model: Transformer) -> Path:
@@ -86,19 +102,27 @@ def save(path: str | Path, config: ModelConfig, model: Transformer) -> Path:
     return path
 
 
-def from_params(config: ModelConfig, fetch: Fetch) -> Transformer:
+def from_params(config: ModelConfig, fetch: Fetch, mesh: Mesh | None = None) -> Transformer:
     """A Transformer whose parameters come from `fetch(name)`, called once per ringserve name.
 
     Each array is checked for shape, cast to the config dtype and released before the next fetch.
+    With a `mesh`, each is placed by its logical axes there (each device gets its shard only);
+    without, on the default device.
     """
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = state.to_pure_dict()
+    where = dict(_flatten(sharding.param_shardings(state, mesh).to_pure_dict())) if mesh is not None else {}
     for name, spec in list(_flatten(pure)):
         array = fetch(name)
         if tuple(array.shape) != tuple(spec.shape):
             raise ValueError(f'Tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(spec.shape)}.')
-        _set(pure, name, jnp.asarray(array, dtype=spec.dtype))
+        if mesh is None:
+            _set(pure, name, jnp.asarray(array, dtype=spec.dtype))
+        else:
+            host = np.asarray(array).astype(spec.dtype, copy=False)
+            _set(pure, name, jax.make_array_from_callback(host.shape, where[name], lambda index: host[index]))
+            del host
         del array
     state.replace_by_pure_dict(pure)
     return nnx.merge(graphdef, state)
@@ -113,16 +137,18 @@ def param_specs(config: ModelConfig) -> list[tuple[str, jax.ShapeDtypeStruct]]:
 # ------------------------------------------------------------------------------------------------
 # Hugging Face.
 # ------------------------------------------------------------------------------------------------
-def _load_hf(path: Path, dtype: str | None) -> tuple[ModelConfig, Transformer]:
+def _hf_config(path: Path) -> dict:
     hf = json.loads((path / HF_CONFIG_FILE).read_text())
     if hf.get('model_type') not in HF_MODEL_TYPES:
         raise ValueError(
             f'{path / HF_CONFIG_FILE}: model_type {hf.get("model_type")!r} is not supported; '
             f'supported: {", ".join(HF_MODEL_TYPES)}.'
         )
-    if dtype is None:
-        dtype = _HF_DTYPES.get(str(hf.get('torch_dtype') or hf.get('dtype') or 'float32'), 'float32')
-    config = ModelConfig.from_hf_config(hf, dtype=dtype)
+    return hf
+
+
+def _load_hf(path: Path, config: ModelConfig, mesh: Mesh | None) -> Transformer:
+    hf = _hf_config(path)
     files = sorted(path.glob('*.safetensors'))
     if not files:
         raise ValueError(f'{path} has {HF_CONFIG_FILE} but no *.safetensors weights (.bin is not supported).')
@@ -149,7 +175,7 @@ def _load_hf(path: Path, dtype: str | None) -> tuple[ModelConfig, Transformer]:
         missing = sorted(name for name in needed if name not in tensors.names)
         if missing:
             raise ValueError(f'{path} lacks tensors {missing} needed by {hf["model_type"]} config.')
-        return config, from_params(config, lambda name: _fetch(tensors, sources, name))
+        return from_params(config, lambda name: _fetch(tensors, sources, name), mesh)
 
 
 # Where a decoder's tensors sit: causal LMs under 'model.' (bare decoders at the root); Gemma 3's

@@ -132,6 +132,8 @@ def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
 
     def put(var, sharding):
         value = var.value
+        if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+            return var  # loaded straight onto this mesh (checkpoint.load's mesh): no copy
         if jax.process_count() > 1:
             host = np.asarray(value)
             value = jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])

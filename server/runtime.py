@@ -227,10 +227,16 @@ def build_mesh(shape: MeshShape, config: ModelConfig) -> Mesh | None:
     return build_meshes(shape, config)[0]
 
 
-def load_model(options: RuntimeOptions) -> tuple[pathlib.Path, ModelConfig, nnx.Module]:
+def load_model(options: RuntimeOptions) -> tuple[pathlib.Path, ModelConfig, nnx.Module, list]:
+    """The checkpoint's directory, config, model and one mesh per data-parallel replica. With
+    one process the weights load straight into the first replica's shards (no device holds a
+    whole copy); with several, each process loads them whole and the engine places its part."""
     model_dir = resolve_model_dir(options.model)
-    config, model = checkpoint.load(model_dir, dtype=options.dtype)
-    return model_dir, config, model
+    config = checkpoint.load_config(model_dir, dtype=options.dtype)
+    meshes = build_meshes(options.mesh, config)
+    _, model = checkpoint.load(model_dir, dtype=options.dtype,
+                               mesh=meshes[0] if jax.process_count() == 1 else None)
+    return model_dir, config, model, meshes
 
 
 def engine_identity(config: ModelConfig, shape: MeshShape) -> str:
@@ -241,8 +247,7 @@ def engine_identity(config: ModelConfig, shape: MeshShape) -> str:
 def worker_engine(options: RuntimeOptions) -> tuple[Callable[..., PagedEngine], str]:
     """For a worker process: how to build its engine once (process 0 sends the shapes), and the
     identity that must match process 0's."""
-    _, config, model = load_model(options)
-    mesh = build_mesh(options.mesh, config)
+    _, config, model, (mesh,) = load_model(options)
     unsharded = [model]
 
     def build_once(**shapes) -> PagedEngine:
@@ -256,7 +261,7 @@ def build(options: RuntimeOptions,
           on_failure: Callable[[BaseException], None] | None = None,
           metrics: Metrics | None = None) -> Runtime:
     started = time.monotonic()
-    model_dir, config, model = load_model(options)
+    model_dir, config, model, meshes = load_model(options)
     tokenizer = load_tokenizer(model_dir, options.tokenizer)
     audio_features = load_audio_features(model_dir, config)
     image_processor = load_image_processor(model_dir, config)
@@ -264,7 +269,6 @@ def build(options: RuntimeOptions,
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
                          f"is {config.vocab_size}: they do not belong together")
-    meshes = build_meshes(options.mesh, config)
     encoder = MediaEncoder(config, model)  # before the engine takes the model
     max_len = min(options.max_len or config.max_context, config.max_context)
     num_pages = pool_pages(options, config)

@@ -170,3 +170,28 @@ def test_page_on_wrong_device_is_refused(model):
     engine = PagedEngine(config, net, max_slots=2, num_pages=64, page_len=G, mesh=_mesh('seq8'))
     with pytest.raises(ValueError, match='wrong device'):
         engine.prefill(0, [5, 6, 7], 0, [9])  # page 9 is on device 1; column 0 belongs to device 0
+
+
+def test_a_checkpoint_loads_straight_into_its_shards(model, tmp_path):
+    """checkpoint.load onto a mesh places every parameter as the engine wants it (no device holds
+    a whole tensor that the tensor axis splits), the engine keeps those arrays without copying,
+    and it generates the tokens of an unsharded load."""
+    from model import checkpoint
+
+    config, net = model
+    checkpoint.save(tmp_path, config, net)
+    mesh = _mesh('seq4_tp2')
+    _, placed = checkpoint.load(tmp_path, mesh=mesh)
+    params = nnx.state(placed, nnx.Param)
+    want = sharding.param_shardings(params, mesh)
+    leaves = jax.tree.leaves(params)
+    assert all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(leaves, jax.tree.leaves(want)))
+    split = [a for a in leaves if 'tensor' in a.sharding.spec]
+    assert split and all(s.data.shape != a.shape for a in split for s in a.addressable_shards)
+    engine = PagedEngine(config, placed, max_slots=3, num_pages=16 * 4, page_len=G, prefill_chunk=16, mesh=mesh)
+    kept = jax.tree.leaves(nnx.state(nnx.merge(engine._graphdef, engine._state), nnx.Param))
+    assert all(a is b for a, b in zip(kept, leaves))
+    prompts = [[5, 9, 14, 3, 77, 21], list(range(3, 40))]
+    one = PagedEngine(config, net, max_slots=3, num_pages=64, page_len=G, prefill_chunk=16)
+    assert (_generate(engine, RankPages(64, 4, seed=2), prompts, steps=8, chunk=13)
+            == _generate(one, RankPages(64, 1), prompts, steps=8, chunk=13))
