@@ -75,7 +75,9 @@ def _check_ragged(config, net, engine, pages, lengths, steps, seed):
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(3, config.vocab_size, n + steps).tolist() for n in lengths]
     forward = jitted(net)
-    want = [np.asarray(forward(np.array([ids]), np.arange(len(ids))[None])[0])[0] for ids in seqs]
+    width = max(map(len, seqs))  # one batch, one compiled forward: causal, so padding after is unseen
+    batch = np.array([ids + [0] * (width - len(ids)) for ids in seqs])
+    want = np.asarray(forward(batch, np.broadcast_to(np.arange(width), batch.shape))[0])
     tables = [[] for _ in lengths]
     for slot, n in enumerate(lengths):
         for start in range(0, n, engine.prefill_chunk):

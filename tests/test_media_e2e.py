@@ -134,6 +134,7 @@ def test_mixed_prompt_generates_and_reuses_its_prefix(stub, clip):
 def test_media_reach_the_model(stub, clip, tmp_path, random_default_dir):
     """Server tokens == an in-process dense forward pass over the same ids and encoder rows."""
     import jax.numpy as jnp
+    from flax import nnx
 
     from model import checkpoint, presets
     from model.media_encoder import MediaEncoder
@@ -158,12 +159,14 @@ def test_media_reach_the_model(stub, clip, tmp_path, random_default_dir):
     finally:
         embedder.close()
     tokens = list(ids)
+    width = len(ids) + len(served)  # one width, one compiled forward: causal, so padding after is unseen
+    embeds = jnp.asarray(np.pad(rows_for(tokens, rows, config.d_model), ((0, len(served)), (0, 0))))[None]
+    mask = jnp.asarray(np.pad(np.asarray(tokens) < 0, (0, len(served))))[None]  # placeholders: prompt only
+    forward = nnx.jit(lambda m, x: m(x, jnp.arange(width)[None], embeds=embeds, embed_mask=mask)[0])
     for _ in range(len(served)):
-        embeds = rows_for(tokens, rows, config.d_model)
-        x = jnp.asarray(np.maximum(tokens, 0))[None]
-        logits, _ = model(x, jnp.arange(len(tokens))[None], embeds=jnp.asarray(embeds)[None],
-                          embed_mask=jnp.asarray(np.asarray(tokens) < 0)[None])
-        tokens.append(int(jnp.argmax(logits[0, -1])))
+        x = np.zeros((1, width), np.int32)
+        x[0, :len(tokens)] = np.maximum(tokens, 0)
+        tokens.append(int(jnp.argmax(forward(model, jnp.asarray(x))[0, len(tokens) - 1])))
     assert tokens[len(ids):] == served
 
 

@@ -313,7 +313,7 @@ TINY = trainer.model_config(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp
 
 
 def test_a_tiny_audio_run_lowers_the_loss_and_trains_the_audio_encoder(bank, tmp_path):
-    cfg = trainer.TrainConfig(out=str(tmp_path), steps=30, batch=8, lr=6e-3, warmup=3, lengths=(256,),
+    cfg = trainer.TrainConfig(out=str(tmp_path), steps=20, batch=8, lr=6e-3, warmup=3, lengths=(256,),
                               tasks=('audio', 'audio', 'passkey'), fillers=('passkey',), checkpoint_every=100,
                               eval_examples=2, progress=False, seed=0)
     log = io.StringIO()
@@ -321,8 +321,8 @@ def test_a_tiny_audio_run_lowers_the_loss_and_trains_the_audio_encoder(bank, tmp
     lines = [json.loads(line) for line in (tmp_path / trainer.LOG_FILE).read_text().splitlines()]
     audio = [line['loss'] for line in lines if line.get('media') == 'audio']
     text = [line['loss'] for line in lines if 'loss' in line and 'media' not in line]
-    assert len(audio) + len(text) == 30 and len(audio) > len(text) > 0
-    assert np.mean(audio[-4:]) < 0.6 * np.mean(audio[:2]), audio
+    assert len(audio) + len(text) == 20 and len(audio) > len(text) > 0
+    assert np.mean(audio[-4:]) < 0.7 * np.mean(audio[:2]), audio
     assert set(summary.media_recall['audio']) == {256} and 'audio recall at 256 tokens' in log.getvalue()
     _, trained = checkpoint.load(tmp_path)
     fresh, after = nnx.state(type(trained)(TINY, rngs=nnx.Rngs(0))), nnx.state(trained)
@@ -435,11 +435,13 @@ def test_long_eval_answers_an_audio_prompt_as_the_training_forward_pass_does(ban
 
     ids, want = list(ex.prompt_ids), []
     mel = ex.mel[None]
-    positions = ad.pad_batch([ex], len(ex.input_ids) + 8).row_positions  # nowhere: past the end
-    for _ in range(4):
-        tokens = np.asarray(ids, np.int32)[None]
-        mask = np.zeros(tokens.shape, bool)
-        mask[0, at[at >= 0]] = True
+    width = len(ex.input_ids) + 8
+    positions = ad.pad_batch([ex], width).row_positions  # nowhere: past the end
+    mask = np.zeros((1, width), bool)
+    mask[0, at[at >= 0]] = True
+    for _ in range(4):  # one width for every step (one compiled program): causal, so padding after is unseen
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :len(ids)] = ids
         out = media.logits(model, ad.TASK, tokens, np.asarray([[len(ids) - 1]]), mel, positions, mask)
         want.append(int(np.argmax(out[0, 0])))
         ids.append(want[-1])
