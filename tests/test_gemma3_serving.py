@@ -75,7 +75,8 @@ def hub_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stub(hub_dir):
     with served("--model", str(hub_dir[0]), "--max-batch", "2", "--kv-cache-gib", "0.05",
-                          "--prefill-chunk", "24", "--page-len", "4") as stub:
+                          "--prefill-chunk", "24", "--page-len", "4",
+                          "--no-warmup") as stub:  # compiles only what the tests use
         yield stub
 
 

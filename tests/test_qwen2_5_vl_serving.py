@@ -88,7 +88,8 @@ def hub_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stub(hub_dir):
     with served("--model", str(hub_dir[0]), "--mesh", "sequence=2", "--max-batch", "2",
-                "--kv-cache-gib", "0.02", "--prefill-chunk", "16", "--page-len", "4") as stub:
+                "--kv-cache-gib", "0.02", "--prefill-chunk", "16", "--page-len", "4",
+                "--no-warmup") as stub:  # compiles only what the tests use
         yield stub
 
 

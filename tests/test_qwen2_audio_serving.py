@@ -75,7 +75,8 @@ def stub(hub_dir):
     # Sequence- and tensor-sharded over 2 x 2 CPU devices, prefilled in 64-token chunks (across
     # each clip's rows): every answer below must still be transformers'.
     with served("--model", str(hub_dir[0]), "--mesh", "sequence=2,tensor=2", "--max-batch", "2",
-                "--kv-cache-gib", "0.05", "--prefill-chunk", "64", "--page-len", "8") as stub:
+                "--kv-cache-gib", "0.05", "--prefill-chunk", "64", "--page-len", "8",
+                "--no-warmup") as stub:  # compiles only what the tests use
         yield stub
 
 
