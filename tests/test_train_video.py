@@ -131,13 +131,13 @@ def _losses(out, video: bool) -> list[float]:
 
 
 def test_a_tiny_video_run_lowers_the_loss_and_trains_the_image_encoder(bank, tmp_path):
-    cfg = trainer.TrainConfig(out=str(tmp_path), steps=36, batch=8, lr=6e-3, warmup=3, lengths=(256,),
+    cfg = trainer.TrainConfig(out=str(tmp_path), steps=24, batch=8, lr=6e-3, warmup=3, lengths=(256,),
                               tasks=('video', 'video', 'passkey'), fillers=('passkey',), checkpoint_every=100,
                               eval_examples=2, progress=False, seed=0)
     log = io.StringIO()
     summary = trainer.train(cfg, TINY, log=log, media_banks={'video': bank})
     video, text = _losses(tmp_path, True), _losses(tmp_path, False)
-    assert len(video) + len(text) == 36 and len(video) > len(text) > 0  # a 2/3 share of video steps
+    assert len(video) + len(text) == 24 and len(video) > len(text) > 0  # a 2/3 share of video steps
     assert np.mean(video[-4:]) < 0.6 * np.mean(video[:2]), video
     assert set(summary.media_recall['video']) == {256} and 'video recall at 256 tokens' in log.getvalue()
     _, trained = checkpoint.load(tmp_path)
