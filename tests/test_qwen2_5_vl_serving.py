@@ -245,28 +245,3 @@ def test_a_processor_that_cuts_other_patches_is_named(hub_dir, tmp_path):
         load_image_processor(directory, config)
     with pytest.raises(ValueError, match="video processor cuts"):
         load_video_processor(directory, config)
-
-
-# 2 (k, v) x 2 layers x 2 kv heads x 4 tokens x head size 8 x 4 bytes = 1 KiB a page: 64 pages.
-TINY_POOL_GIB = 64 * 1024 / 2**30
-
-
-def test_preempted_image_requests_recompute_their_positions(hub_dir):
-    """Four image requests of ~20 pages each on a 64-page pool: some are preempted and recompute
-    their prompt and generated tokens (the generated ones at index + delta); every stream still
-    gets the tokens it gets alone."""
-    import concurrent.futures
-
-    from test_server_e2e import wait_idle
-
-    with served("--model", str(hub_dir[0]), "--max-batch", "4", "--kv-cache-gib", str(TINY_POOL_GIB),
-                "--prefill-chunk", "16", "--page-len", "4", "--no-warmup") as stub:
-        cases = [[("user", [_picture(48 + 16 * (i % 2), 48, 10 + i), f"Picture {i}?"])] for i in range(4)]
-        solo = [token_ids(_ours(stub, turns)) for turns in cases]
-        before = wait_idle(stub)
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            together = list(pool.map(lambda turns: token_ids(_ours(stub, turns)), cases))
-        after = wait_idle(stub)
-    assert together == solo
-    assert after.preemptions_total > before.preemptions_total
-    assert after.kv_pages_used == 0
